@@ -1,0 +1,42 @@
+"""hf-specdef: SpecDef spectral deformation for Hugging Face models, and the attacker's undo.
+
+Public API (SPEC §4)::
+
+    from hf_specdef import SpecDefConfig, protect, verify, inspect_model, protect_checkpoint, SpecUndoConfig
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+__version__ = "0.1.0"
+
+logging.getLogger("hf_specdef").addHandler(logging.NullHandler())
+
+# name -> module; imported on first use so `import hf_specdef` stays light and integrations
+# (transformers hook, PEFT tuner) register themselves when their module is imported.
+_LAZY = {
+    "SpecDefConfig": "config",
+    "protect": "protection",
+    "ProtectionReport": "report",
+    "VerificationError": "protection",
+    "PrecisionBudgetError": "engine",
+    "AlreadyProtectedError": "record",
+    "NoSitesError": "sites",
+    "verify": "verification",
+    "inspect_model": "inspection",
+    "protect_checkpoint": "streaming",
+    "save_protected": "integrations.transformers",
+    "SpecUndoConfig": "tuners.specundo",
+    "SpecUndoModel": "tuners.specundo",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'hf_specdef' has no attribute {name!r}")

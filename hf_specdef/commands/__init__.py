@@ -1,0 +1,1 @@
+"""Subcommands of the ``hf-specdef`` command line (one module each)."""

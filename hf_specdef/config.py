@@ -1,0 +1,150 @@
+"""`SpecDefConfig`: the validated, JSON-serializable description of a protection."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+SITE_TYPES: tuple[str, ...] = ("attn.vo", "attn.qk", "mlp", "norm")
+MODES: tuple[str, ...] = ("spectral", "axis")
+PRECISION_POLICIES: tuple[str, ...] = ("refuse", "axis", "float32")
+RECORD_LEVELS: tuple[str, ...] = ("minimal", "full", "none")
+DEFAULT_SITES: tuple[str, ...] = ("attn.vo", "attn.qk", "mlp", "norm")
+_RANDOM_LAYERS = re.compile(r"^random:(\d+)$")
+CONFIG_KEY = "specdef"  # name of the protection record in a saved config.json
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"SpecDefConfig.{name}={value!r} is invalid: {allowed}.")
+
+
+@dataclass
+class SpecDefConfig:
+    """What to deform, by how much, and how to stay safe doing it.
+
+    Args:
+        alpha: factor (> 1, finite) by which the chosen singular values (spectral mode) or
+            channels (axis mode) of each producer are inflated; its consumer is compensated by 1/alpha.
+        sites: site types to deform (SPEC §2): any of ``"attn.vo"``, ``"attn.qk"``, ``"mlp"``, ``"norm"``.
+            Types an architecture does not have are skipped and reported; if none matches, protection fails.
+        top_k: number of directions (spectral) or channels / rotary pairs (axis) deformed per site block.
+        layers: ``"all"``, a list of layer indices, ``"random:N"`` (N layers drawn with ``seed``), or
+            ``"cross-attention"`` (diffusion denoisers: cross-attention blocks only).
+        mode: ``"spectral"`` (the paper's SpecDef: top-k singular directions) or ``"axis"`` (diagonal
+            scaling of channels; bit-exact in any float format when alpha is a power of two). Sites that
+            only admit a diagonal map (``mlp``, ``norm``, ``attn.qk`` with rotary embeddings) always use
+            axis scaling.
+        tolerance: largest max relative output deviation accepted by verification.
+        precision: what to do when the storage dtype cannot hold the deformation within ``tolerance``
+            (SPEC §2 precision budget): ``"refuse"`` (raise, the default), ``"axis"`` (use axis mode with
+            alpha rounded to a power of two) or ``"float32"`` (keep the deformed modules in float32).
+        record: detail of the protection record written into the model config: ``"minimal"`` (sites,
+            alpha, layers), ``"full"`` (also every direction / channel, enough for an exact undo) or ``"none"``.
+        seed: seed for ``layers="random:N"``.
+        site_map: optional explicit list of pairs for architectures the registry does not know; see
+            :func:`hf_specdef.sites.pairs_from_site_map`.
+    """
+
+    alpha: float = 1000.0
+    sites: Sequence[str] = DEFAULT_SITES
+    top_k: int = 1
+    layers: str | Sequence[int] = "all"
+    mode: str = "spectral"
+    tolerance: float = 1e-4
+    precision: str = "refuse"
+    record: str = "minimal"
+    seed: int = 0
+    site_map: list[dict[str, Any]] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sites, str):
+            self.sites = (self.sites,)
+        self.sites = tuple(self.sites)
+        if isinstance(self.layers, (list, tuple)):
+            self.layers = tuple(self.layers)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a ``ValueError`` naming the first bad field."""
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 1:
+            _fail("alpha", a, "it must be a finite number > 1 (e.g. 1000.0; 1024.0 for bit-exact axis mode)")
+        if not self.sites or any(s not in SITE_TYPES for s in self.sites):
+            _fail("sites", self.sites, f"use a non-empty subset of {SITE_TYPES}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            _fail("top_k", self.top_k, "it must be an int >= 1")
+        self._validate_layers()
+        if self.mode not in MODES:
+            _fail("mode", self.mode, f"allowed values are {MODES}")
+        t = self.tolerance
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            _fail("tolerance", t, "it must be a finite number > 0 (e.g. 1e-4)")
+        if self.precision not in PRECISION_POLICIES:
+            _fail("precision", self.precision, f"allowed values are {PRECISION_POLICIES}")
+        if self.record not in RECORD_LEVELS:
+            _fail("record", self.record, f"allowed values are {RECORD_LEVELS}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            _fail("seed", self.seed, "it must be an int")
+        if self.site_map is not None and not (
+            isinstance(self.site_map, list) and all(isinstance(p, dict) for p in self.site_map) and self.site_map
+        ):
+            _fail("site_map", self.site_map, "it must be a non-empty list of pair dicts (see the README)")
+
+    def _validate_layers(self) -> None:
+        layers = self.layers
+        if isinstance(layers, str):
+            if layers in ("all", "cross-attention") or _RANDOM_LAYERS.match(layers):
+                if layers.startswith("random:") and int(layers.split(":")[1]) < 1:
+                    _fail("layers", layers, "random:N needs N >= 1")
+                return
+            _fail("layers", layers, "use 'all', 'cross-attention', 'random:N' or a list of layer indices")
+        if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+            _fail("layers", layers, "a layer list must be a non-empty list of ints >= 0")
+
+    def select_layers(self, available: Sequence[int]) -> set[int]:
+        """Layer indices this config deforms, out of ``available`` (``random:N`` is seeded)."""
+        available = sorted(set(available))
+        if self.layers in ("all", "cross-attention"):
+            return set(available)
+        if isinstance(self.layers, str):
+            n = int(self.layers.split(":")[1])
+            if n > len(available):
+                _fail("layers", self.layers, f"the model has only {len(available)} layers")
+            return set(random.Random(self.seed).sample(available, n))
+        missing = sorted(set(self.layers) - set(available))
+        if missing:
+            _fail("layers", list(self.layers), f"layers {missing} do not exist (model has {available[:1]}..{available[-1:]})")
+        return set(self.layers)
+
+    @property
+    def alpha_is_power_of_two(self) -> bool:
+        return math.frexp(float(self.alpha))[0] == 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sites"] = list(self.sites)
+        d["layers"] = self.layers if isinstance(self.layers, str) else list(self.layers)
+        return d
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpecDefConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"SpecDefConfig got unknown fields {unknown}; known fields are {sorted(known)}.")
+        return cls(**data)
+
+    @classmethod
+    def from_json_string(cls, text: str) -> SpecDefConfig:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes: Any) -> SpecDefConfig:
+        return type(self).from_dict({**self.to_dict(), **changes})

@@ -1,0 +1,181 @@
+"""Deform a list of pairs in a ``name -> tensor`` mapping, in place (no Hugging Face imports).
+
+This is shared by in-memory protection (the mapping holds a model's parameters) and the
+streaming path (it holds tensors read from checkpoint shards).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import linalg
+from .config import SpecDefConfig
+from .linalg import Deformation
+from .sites.base import Pair
+
+logger = logging.getLogger("hf_specdef")
+
+Tensors = MutableMapping[str, torch.Tensor]
+
+
+class PrecisionBudgetError(ValueError):
+    """The storage dtype cannot hold the deformation within the tolerance (SPEC §2)."""
+
+
+@dataclass
+class PairResult:
+    """What was done to one pair."""
+
+    pair: Pair
+    mode: str
+    deformation: Deformation
+    sigma_before: float
+    sigma_after: float
+    dtype: str
+
+    def to_dict(self, full: bool = False) -> dict[str, Any]:
+        d = {
+            "site": self.pair.site, "layer": self.pair.layer, "block": self.pair.block, "group": self.pair.group,
+            "mode": self.mode, "factor": self.deformation.factor, "k": self.deformation.k,
+            "hot": list(self.pair.hot_modules), "cold": list(self.pair.cold_modules),
+            "sigma_before": self.sigma_before, "sigma_after": self.sigma_after, "dtype": self.dtype,
+        }
+        if full:
+            d["pair"] = self.pair.to_dict()
+            d["deformation"] = self.deformation.to_record()
+        return d
+
+
+@dataclass
+class Plan:
+    """The effective mode and factor of each pair, decided before any tensor is touched."""
+
+    pair: Pair
+    axis: bool
+    factor: float
+    budget: float
+    dtype: torch.dtype
+    notes: list[str] = field(default_factory=list)
+
+
+def producer_block(pair: Pair, tensors: Tensors) -> torch.Tensor:
+    """The ``d x n`` matrix whose spectrum the pair deforms: its weight producers side by side.
+
+    1-D producers (norm weights) are used only when there is no weight matrix.
+    """
+    mats = [b for b in pair.producers if tensors[b.name].dim() >= 2] or list(pair.producers)
+    parts = [linalg.as_rows(tensors[b.name].narrow(b.axis, b.start, b.stop - b.start), b.axis) for b in mats]
+    return torch.cat([p.to(parts[0].device) for p in parts], dim=1)
+
+
+def plan_pairs(pairs: Sequence[Pair], tensors: Tensors, cfg: SpecDefConfig) -> list[Plan]:
+    """Decide mode and factor per pair and check the precision budget for the storage dtype.
+
+    With ``cfg.precision == "refuse"`` a budget violation raises :class:`PrecisionBudgetError`
+    that explains the options; ``"axis"`` switches the pair to axis mode with a power-of-two
+    alpha; ``"float32"`` keeps the pair's tensors in float32 (the caller upcasts them).
+    """
+    plans = []
+    for p in pairs:
+        dtype = tensors[p.producers[0].name].dtype
+        axis = cfg.mode == "axis" or p.axis_only
+        budget = linalg.spectral_budget(axis, cfg.alpha, dtype)
+        plan = Plan(p, axis, float(cfg.alpha), budget, dtype)
+        if budget > cfg.tolerance:
+            _resolve_budget(plan, cfg)
+        plans.append(plan)
+    return plans
+
+
+def _resolve_budget(plan: Plan, cfg: SpecDefConfig) -> None:
+    if cfg.precision == "refuse":
+        pow2 = linalg.nearest_power_of_two(cfg.alpha)
+        raise PrecisionBudgetError(
+            f"Precision budget exceeded: {'axis' if plan.axis else 'spectral'} mode with alpha={cfg.alpha:g} stored in "
+            f"{plan.dtype} adds a relative output error of about {plan.budget:.2g} (~alpha x unit roundoff "
+            f"{linalg.unit_roundoff(plan.dtype):.2g}), above tolerance={cfg.tolerance:g}; the protected model would be "
+            f"broken (first pair: {plan.pair.key}). Options: load/protect in float32; or "
+            f"SpecDefConfig(precision='float32') to keep the deformed modules in float32; or "
+            f"SpecDefConfig(mode='axis', alpha={pow2:g}) (a power of two is bit-exact in any float format; "
+            f"precision='axis' does this switch automatically)."
+        )
+    if cfg.precision == "axis":
+        plan.axis, plan.factor = True, linalg.nearest_power_of_two(cfg.alpha)
+        plan.budget = 0.0
+        plan.notes.append(f"precision='axis': axis mode with alpha={plan.factor:g} ({plan.dtype})")
+    else:  # float32
+        plan.dtype = torch.float32
+        plan.budget = linalg.spectral_budget(plan.axis, cfg.alpha, torch.float32)
+        plan.notes.append("precision='float32': deformed tensors kept in float32")
+        if plan.budget > cfg.tolerance:
+            raise PrecisionBudgetError(
+                f"even float32 cannot hold alpha={cfg.alpha:g} in spectral mode within tolerance={cfg.tolerance:g} "
+                f"(expected error {plan.budget:.2g}); lower alpha, raise tolerance, or use mode='axis' with a power-of-two alpha."
+            )
+
+
+def check_finite(pair: Pair, tensors: Tensors) -> None:
+    for b in pair.producers + pair.consumers:
+        t = tensors[b.name]
+        if not torch.isfinite(t.narrow(b.axis, b.start, b.stop - b.start)).all():
+            raise ValueError(f"tensor {b.name!r} has NaN or inf values; refusing to deform a broken weight.")
+
+
+def sigma_max(block: torch.Tensor, exact: bool) -> float:
+    """Largest singular value: exact (Gram eigendecomposition) or by 30 power iterations."""
+    if exact or min(block.shape) == 1:
+        return float(linalg.top_singular_values(block, 1)[0])
+    a = block.to(linalg.compute_dtype(block.device))
+    v = torch.ones(a.shape[1], dtype=a.dtype, device=a.device) / a.shape[1] ** 0.5
+    for _ in range(30):
+        v = a.T @ (a @ v)
+        v = v / v.norm().clamp_min(torch.finfo(a.dtype).tiny)
+    return float((a @ v).norm())
+
+
+def build_deformation(plan: Plan, tensors: Tensors, cfg: SpecDefConfig) -> Deformation:
+    block = producer_block(plan.pair, tensors)
+    if plan.axis:
+        return linalg.axis_deformation(block, cfg.top_k, plan.factor, rotary_half=plan.pair.rotary)
+    return linalg.spectral_deformation(block, cfg.top_k, plan.factor)
+
+
+def apply_pair(pair: Pair, tensors: Tensors, m: Deformation, inverse: bool = False) -> None:
+    """Apply ``M`` to the producers and ``M^-1`` to the consumers (the inverse with ``inverse``)."""
+    for b in pair.producers:
+        linalg.apply_producer(tensors[b.name], b.axis, b.start, b.stop, m, inverse)
+    for b in pair.consumers:
+        linalg.apply_consumer(tensors[b.name], b.axis, b.start, b.stop, m, inverse)
+
+
+def deform_pair(
+    plan: Plan, tensors: Tensors, cfg: SpecDefConfig, before_apply: Callable[[Deformation], None] | None = None
+) -> PairResult:
+    """Build ``M`` for one pair from its current producer block and apply it in place."""
+    pair = plan.pair
+    check_finite(pair, tensors)
+    before = producer_block(pair, tensors)
+    exact = not plan.axis
+    s0 = sigma_max(before, exact)
+    m = build_deformation(plan, tensors, cfg)
+    if before_apply is not None:
+        before_apply(m)
+    apply_pair(pair, tensors, m)
+    s1 = sigma_max(producer_block(pair, tensors), exact)
+    return PairResult(pair, "axis" if plan.axis else "spectral", m, s0, s1, str(plan.dtype).replace("torch.", ""))
+
+
+def deform(plans: Iterable[Plan], tensors: Tensors, cfg: SpecDefConfig) -> list[PairResult]:
+    """Deform every planned pair in order (the order matters: pairs may share tensors)."""
+    return [deform_pair(p, tensors, cfg) for p in plans]
+
+
+def undo(results: Sequence[PairResult], tensors: Tensors) -> None:
+    """Apply the inverse of every result, last first (exact in axis mode, to rounding otherwise)."""
+    for r in reversed(results):
+        apply_pair(r.pair, tensors, r.deformation, inverse=True)

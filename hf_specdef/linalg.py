@@ -1,0 +1,199 @@
+"""Pure tensor math of SpecDef (no Hugging Face imports).
+
+A deformation is ``M = I + U diag(f - 1) U^T`` on a ``d``-dimensional block, with ``U`` orthonormal
+(``d x k``). Spectral mode takes ``U`` = the top-k left singular vectors of the producer block; axis
+mode takes ``U`` = k coordinate axes, stored as ``indices`` and applied by exact scaling. ``M`` is
+symmetric, so ``M^-T = M^-1 = I + U diag(1/f - 1) U^T``.
+
+A *producer* tensor gets ``X <- M X`` along one axis; a *consumer* tensor gets ``X <- X M^-1`` along
+one axis (for a torch ``Linear`` consumer that is the input axis 1). Work is done in float64 (float32
+where the device has no float64) on the tensor's own device and cast back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Gram-matrix eigendecomposition is exact and cheap when the short side is at most this.
+_GRAM_LIMIT = 1024
+
+
+@dataclass
+class Deformation:
+    """``M = I + U diag(factor - 1) U^T`` on a block of size ``size``.
+
+    Exactly one of ``basis`` (``size x k``, orthonormal columns; spectral) and ``indices``
+    (``k`` coordinate indices; axis) is set.
+    """
+
+    size: int
+    factor: float
+    basis: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+
+    @property
+    def k(self) -> int:
+        return int(self.basis.shape[1]) if self.basis is not None else int(self.indices.numel())
+
+    @property
+    def is_axis(self) -> bool:
+        return self.indices is not None
+
+    def dense(self, inverse: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense ``size x size`` matrix ``M`` (or ``M^-1``); for tests and small blocks only."""
+        f = 1.0 / self.factor if inverse else self.factor
+        if self.is_axis:
+            diag = torch.ones(self.size, dtype=dtype, device=self.indices.device)
+            diag[self.indices] = f
+            return torch.diag(diag)
+        u = self.basis.to(dtype)
+        return torch.eye(self.size, dtype=dtype, device=u.device) + (f - 1.0) * u @ u.T
+
+    def to_record(self) -> dict:
+        """JSON-able form (for the ``full`` protection record)."""
+        if self.is_axis:
+            return {"factor": self.factor, "indices": self.indices.tolist()}
+        return {"factor": self.factor, "basis": self.basis.T.tolist()}
+
+    @classmethod
+    def from_record(cls, size: int, record: dict, device: torch.device | str | None = None) -> Deformation:
+        if "indices" in record:
+            return cls(size, record["factor"], indices=torch.tensor(record["indices"], dtype=torch.long, device=device))
+        basis = torch.tensor(record["basis"], dtype=torch.float64, device=device).T
+        return cls(size, record["factor"], basis=basis)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """float64 where the device supports it (MPS does not), else float32."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Unit roundoff ``u = eps / 2`` of a floating dtype."""
+    return torch.finfo(dtype).eps / 2
+
+
+def is_power_of_two(x: float) -> bool:
+    return x > 0 and math.frexp(float(x))[0] == 0.5
+
+
+def nearest_power_of_two(x: float) -> float:
+    return float(2.0 ** round(math.log2(x)))
+
+
+def as_rows(t: torch.Tensor, axis: int) -> torch.Tensor:
+    """View ``t`` as a 2-D matrix whose rows run along ``axis`` (1-D tensors become a column)."""
+    if t.dim() == 1:
+        return t.unsqueeze(1)
+    return t.movedim(axis, 0).reshape(t.shape[axis], -1)
+
+
+def top_left_singular(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` left singular vectors (``d x k``) and values of ``block`` (``d x n``), float64/32.
+
+    No full SVD: for a short side up to 1024 the ``d x d`` Gram matrix is eigendecomposed
+    (O(d^2 n)); otherwise ``torch.svd_lowrank`` is used (O(k d n)).
+    """
+    dt = compute_dtype(block.device)
+    a = block.to(dt)
+    d, n = a.shape
+    if k > min(d, n):
+        raise ValueError(f"top_k={k} exceeds the block size {tuple(a.shape)}; choose top_k <= {min(d, n)}.")
+    if d <= _GRAM_LIMIT:
+        evals, evecs = torch.linalg.eigh(a @ a.T)
+        order = torch.argsort(evals, descending=True)[:k]
+        return evecs[:, order], evals[order].clamp_min(0).sqrt()
+    if n <= _GRAM_LIMIT:
+        evals, evecs = torch.linalg.eigh(a.T @ a)
+        order = torch.argsort(evals, descending=True)[:k]
+        s = evals[order].clamp_min(0).sqrt()
+        u = (a @ evecs[:, order]) / s.clamp_min(torch.finfo(dt).tiny)
+        return u, s
+    u, s, _ = torch.svd_lowrank(a, q=min(k + 10, d, n), niter=6)
+    return u[:, :k], s[:k]
+
+
+def top_singular_values(matrix: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-``k`` singular values of a 2-D tensor without a full SVD (see :func:`top_left_singular`)."""
+    m = matrix if matrix.shape[0] <= matrix.shape[1] else matrix.T
+    k = min(k, min(m.shape))
+    return top_left_singular(m, k)[1]
+
+
+def top_rows(block: torch.Tensor, k: int, rotary_half: bool = False) -> torch.Tensor:
+    """Indices of the ``k`` rows of largest norm; with ``rotary_half``, of the ``k`` rotary pairs
+    ``(i, i + d/2)`` of largest joint norm, returned as the ``2k`` row indices (both halves)."""
+    norms = block.to(compute_dtype(block.device)).pow(2).sum(dim=1)
+    d = norms.numel()
+    if rotary_half:
+        if d % 2:
+            raise ValueError(f"rotary pairing needs an even head dim, got {d}.")
+        pair = norms[: d // 2] + norms[d // 2 :]
+        if k > d // 2:
+            raise ValueError(f"top_k={k} exceeds the {d // 2} rotary pairs of a head; choose top_k <= {d // 2}.")
+        idx = torch.sort(torch.argsort(pair, descending=True, stable=True)[:k]).values
+        return torch.cat([idx, idx + d // 2])
+    if k > d:
+        raise ValueError(f"top_k={k} exceeds the block size {d}; choose top_k <= {d}.")
+    return torch.sort(torch.argsort(norms, descending=True, stable=True)[:k]).values
+
+
+def spectral_deformation(block: torch.Tensor, k: int, alpha: float) -> Deformation:
+    """Deformation that multiplies the top-k singular values of ``block`` by ``alpha``."""
+    u, _ = top_left_singular(block, k)
+    return Deformation(size=block.shape[0], factor=float(alpha), basis=u)
+
+
+def axis_deformation(block: torch.Tensor, k: int, alpha: float, rotary_half: bool = False) -> Deformation:
+    """Deformation that scales the ``k`` largest rows (or rotary pairs) of ``block`` by ``alpha``."""
+    return Deformation(size=block.shape[0], factor=float(alpha), indices=top_rows(block, k, rotary_half))
+
+
+def _apply(t: torch.Tensor, axis: int, start: int, stop: int, m: Deformation, side: str, inverse: bool) -> None:
+    """In place: ``X <- M X`` (side='left') or ``X <- X M^-1`` (side='right') on ``t[start:stop]`` along ``axis``."""
+    f = m.factor
+    f = (1.0 / f if side == "right" else f) if not inverse else (f if side == "right" else 1.0 / f)
+    view = t.narrow(axis, start, stop - start)
+    if m.is_axis:
+        idx = m.indices.to(t.device)
+        sub = view.index_select(axis, idx)
+        view.index_copy_(axis, idx, (sub.to(compute_dtype(t.device)) * f).to(t.dtype))
+        return
+    dt = compute_dtype(t.device)
+    u = m.basis.to(device=t.device, dtype=dt)
+    x = view.movedim(axis, 0).to(dt)  # (d, ...)
+    shape = x.shape
+    x2 = x.reshape(shape[0], -1)
+    x2 = x2 + (f - 1.0) * (u @ (u.T @ x2))
+    view.copy_(x2.reshape(shape).movedim(0, axis).to(t.dtype))
+
+
+def apply_producer(t: torch.Tensor, axis: int, start: int, stop: int, m: Deformation, inverse: bool = False) -> None:
+    """In place ``P <- M P`` on the block ``t[start:stop]`` along ``axis`` (``M^-1 P`` if ``inverse``)."""
+    _apply(t, axis, start, stop, m, "left", inverse)
+
+
+def apply_consumer(t: torch.Tensor, axis: int, start: int, stop: int, m: Deformation, inverse: bool = False) -> None:
+    """In place ``C <- C M^-1`` on the block ``t[start:stop]`` along ``axis`` (``C M`` if ``inverse``).
+
+    For a consumer whose block axis is its *row* axis (the key of an ``attn.qk`` pair) this is
+    ``K <- M^-T K``, which is what keeps ``q^T k`` unchanged.
+    """
+    _apply(t, axis, start, stop, m, "right", inverse)
+
+
+def spectral_budget(mode_is_axis: bool, alpha: float, dtype: torch.dtype) -> float:
+    """Expected relative output error of storing a deformation in ``dtype`` (SPEC §2).
+
+    Spectral: ~ alpha * u (rounding of the consumer's other directions is amplified by alpha).
+    Axis with a power-of-two alpha: 0 (exact). Axis otherwise: ~ 2u (one rounding on each side).
+    """
+    if not dtype.is_floating_point:
+        raise ValueError(f"cannot deform a tensor of dtype {dtype}; only floating-point weights are supported.")
+    u = unit_roundoff(dtype)
+    if mode_is_axis:
+        return 0.0 if is_power_of_two(alpha) else 2.0 * u
+    return alpha * u

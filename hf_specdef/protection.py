@@ -1,0 +1,215 @@
+"""In-memory protection of a model: ``protect(model, cfg)`` (SPEC §4)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import engine, probe
+from .config import SpecDefConfig
+from .engine import PairResult, Plan
+from .linalg import Deformation
+from .record import check_not_protected, make_record, set_record
+from .report import ProtectionReport
+from .sites import Pair, pairs_for, select_pairs
+
+logger = logging.getLogger("hf_specdef")
+
+
+class VerificationError(ValueError):
+    """The protected model's outputs deviate beyond the tolerance; nothing was changed."""
+
+
+class ParamTensors(MutableMapping[str, torch.Tensor]):
+    """``name -> parameter.data`` of a module, looked up live (so dtype changes are seen)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.params = dict(model.named_parameters())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.params[name].data
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self.params[name].data = value
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError("cannot delete a parameter")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.params)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in self.params.items()}
+
+
+class Backup:
+    """Exact copies (on CPU) of the parts of tensors a pair is about to change."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
+
+    def save(self, pair: Pair, m: Deformation, tensors: MutableMapping[str, torch.Tensor]) -> None:
+        for b in pair.producers + pair.consumers:
+            t = tensors[b.name]
+            rows = (m.indices.to(t.device) + b.start) if m.is_axis else torch.arange(b.start, b.stop, device=t.device)
+            self.saved.append((b.name, b.axis, rows, t.index_select(b.axis, rows).to("cpu", copy=True)))
+
+    def restore(self, tensors: MutableMapping[str, torch.Tensor]) -> None:
+        for name, axis, rows, old in reversed(self.saved):
+            t = tensors[name]
+            t.index_copy_(axis, rows, old.to(device=t.device, dtype=t.dtype))
+        self.saved.clear()
+
+
+def tied_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Names of parameters that share storage with another parameter (tied weights)."""
+    groups: dict[int, list[str]] = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups[id(p)].append(name)
+    return {n for names in groups.values() if len(names) > 1 for n in names}
+
+
+def model_pairs(model: torch.nn.Module, cfg: SpecDefConfig, tensors: ParamTensors) -> tuple[list[Pair], list[str]]:
+    """The selected pairs of a model, minus those that touch tied weights (reported as skipped)."""
+    all_pairs = pairs_for(getattr(model, "config", {}), tensors.shapes(), cfg, type(model).__name__)
+    pairs = select_pairs(all_pairs, cfg)
+    skipped = [f"site type {s!r}: this architecture has none" for s in cfg.sites if s not in {p.site for p in all_pairs}]
+    tied = tied_parameter_names(model)
+    keep = [p for p in pairs if not tied.intersection(p.names())]
+    for p in pairs:
+        if tied.intersection(p.names()):
+            skipped.append(f"{p.key}: touches tied weights {sorted(tied.intersection(p.names()))}")
+    for s in skipped:
+        logger.info("hf-specdef skipped %s", s)
+    return keep, skipped
+
+
+def _check_materialized(model: torch.nn.Module) -> None:
+    meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if meta:
+        raise ValueError(
+            f"{len(meta)} parameters (e.g. {meta[0]!r}) are offloaded to the meta device (accelerate disk/CPU offload); "
+            "in-memory protection needs them materialized. Protect the checkpoint files instead with "
+            "hf_specdef.protect_checkpoint(src, dst, cfg) (streams shard by shard)."
+        )
+
+
+def _upcast(model: torch.nn.Module, plans: list[Plan]) -> list[str]:
+    """``precision="float32"``: move the modules of float32 plans to float32, casting I/O around them.
+
+    The upcast is kept even if verification later fails (float32 holds the bf16/fp16 values exactly).
+    """
+    names = {b.module for p in plans if p.dtype == torch.float32 for b in p.pair.producers + p.pair.consumers}
+    for name in sorted(names):
+        mod = model.get_submodule(name)
+        if next(mod.parameters()).dtype == torch.float32:
+            continue
+        mod.float()
+        mod.register_forward_pre_hook(_cast_inputs, with_kwargs=True)
+        mod.register_forward_hook(_cast_output, with_kwargs=True)
+    return sorted(names)
+
+
+def _cast_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    module._specdef_io_dtype = next((a.dtype for a in args if torch.is_tensor(a) and a.is_floating_point()), None)
+    f = lambda a: a.float() if torch.is_tensor(a) and a.is_floating_point() else a  # noqa: E731
+    return tuple(f(a) for a in args), {k: f(v) for k, v in kwargs.items()}
+
+
+def _cast_output(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+    dt = getattr(module, "_specdef_io_dtype", None)
+    return out.to(dt) if dt is not None and torch.is_tensor(out) else out
+
+
+def protect_model(
+    model: torch.nn.Module,
+    cfg: SpecDefConfig,
+    *,
+    verify: bool = True,
+    inputs: dict[str, Any] | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> ProtectionReport:
+    """Protect a single ``torch.nn.Module`` (a transformers or diffusers model) in place."""
+    start = time.perf_counter()
+    check_not_protected(model, force)
+    _check_materialized(model)
+    tensors = ParamTensors(model)
+    pairs, skipped = model_pairs(model, cfg, tensors)
+    plans = engine.plan_pairs(pairs, tensors, cfg)
+    notes = sorted({n for p in plans for n in p.notes})
+    upcast = _upcast(model, plans) if cfg.precision == "float32" else []
+    reference = None
+    if verify:  # after any upcast: the check measures the deformation alone
+        inputs = inputs if inputs is not None else probe.probe_inputs(model)
+        reference = probe.run_probe(model, inputs)
+    backup, results = Backup(), []
+    try:
+        with torch.no_grad():
+            for plan in tqdm(plans, desc="SpecDef protect", unit="pair", disable=not progress, leave=False):
+                results.append(_deform_with_backup(plan, tensors, cfg, backup if verify else None))
+        deviation = None
+        if verify:
+            deviation = probe.max_relative_deviation(reference, probe.run_probe(model, inputs))
+            if not deviation <= cfg.tolerance:
+                raise VerificationError(
+                    f"protected outputs deviate by {deviation:.3g} (max relative) > tolerance={cfg.tolerance:g}; "
+                    "the model was restored unchanged. Lower alpha, use mode='axis' with a power-of-two alpha, "
+                    "or protect in float32."
+                )
+    except BaseException:
+        if verify:
+            backup.restore(tensors)
+        raise
+    set_record(model, make_record(cfg, results, deviation))
+    if upcast:
+        notes.append(f"{len(upcast)} modules kept in float32: {upcast[:4]}{'...' if len(upcast) > 4 else ''}")
+    report = ProtectionReport(cfg, results, deviation, skipped, notes, time.perf_counter() - start)
+    logger.info("hf-specdef protected %d pairs, deviation=%s", len(results), deviation)
+    return report
+
+
+def _deform_with_backup(plan: Plan, tensors: ParamTensors, cfg: SpecDefConfig, backup: Backup | None) -> PairResult:
+    if backup is None:
+        return engine.deform_pair(plan, tensors, cfg)
+    return engine.deform_pair(plan, tensors, cfg, before_apply=lambda m: backup.save(plan.pair, m, tensors))
+
+
+def is_pipeline(obj: Any) -> bool:
+    return hasattr(obj, "components") and not isinstance(obj, torch.nn.Module)
+
+
+def protect(
+    model_or_pipeline: Any,
+    cfg: SpecDefConfig | None = None,
+    *,
+    verify: bool = True,
+    inputs: dict[str, Any] | None = None,
+    force: bool = False,
+    progress: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """Deform a model (or a diffusers pipeline) in place and return a :class:`ProtectionReport`.
+
+    The model's function is kept: with ``verify=True`` (default) outputs on a probe batch are
+    compared before and after, and if they deviate beyond ``cfg.tolerance`` the model is restored
+    exactly and :class:`VerificationError` is raised. The protection record is written to the
+    model config (``cfg.record``), so ``save_pretrained`` carries it into config.json.
+    """
+    cfg = cfg or SpecDefConfig()
+    if is_pipeline(model_or_pipeline):
+        from .integrations.diffusers import protect_pipeline
+
+        return protect_pipeline(model_or_pipeline, cfg, verify=verify, force=force, progress=progress, **kwargs)
+    if kwargs:
+        raise TypeError(f"protect() got unexpected keyword arguments {sorted(kwargs)}")
+    return protect_model(model_or_pipeline, cfg, verify=verify, inputs=inputs, force=force, progress=progress)

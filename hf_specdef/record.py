@@ -1,0 +1,67 @@
+"""The protection record: a plain extra key in the model config (never a ``quantization_config``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import CONFIG_KEY, SpecDefConfig
+
+RECORD_FORMAT = "hf-specdef/1"
+
+
+class AlreadyProtectedError(ValueError):
+    """The model already carries a protection record."""
+
+
+def make_record(cfg: SpecDefConfig, results: Sequence[Any], deviation: float | None) -> dict[str, Any] | None:
+    """Record of a protection at ``cfg.record`` detail (``None`` for ``record="none"``)."""
+    if cfg.record == "none":
+        return None
+    rec: dict[str, Any] = {
+        "format": RECORD_FORMAT,
+        "library_version": __version__,
+        "config": {k: v for k, v in cfg.to_dict().items() if k != "site_map"},
+        "sites": sorted({r.pair.site for r in results}),
+        "layers": sorted({r.pair.layer for r in results}),
+        "num_pairs": len(results),
+        "modes": sorted({r.mode for r in results}),
+        "hot_modules": sorted({m for r in results for m in r.pair.hot_modules}),
+        "max_relative_deviation": deviation,
+    }
+    if cfg.record == "full":
+        rec["pairs"] = [r.to_dict(full=True) for r in results]
+    return rec
+
+
+def _config(obj: Any) -> Any:
+    return getattr(obj, "config", None)
+
+
+def get_record(model_or_config: Any) -> dict[str, Any] | None:
+    """The record on a transformers/diffusers model or config (object or dict), if any."""
+    cfg = _config(model_or_config) if hasattr(model_or_config, "config") else model_or_config
+    if cfg is None:
+        return None
+    if isinstance(cfg, dict):
+        return cfg.get(CONFIG_KEY)
+    return getattr(cfg, CONFIG_KEY, None)
+
+
+def set_record(model: Any, record: dict[str, Any] | None) -> None:
+    """Store ``record`` in the model's config so that ``save_pretrained`` writes it to config.json."""
+    if hasattr(model, "register_to_config"):  # diffusers ModelMixin: FrozenDict config
+        model.register_to_config(**{CONFIG_KEY: record})
+    else:
+        setattr(model.config, CONFIG_KEY, record)
+
+
+def check_not_protected(model: Any, force: bool) -> None:
+    rec = get_record(model)
+    if rec and not force:
+        raise AlreadyProtectedError(
+            f"this model is already protected (record {rec.get('format')}: sites={rec.get('sites')}, "
+            f"alpha={rec.get('config', {}).get('alpha')}). Protecting twice compounds the deformation and the "
+            "precision error; pass force=True (CLI: --force) if you really mean it."
+        )

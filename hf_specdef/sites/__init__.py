@@ -1,0 +1,91 @@
+"""Site discovery: which (producer, consumer) pairs a model has (SPEC §2)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..config import SpecDefConfig
+from .base import AXIS_ONLY_SITES, Pair, TensorBlock
+from .registry import (
+    REGISTRY,
+    ArchSpec,
+    Attention,
+    GatedMLP,
+    Linear,
+    PreNorm,
+    cfg_get,
+    find_pairs,
+    known_architectures,
+    lookup,
+    register_architecture,
+)
+
+__all__ = [
+    "AXIS_ONLY_SITES", "ArchSpec", "Attention", "GatedMLP", "Linear", "Pair", "PreNorm", "REGISTRY", "TensorBlock",
+    "NoSitesError", "cfg_get", "find_pairs", "known_architectures", "lookup", "pairs_for", "pairs_from_site_map",
+    "register_architecture", "select_pairs",
+]
+
+
+class NoSitesError(ValueError):
+    """The model has no pairs the registry knows, or the config's selection matches none."""
+
+
+SITE_MAP_HELP = (
+    "Pass an explicit site map: SpecDefConfig(site_map=[{'site': 'attn.vo', 'layer': 0, "
+    "'producers': [{'name': '<v>.weight', 'axis': 0, 'start': 0, 'stop': 64}], "
+    "'consumers': [{'name': '<o>.weight', 'axis': 1, 'start': 0, 'stop': 64}]}, ...]) "
+    "or register the architecture with hf_specdef.sites.register_architecture(ArchSpec(...))."
+)
+
+
+def pairs_from_site_map(site_map: Sequence[Mapping[str, Any]], shape_of: Mapping[str, Sequence[int]]) -> list[Pair]:
+    """Pairs from an explicit site map, checked against the model's tensor names and shapes."""
+    pairs = [Pair.from_dict(dict(d)) for d in site_map]
+    for p in pairs:
+        for b in p.producers + p.consumers:
+            if b.name not in shape_of:
+                raise ValueError(f"site_map names tensor {b.name!r}, which the model does not have.")
+            n = shape_of[b.name][b.axis] if b.axis < len(shape_of[b.name]) else -1
+            if not 0 <= b.start < b.stop <= n or b.stop - b.start != p.size:
+                raise ValueError(f"site_map block {b.to_dict()} does not fit {b.name!r} of shape {tuple(shape_of[b.name])}.")
+    return pairs
+
+
+def pairs_for(
+    config: Any, shape_of: Mapping[str, Sequence[int]], cfg: SpecDefConfig, class_name: str | None = None
+) -> list[Pair]:
+    """All pairs of a model (before the config's site/layer selection).
+
+    Raises :class:`NoSitesError` for an architecture the registry does not know and no site map.
+    """
+    if cfg.site_map is not None:
+        return pairs_from_site_map(cfg.site_map, shape_of)
+    model_type = cfg_get(config, "model_type")
+    spec = lookup(model_type, class_name or cfg_get(config, "_class_name"))
+    if spec is None:
+        raise NoSitesError(
+            f"hf-specdef has no site registry entry for model_type={model_type!r} (class {class_name!r}); "
+            f"known: {known_architectures()}. {SITE_MAP_HELP}"
+        )
+    pairs = find_pairs(spec, config, shape_of)
+    if not pairs:
+        raise NoSitesError(f"the {spec.name} site registry found no pairs in this model's tensors. {SITE_MAP_HELP}")
+    return pairs
+
+
+def select_pairs(pairs: Sequence[Pair], cfg: SpecDefConfig) -> list[Pair]:
+    """The pairs ``cfg`` asks for (site types and layers). Raises if that is none of them."""
+    by_site = [p for p in pairs if p.site in cfg.sites]
+    if cfg.layers == "cross-attention":
+        by_site = [p for p in by_site if "cross-attention" in p.tags]
+    chosen = cfg.select_layers([p.layer for p in pairs]) if pairs else set()
+    selected = [p for p in by_site if p.layer in chosen]
+    if not selected:
+        have = sorted({p.site for p in pairs})
+        raise NoSitesError(
+            f"SpecDefConfig(sites={list(cfg.sites)}, layers={cfg.layers!r}) matches no pair of this model "
+            f"(it has site types {have}). Choose sites among those, or pass a site map. {SITE_MAP_HELP}"
+        )
+    return selected

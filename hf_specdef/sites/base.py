@@ -1,0 +1,107 @@
+"""Pairs: the (producer, consumer) tensor blocks one deformation ``M`` acts on (SPEC §2).
+
+Pairs are described by tensor *names* and axes, not modules, so the same pair list drives
+in-memory protection (names of ``named_parameters``) and streaming over checkpoint files
+(safetensors keys).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Site types whose map must be diagonal (SPEC §2 table).
+AXIS_ONLY_SITES = frozenset({"mlp", "norm"})
+
+
+@dataclass(frozen=True)
+class TensorBlock:
+    """Block ``[start, stop)`` of tensor ``name`` along ``axis``."""
+
+    name: str
+    axis: int
+    start: int
+    stop: int
+
+    @property
+    def module(self) -> str:
+        return self.name.rsplit(".", 1)[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "axis": self.axis, "start": self.start, "stop": self.stop}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One site instance: ``producers`` get ``M`` (``X <- M X``), ``consumers`` get ``M^-1``
+    (``X <- X M^-1``) along their block axes. Consumers are the *hot* side (they read the
+    inflated activation); producers are *cold*.
+
+    ``rotary`` restricts ``M`` to one factor per rotary pair ``(i, i + d/2)`` (RoPE ``attn.qk``);
+    ``mlp`` / ``norm`` sites are diagonal only. ``spectrum`` says which producers (weight matrices,
+    not biases) define the spectrum that spectral mode inflates.
+    """
+
+    site: str
+    layer: int
+    block: str
+    group: int
+    producers: tuple[TensorBlock, ...]
+    consumers: tuple[TensorBlock, ...]
+    rotary: bool = False
+    tags: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def size(self) -> int:
+        b = self.producers[0]
+        return b.stop - b.start
+
+    @property
+    def axis_only(self) -> bool:
+        return self.rotary or self.site in AXIS_ONLY_SITES
+
+    @property
+    def key(self) -> str:
+        return f"{self.block}:{self.site}:{self.group}"
+
+    @property
+    def hot_modules(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(b.module for b in self.consumers))
+
+    @property
+    def cold_modules(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(b.module for b in self.producers))
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(b.name for b in self.producers + self.consumers))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "site": self.site,
+            "layer": self.layer,
+            "block": self.block,
+            "group": self.group,
+            "producers": [b.to_dict() for b in self.producers],
+            "consumers": [b.to_dict() for b in self.consumers],
+            "rotary": self.rotary,
+            "tags": sorted(self.tags),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Pair:
+        try:
+            return cls(
+                site=d["site"],
+                layer=int(d.get("layer", 0)),
+                block=d.get("block", d["producers"][0]["name"].rsplit(".", 2)[0]),
+                group=int(d.get("group", 0)),
+                producers=tuple(TensorBlock(**b) for b in d["producers"]),
+                consumers=tuple(TensorBlock(**b) for b in d["consumers"]),
+                rotary=bool(d.get("rotary", False)),
+                tags=frozenset(d.get("tags", ())),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(
+                f"site_map entry {d!r} is malformed ({e}). Each entry needs 'site', 'producers' and "
+                "'consumers'; each block needs 'name', 'axis', 'start', 'stop'."
+            ) from None
