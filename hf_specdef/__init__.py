@@ -40,3 +40,12 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'hf_specdef' has no attribute {name!r}")
+
+
+def _install_integrations() -> None:
+    from .integrations import install_all
+
+    install_all()
+
+
+_install_integrations()
