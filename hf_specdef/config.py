@@ -42,7 +42,8 @@ class SpecDefConfig:
         tolerance: largest max relative output deviation accepted by verification.
         precision: what to do when the storage dtype cannot hold the deformation within ``tolerance``
             (SPEC §2 precision budget): ``"refuse"`` (raise, the default), ``"axis"`` (use axis mode with
-            alpha rounded to a power of two) or ``"float32"`` (keep the deformed modules in float32).
+            alpha rounded to a power of two) or ``"float32"`` (upcast the model to float32: keeping only the
+            deformed weights in float32 is not enough, the inflated activations are rounded too).
         record: detail of the protection record written into the model config: ``"minimal"`` (sites,
             alpha, layers), ``"full"`` (also every direction / channel, enough for an exact undo) or ``"none"``.
         seed: seed for ``layers="random:N"``.

@@ -97,10 +97,11 @@ def _resolve_budget(plan: Plan, cfg: SpecDefConfig) -> None:
         pow2 = linalg.nearest_power_of_two(cfg.alpha)
         raise PrecisionBudgetError(
             f"Precision budget exceeded: {'axis' if plan.axis else 'spectral'} mode with alpha={cfg.alpha:g} stored in "
-            f"{plan.dtype} adds a relative output error of about {plan.budget:.2g} (~alpha x unit roundoff "
-            f"{linalg.unit_roundoff(plan.dtype):.2g}), above tolerance={cfg.tolerance:g}; the protected model would be "
+            f"{plan.dtype} adds a relative output error of about {plan.budget:.2g} (unit roundoff "
+            f"{linalg.unit_roundoff(plan.dtype):.2g}{', amplified by alpha' if not plan.axis else ''}), "
+            f"above tolerance={cfg.tolerance:g}; the protected model would be "
             f"broken (first pair: {plan.pair.key}). Options: load/protect in float32; or "
-            f"SpecDefConfig(precision='float32') to keep the deformed modules in float32; or "
+            f"SpecDefConfig(precision='float32') to upcast the model to float32; or "
             f"SpecDefConfig(mode='axis', alpha={pow2:g}) (a power of two is bit-exact in any float format; "
             f"precision='axis' does this switch automatically)."
         )
@@ -111,7 +112,7 @@ def _resolve_budget(plan: Plan, cfg: SpecDefConfig) -> None:
     else:  # float32
         plan.dtype = torch.float32
         plan.budget = linalg.spectral_budget(plan.axis, cfg.alpha, torch.float32)
-        plan.notes.append("precision='float32': deformed tensors kept in float32")
+        plan.notes.append("precision='float32': protected model stored in float32")
         if plan.budget > cfg.tolerance:
             raise PrecisionBudgetError(
                 f"even float32 cannot hold alpha={cfg.alpha:g} in spectral mode within tolerance={cfg.tolerance:g} "
