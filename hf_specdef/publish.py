@@ -1,0 +1,725 @@
+"""Publish a SpecDef-protected model to the Hugging Face Hub with a generated model card (SPEC §1, §4, §7).
+
+``publish(model, repo_id, cfg)`` runs the publisher's whole path:
+
+1. **protect** the checkpoint folder shard by shard (:func:`hf_specdef.protect_checkpoint`), into a temporary
+   directory next to the destination;
+2. **verify**: load the original and the protected checkpoint with *stock* transformers / diffusers and compare
+   them on probe inputs (max relative deviation, storage dtype), then check with :func:`hf_specdef.inspect_model`
+   that every matrix the protection claims to have deformed is visibly deformed (SPEC §7: a publisher who forgot
+   to protect must not ship an "unprotected protected" model). Nothing is published if either check fails;
+3. **render the model card** (``README.md``) from the Jinja template ``model_cards/specdef_model_card.md``
+   through :class:`huggingface_hub.ModelCard` / :class:`~huggingface_hub.ModelCardData`;
+4. **push** with :class:`huggingface_hub.HfApi` (``create_repo`` + ``upload_folder``), or with ``dry_run=True``
+   only write the folder.
+
+The Hub token comes from ``token=``, ``HF_TOKEN`` or the ``huggingface_hub`` login; it is never printed,
+logged or written, and is scrubbed from any error message.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import inspect as pyinspect
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import CONFIG_KEY, SpecDefConfig
+
+logger = logging.getLogger("hf_specdef")
+
+TEMPLATE_NAME = "specdef_model_card.md"
+TAGS = ("specdef", "spectral-deformation", "hf-specdef", "fine-tuning-resistance")
+PAPER_URL = "https://arxiv.org/abs/2602.18868"
+MAX_CARD_PAIRS = 64  # rows of the per-pair table in a card at record level "full"
+_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|msgpack|h5)$|.*\.safetensors\.index\.json$|.*\.bin\.index\.json$")
+
+# transformers class-name suffix -> Hub pipeline tag (first match wins)
+_PIPELINE_TAGS = (
+    ("ForCausalLM", "text-generation"),
+    ("LMHeadModel", "text-generation"),
+    ("ForConditionalGeneration", "text2text-generation"),
+    ("ForSeq2SeqLM", "text2text-generation"),
+    ("ForMaskedLM", "fill-mask"),
+    ("ForSequenceClassification", "text-classification"),
+    ("ForTokenClassification", "token-classification"),
+    ("ForQuestionAnswering", "question-answering"),
+    ("ForImageClassification", "image-classification"),
+    ("Model", "feature-extraction"),
+)
+
+
+class PublishError(ValueError):
+    """Publication refused (verification failed, the claimed sites are not deformed, no token...)."""
+
+
+@dataclass
+class SourceInfo:
+    """What is being published: a transformers model, a diffusers pipeline or a single diffusers model."""
+
+    path: Path
+    hub_id: str | None
+    kind: str  # "transformers" | "diffusers-pipeline" | "diffusers-model"
+    class_name: str
+    base_model: str
+    license: str | None = None
+    license_name: str | None = None
+    license_link: str | None = None
+    pipeline_tag: str | None = None
+    language: Any = None
+
+    @property
+    def library_name(self) -> str:
+        return "transformers" if self.kind == "transformers" else "diffusers"
+
+    @property
+    def is_pipeline(self) -> bool:
+        return self.kind == "diffusers-pipeline"
+
+
+@dataclass
+class ComponentCheck:
+    """Verification and inspection figures of one protected model (or pipeline component)."""
+
+    component: str  # "" for a single model
+    class_name: str
+    dtype: str
+    max_relative_deviation: float
+    tolerance: float
+    ok: bool
+    claimed: list[str] = field(default_factory=list)  # modules the protection claims to have made hot
+    not_deformed: list[str] = field(default_factory=list)  # claimed but not flagged by the inspector
+    deformed: int = 0
+    matrices: int = 0
+    coverage: float = 0.0
+    hot_coverage: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PublishResult:
+    """What :func:`publish` did: where the folder is, the figures it verified, whether it pushed."""
+
+    repo_id: str
+    folder: str | None
+    dry_run: bool
+    pushed: bool
+    base_model: str
+    library_name: str
+    config: dict[str, Any]
+    checks: list[ComponentCheck]
+    pipeline_check: ComponentCheck | None = None
+    measure: dict[str, Any] | None = None
+    commit_message: str | None = None
+    url: str | None = None
+
+    @property
+    def max_relative_deviation(self) -> float:
+        checks = self.checks + ([self.pipeline_check] if self.pipeline_check else [])
+        return max(c.max_relative_deviation for c in checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["max_relative_deviation"] = self.max_relative_deviation
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        where = f"pushed to https://huggingface.co/{self.repo_id}" if self.pushed else "dry run: nothing pushed"
+        lines = [f"hf-specdef publish {self.base_model} -> {self.repo_id} ({where})"]
+        if self.folder:
+            lines.append(f"folder: {self.folder}")
+        for c in self.checks + ([self.pipeline_check] if self.pipeline_check else []):
+            lines.append(
+                f"  {c.component or 'model'} ({c.class_name}, {c.dtype}): max relative deviation "
+                f"{_fmt(c.max_relative_deviation)} (tolerance {c.tolerance:g})"
+                + (f"; deformed {c.deformed}/{c.matrices} matrices, coverage {c.coverage:.1%}, hot {c.hot_coverage:.1%}"
+                   if c.matrices else "")
+            )
+        if self.measure:
+            lines.append(f"measured resistance: {self.measure.get('summary', self.measure)}")
+        return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2e}"
+
+
+# --------------------------------------------------------------------------------------------------- token
+
+
+def resolve_token(token: str | None = None) -> str | None:
+    """The Hub token: ``token`` if given, else ``HF_TOKEN``, else the ``huggingface_hub`` login (never logged)."""
+    if token:
+        return token
+    if os.environ.get("HF_TOKEN"):
+        return os.environ["HF_TOKEN"]
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def _scrub(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+# --------------------------------------------------------------------------------------------------- source
+
+
+def resolve_source(model: str | os.PathLike, token: str | None = None, revision: str | None = None) -> tuple[Path, str | None]:
+    """A local folder for ``model`` (a folder, or a Hub id fetched with ``snapshot_download``), and the Hub id."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve(), None
+    if path.exists():
+        raise ValueError(f"model={str(model)!r} is a file; pass the checkpoint folder (with config.json) or a Hub id")
+    if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", str(model)):
+        raise ValueError(f"model={str(model)!r} is neither a local folder nor a Hub model id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    logger.info("hf-specdef publish: downloading %s from the Hub", model)
+    try:
+        local = snapshot_download(str(model), revision=revision, token=token)
+    except Exception as e:  # offline, gated, missing: one clear line, token scrubbed
+        raise PublishError(_scrub(f"could not download {model!r} from the Hub: {e}", token)) from None
+    return Path(local), str(model)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
+def _source_card(path: Path) -> Any:
+    readme = path / "README.md"
+    if not readme.is_file():
+        return None
+    try:
+        from huggingface_hub import ModelCard
+
+        return ModelCard.load(readme).data
+    except Exception as e:  # a malformed card must not block publication; the metadata is just not carried
+        logger.warning("hf-specdef publish: cannot parse the source README.md metadata (%s)", e)
+        return None
+
+
+def _looks_like_hub_id(name: Any) -> bool:
+    return isinstance(name, str) and bool(re.fullmatch(r"[\w.\-]+/[\w.\-]+", name)) and not Path(name).exists()
+
+
+def describe_source(path: Path, hub_id: str | None = None, base_model: str | None = None) -> SourceInfo:
+    """Read what kind of checkpoint ``path`` holds and the metadata to carry into the card."""
+    if (path / "model_index.json").is_file():
+        index = _read_json(path / "model_index.json")
+        kind, class_name, config = "diffusers-pipeline", index.get("_class_name", "DiffusionPipeline"), index
+    elif (path / "config.json").is_file():
+        config = _read_json(path / "config.json")
+        if "_class_name" in config:
+            kind, class_name = "diffusers-model", config["_class_name"]
+        else:
+            kind = "transformers"
+            class_name = (config.get("architectures") or ["AutoModel"])[0]
+    else:
+        raise ValueError(f"{path} has neither config.json (transformers / diffusers model) nor model_index.json "
+                         "(diffusers pipeline); pass a checkpoint folder saved with save_pretrained")
+    card = _source_card(path)
+    name = base_model or hub_id or (config.get("_name_or_path") if _looks_like_hub_id(config.get("_name_or_path")) else None)
+    if not name:
+        name = path.name
+        logger.warning("hf-specdef publish: base_model unknown for a local folder; using %r (pass base_model= / "
+                       "--base-model with the source's Hub id)", name)
+    info = SourceInfo(path, hub_id, kind, class_name, name)
+    info.license = getattr(card, "license", None) or config.get("license")
+    info.license_name = getattr(card, "license_name", None)
+    info.license_link = getattr(card, "license_link", None)
+    info.language = getattr(card, "language", None)
+    info.pipeline_tag = getattr(card, "pipeline_tag", None) or _infer_pipeline_tag(kind, class_name, config)
+    return info
+
+
+def _infer_pipeline_tag(kind: str, class_name: str, config: dict[str, Any]) -> str | None:
+    if kind == "transformers":
+        return next((tag for suffix, tag in _PIPELINE_TAGS if class_name.endswith(suffix)), None)
+    if kind == "diffusers-pipeline":
+        if "Img2Img" in class_name or "Inpaint" in class_name:
+            return "image-to-image"
+        if "Video" in class_name:
+            return "text-to-video"
+        return "text-to-image" if "text_encoder" in config else "unconditional-image-generation"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------- protect
+
+
+def protect_folder(src: Path, dst: Path, cfg: SpecDefConfig, *, force: bool = False, progress: bool = True,
+                   device: str | torch.device | None = None) -> Any:
+    """Write the protected checkpoint of ``src`` into ``dst`` (which must not exist), streaming shard by shard."""
+    try:
+        from .streaming import protect_checkpoint
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("hf_specdef"):
+            raise
+        logger.warning("hf-specdef publish: streaming protection unavailable in this build; protecting in memory")
+        return _protect_in_memory(src, dst, cfg, force=force, progress=progress)
+    return protect_checkpoint(src, dst, cfg, device=device, force=force, progress=progress, verify=True)
+
+
+def _protect_in_memory(src: Path, dst: Path, cfg: SpecDefConfig, *, force: bool, progress: bool) -> Any:
+    """Fallback when ``hf_specdef.streaming`` is missing: load, ``protect`` in place, ``save_pretrained``."""
+    from .protection import protect
+
+    info = describe_source(src, base_model="source")
+    obj = _load(src, info.kind, info.class_name)
+    report = protect(obj, cfg, force=force, progress=progress)
+    obj.save_pretrained(dst)
+    for f in src.iterdir():  # tokenizer, generation config, license...: everything the save did not write
+        if f.is_file() and not (dst / f.name).exists() and not _WEIGHT_FILE.match(f.name) and f.name != "README.md":
+            shutil.copy2(f, dst / f.name)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------- verify
+
+
+def _load(path: Path, kind: str, class_name: str) -> Any:
+    """Load with the stock library class named by the checkpoint (no hf-specdef keyword involved)."""
+    if kind == "transformers":
+        import transformers
+
+        cls = getattr(transformers, class_name, None) or transformers.AutoModel
+        return cls.from_pretrained(path, dtype="auto").eval()
+    import diffusers
+
+    if kind == "diffusers-pipeline":
+        pipe = diffusers.DiffusionPipeline.from_pretrained(path)
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+        return pipe
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise PublishError(f"diffusers has no class {class_name!r} (named by {path / 'config.json'}); cannot verify")
+    return cls.from_pretrained(path).eval()
+
+
+def _components(info: SourceInfo, folder: Path) -> list[tuple[str, str, str]]:
+    """(sub-folder, kind, class name) of each torch model in a checkpoint folder ("" for a single model)."""
+    if not info.is_pipeline:
+        return [("", info.kind, info.class_name)]
+    out = []
+    for name in sorted(_read_json(folder / "model_index.json")):
+        sub = folder / name
+        if name.startswith("_") or not (sub / "config.json").is_file():
+            continue  # schedulers / tokenizers have no config.json; feature extractors have no weights
+        conf = _read_json(sub / "config.json")
+        if "_class_name" in conf:
+            out.append((name, "diffusers-model", conf["_class_name"]))
+        elif conf.get("architectures"):
+            out.append((name, "transformers", conf["architectures"][0]))
+    return out
+
+
+def _record_of(folder: Path) -> dict[str, Any] | None:
+    conf = folder / "config.json"
+    return _read_json(conf).get(CONFIG_KEY) if conf.is_file() else None
+
+
+def _report_hot_modules(report: Any, component: str) -> list[str] | None:
+    """Hot modules a protection report claims (used when the record level is ``none``)."""
+    if report is None:
+        return None
+    if isinstance(report, dict):  # per-component reports of a pipeline
+        sub = report.get(component) if component else None
+        return _report_hot_modules(sub, "") if sub is not None else None
+    for attr in ("hot_modules",):
+        if hasattr(report, attr):
+            return list(getattr(report, attr))
+    if hasattr(report, "to_dict"):
+        return list(report.to_dict().get("hot_modules", [])) or None
+    return None
+
+
+def _matches(finding: str, claim: str) -> bool:
+    """``model.layers.0.mlp.up_proj.weight`` matches claim ``model.layers.0.mlp.up_proj`` (checkpoint prefixes ok)."""
+    f = finding[: -len(".weight")] if finding.endswith(".weight") else finding
+    return f == claim or f.endswith("." + claim) or claim.endswith("." + f)
+
+
+def check_claims(model: torch.nn.Module, claimed: list[str] | None) -> tuple[list[str], Any]:
+    """Inspect ``model`` and return the claimed hot modules that the inspector does not flag as deformed."""
+    from .inspection import inspect_model
+
+    report = inspect_model(model)
+    flagged = report.deformed
+    if claimed is None:  # nothing claimed by name: at least something must be deformed
+        return ([] if flagged else ["<any matrix>"]), report
+    matrices = {f.name for f in report.findings}
+    missing = [c for c in claimed if any(_matches(n, c) for n in matrices) and not any(_matches(n, c) for n in flagged)]
+    unknown = [c for c in claimed if not any(_matches(n, c) for n in matrices)]
+    return missing + [f"{c} (no such weight)" for c in unknown], report
+
+
+def _probe(model: Any) -> dict[str, Any]:
+    from . import probe
+
+    try:
+        return probe.probe_inputs(model)
+    except ValueError as e:
+        raise PublishError(f"cannot verify {type(model).__name__}: {e}") from None
+
+
+def verify_folder(src: Path, dst: Path, info: SourceInfo, cfg: SpecDefConfig, report: Any = None) -> list[ComponentCheck]:
+    """Load each protected component of ``dst`` and its original in ``src`` with stock libraries; compare and inspect.
+
+    Components without a protection record (and not named by ``report``) are only checked for equality of
+    outputs. Raises nothing: the caller decides (``ok`` and ``not_deformed`` on each check).
+    """
+    from .verification import verify
+
+    checks = []
+    for name, kind, class_name in _components(info, dst):
+        record = _record_of(dst / name if name else dst)
+        claimed = record.get("hot_modules") if record else _report_hot_modules(report, name)
+        if info.is_pipeline and record is None and claimed is None:
+            continue  # an untouched component (VAE, a text encoder not asked for): covered by the pipeline run
+        ref = _load(src / name if name else src, kind, class_name)
+        prot = _load(dst / name if name else dst, kind, class_name)
+        res = verify(ref, prot, _probe(ref), tolerance=cfg.tolerance)
+        missing, ins = check_claims(prot, claimed)
+        checks.append(ComponentCheck(
+            name, class_name, res.dtype, res.max_relative_deviation, cfg.tolerance, bool(res.ok), list(claimed or []),
+            missing, len(ins.deformed), len(ins.findings), ins.coverage, ins.hot_coverage,
+        ))
+        logger.info("hf-specdef publish: verified %s: deviation %s (%s), %d/%d matrices deformed",
+                    name or class_name, _fmt(res.max_relative_deviation), res.dtype, len(ins.deformed), len(ins.findings))
+        del ref, prot
+    if not checks:
+        raise PublishError(f"no protected component found in {dst}: the protection wrote no record and named no "
+                           "modules, so there is nothing to verify (use record='minimal' or 'full')")
+    return checks
+
+
+def _pipeline_output(pipe: Any) -> torch.Tensor:
+    """One seeded, short end-to-end run of a pipeline (latents when the pipeline can return them)."""
+    params = pyinspect.signature(pipe.__call__).parameters
+    device = getattr(pipe, "device", None) or torch.device("cpu")
+    kwargs: dict[str, Any] = {"generator": torch.Generator(device=device).manual_seed(0)}
+    if "num_inference_steps" in params:
+        kwargs["num_inference_steps"] = 2
+    if "prompt" in params:
+        kwargs["prompt"] = "a photograph of an astronaut riding a horse"
+    if "output_type" in params:
+        kwargs["output_type"] = "latent"
+    out = pipe(**kwargs)
+    images = getattr(out, "images", None)
+    if images is None:
+        images = out[0]
+    return torch.as_tensor(images if not isinstance(images, list) else images[0]).to(torch.float64)
+
+
+def verify_pipeline(src: Path, dst: Path, info: SourceInfo, cfg: SpecDefConfig) -> ComponentCheck:
+    """End-to-end check of a pipeline: both loaded with stock diffusers, same seed, outputs compared.
+
+    This is what catches pipeline-level sites that span components (the text encoder's final norm folded into
+    the denoiser's cross-attention), which per-component checks cannot.
+    """
+    from .probe import max_relative_deviation
+
+    ref = _pipeline_output(_load(src, info.kind, info.class_name))
+    pipe = _load(dst, info.kind, info.class_name)
+    dtype = str(next((getattr(c, "dtype", None) for c in pipe.components.values() if isinstance(c, torch.nn.Module)), None))
+    dev = max_relative_deviation(ref, _pipeline_output(pipe))
+    return ComponentCheck("pipeline", info.class_name, dtype.replace("torch.", ""), dev, cfg.tolerance, dev <= cfg.tolerance)
+
+
+def _refuse_if_bad(checks: list[ComponentCheck]) -> None:
+    for c in checks:
+        where = c.component or c.class_name
+        if not (c.ok and math.isfinite(c.max_relative_deviation)):
+            raise PublishError(
+                f"verification failed for {where}: the protected outputs deviate by {_fmt(c.max_relative_deviation)} "
+                f"(max relative, {c.dtype}) > tolerance {c.tolerance:g}; nothing was published. Lower alpha, use "
+                "mode='axis' with a power-of-two alpha, or precision='float32'."
+            )
+        if c.not_deformed:
+            raise PublishError(
+                f"{where}: the protection claims {len(c.claimed) or 'some'} deformed matrices but the spectral inspector "
+                f"finds no deformation in {c.not_deformed[:3]}{'...' if len(c.not_deformed) > 3 else ''}; refusing to "
+                "publish a model that would be labelled protected without being protected (SPEC §7)."
+            )
+
+
+# --------------------------------------------------------------------------------------------------- card
+
+
+def template_path() -> Path:
+    """The packaged model-card template (a copy of ``model_cards/specdef_model_card.md``)."""
+    return Path(str(resources.files("hf_specdef") / "templates" / TEMPLATE_NAME))
+
+
+def _load_snippet(info: SourceInfo, repo_id: str) -> str:
+    if info.kind == "transformers":
+        return (f"from transformers import {info.class_name}\n\n"
+                f"model = {info.class_name}.from_pretrained(\"{repo_id}\")")
+    if info.is_pipeline:
+        return ("import torch\nfrom diffusers import DiffusionPipeline\n\n"
+                f"pipe = DiffusionPipeline.from_pretrained(\"{repo_id}\")")
+    return f"from diffusers import {info.class_name}\n\nmodel = {info.class_name}.from_pretrained(\"{repo_id}\")"
+
+
+def _records(info: SourceInfo, folder: Path) -> dict[str, dict[str, Any]]:
+    return {name: rec for name, _, _ in _components(info, folder)
+            if (rec := _record_of(folder / name if name else folder)) is not None}
+
+
+def _merge_records(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One summary of the records of all protected components (for the card's "What was done")."""
+    if not records:
+        return {}
+    first = next(iter(records.values()))
+    conf = first.get("config", {})
+    prefix = len(records) > 1 or any(records)  # pipelines: name modules by component
+    pairs, layers, sites, modes, hot, num = [], set(), set(), set(), set(), 0
+    for name, rec in records.items():
+        sites.update(rec.get("sites", []))
+        modes.update(rec.get("modes", []))
+        layers.update(f"{name}:{x}" if prefix and name else x for x in rec.get("layers", []))
+        hot.update(rec.get("hot_modules", []))
+        num += int(rec.get("num_pairs", 0))
+        for p in rec.get("pairs", []) or []:
+            pairs.append({k: p.get(k) for k in ("layer", "site", "group", "mode", "factor", "k", "hot")}
+                         | ({"layer": f"{name}:{p.get('layer')}"} if prefix and name else {}))
+    return {
+        "sites": sorted(sites), "modes": sorted(modes), "layers": sorted(layers, key=str), "num_pairs": num,
+        "num_hot": len(hot), "alpha": conf.get("alpha"), "top_k": conf.get("top_k"), "mode": conf.get("mode"),
+        "layers_selection": conf.get("layers"), "precision": conf.get("precision"), "pairs": pairs,
+    }
+
+
+def render_card(
+    info: SourceInfo,
+    repo_id: str,
+    cfg: SpecDefConfig,
+    checks: list[ComponentCheck],
+    folder: Path,
+    *,
+    pipeline_check: ComponentCheck | None = None,
+    measure: dict[str, Any] | None = None,
+    template: str | os.PathLike | None = None,
+) -> Any:
+    """Render the model card (a :class:`huggingface_hub.ModelCard`) of a protected, verified folder."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        base_model=info.base_model, license=info.license, license_name=info.license_name,
+        license_link=info.license_link, library_name=info.library_name, pipeline_tag=info.pipeline_tag,
+        language=info.language, tags=list(TAGS) + [info.library_name],
+    )
+    summary = _merge_records(_records(info, folder))
+    shown = summary.get("pairs", [])[:MAX_CARD_PAIRS]
+    all_checks = checks + ([pipeline_check] if pipeline_check else [])
+    max_dev = max(c.max_relative_deviation for c in all_checks)
+    cov = ", ".join(f"{c.coverage:.1%}" + (f" ({c.component})" if c.component else "") for c in checks)
+    hot = ", ".join(f"{c.hot_coverage:.1%}" + (f" ({c.component})" if c.component else "") for c in checks)
+    base_url = f"https://huggingface.co/{info.base_model}" if _looks_like_hub_id(info.base_model) else None
+    kwargs = dict(
+        repo_id=repo_id, base_model=info.base_model, base_model_url=base_url, hf_specdef_version=__version__,
+        date=datetime.date.today().isoformat(), record_level=cfg.record, is_pipeline=info.is_pipeline,
+        library_name=info.library_name,
+        sites=summary.get("sites", list(cfg.sites)), alpha=f"{summary.get('alpha', cfg.alpha):g}",
+        top_k=summary.get("top_k", cfg.top_k), layers=summary.get("layers", []),
+        layers_selection=summary.get("layers_selection", cfg.layers), mode=summary.get("mode", cfg.mode),
+        modes=summary.get("modes", []), num_pairs=summary.get("num_pairs", 0), num_hot=summary.get("num_hot", 0),
+        precision=summary.get("precision", cfg.precision),
+        pairs=[p | {"factor": f"{p['factor']:g}" if isinstance(p.get("factor"), (int, float)) else p.get("factor")}
+               for p in shown] if cfg.record == "full" else [],
+        pairs_truncated=len(summary.get("pairs", [])) > len(shown),
+        checks=[c.to_dict() | {"deviation_str": _fmt(c.max_relative_deviation), "tolerance": f"{c.tolerance:g}"}
+                for c in all_checks],
+        inspections=[{"component": c.component, "deformed": c.deformed, "matrices": c.matrices,
+                      "coverage": f"{c.coverage:.1%}", "hot_coverage": f"{c.hot_coverage:.1%}"} for c in checks],
+        max_deviation_str=_fmt(max_dev), coverage_str=cov, hot_coverage_str=hot, measure=measure,
+        load_snippet=_load_snippet(info, repo_id),
+    )
+    return ModelCard.from_template(data, template_path=str(template or template_path()), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------- measure
+
+
+def measure_resistance(original: Path, protected: Path, info: SourceInfo, cfg: SpecDefConfig) -> dict[str, Any]:
+    """Quick resistance measurement with the evaluation harness (``hf_specdef.evaluation``).
+
+    Returns ``{"description": str, "rows": [{"variant", "steps", "slowdown"}], "summary": {...}}``.
+    """
+    try:
+        evaluation = importlib.import_module("hf_specdef.evaluation")
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("hf_specdef"):
+            raise
+        raise PublishError("measure=True needs the evaluation harness (hf_specdef.evaluation), which is not available "
+                           "in this build; publish without --measure") from None
+    fn: Callable[..., dict[str, Any]] | None = getattr(evaluation, "quick_resistance", None)
+    if fn is None:
+        raise PublishError("this build's hf_specdef.evaluation has no quick_resistance(original, protected) entry point; "
+                           "publish without --measure")
+    return fn(original, protected)
+
+
+# --------------------------------------------------------------------------------------------------- push
+
+
+def push_folder(folder: Path, repo_id: str, *, private: bool, token: str | None, commit_message: str) -> str:
+    """``create_repo(exist_ok=True)`` then ``upload_folder``; returns the commit URL. Errors carry no token."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message)
+    except Exception as e:
+        raise PublishError(_scrub(f"push to {repo_id!r} failed: {type(e).__name__}: {e}", token)) from None
+    return str(getattr(info, "commit_url", None) or info)
+
+
+def _default_commit_message(info: SourceInfo, cfg: SpecDefConfig, deviation: float) -> str:
+    what = "SpecDef protection" if cfg.record == "none" else f"SpecDef (alpha={cfg.alpha:g}, sites={','.join(cfg.sites)})"
+    return (f"Upload {what}-protected {info.base_model} with hf-specdef {__version__} "
+            f"(verified: max relative deviation {_fmt(deviation)})")
+
+
+# --------------------------------------------------------------------------------------------------- publish
+
+
+@contextmanager
+def _workdir(near: Path | None) -> Iterator[Path]:
+    parent = near.parent if near is not None else None
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".specdef-publish-", dir=parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _move_into_place(src: Path, dst: Path, work: Path, overwrite: bool) -> None:
+    if dst.exists():
+        if not overwrite:
+            raise PublishError(f"output_dir {dst} already exists; choose another folder or pass overwrite=True (--overwrite)")
+        os.replace(dst, work / "previous")
+    os.replace(src, dst)
+
+
+def publish(
+    model: str | os.PathLike,
+    repo_id: str | None,
+    cfg: SpecDefConfig | None = None,
+    *,
+    private: bool = False,
+    dry_run: bool = False,
+    output_dir: str | os.PathLike | None = None,
+    measure: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+    base_model: str | None = None,
+    overwrite: bool = False,
+    force: bool = False,
+    revision: str | None = None,
+    template: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> PublishResult:
+    """Protect ``model``, verify it, write a model card and push it to ``repo_id`` (or only write it: ``dry_run``).
+
+    Args:
+        model: a local checkpoint folder (transformers model, diffusers pipeline or diffusers model) or a Hub id.
+        repo_id: destination Hub repository (``owner/name``). Optional with ``dry_run`` (then ``<folder>-specdef``).
+        cfg: the protection; default :class:`SpecDefConfig()`.
+        private: create the repository as private.
+        dry_run: write the folder (``output_dir``) and stop: no token, no network.
+        output_dir: where the published folder is kept. Without it, a dry run writes ``./<repo name>`` and a push
+            uses a temporary folder that is removed afterwards. Must not exist unless ``overwrite``.
+        measure: also run a quick resistance measurement (evaluation harness) and put it in the card.
+        token: Hub token; default ``HF_TOKEN`` or the ``huggingface_hub`` login. Never printed, logged or written.
+        commit_message: default names the source, alpha, sites and the verified deviation.
+        base_model: the source's Hub id for the card metadata when ``model`` is a local folder.
+        overwrite: replace an existing ``output_dir``.
+        force: protect even if the source already carries a protection record.
+        template: a custom Jinja card template (default: the packaged ``specdef_model_card.md``).
+
+    Raises:
+        PublishError: verification failed, the claimed sites are not deformed, no token, or the push failed.
+            Nothing is pushed and no partial ``output_dir`` is left.
+    """
+    cfg = cfg or SpecDefConfig()
+    if not dry_run:
+        if not repo_id:
+            raise ValueError("repo_id is required to push (owner/name); use dry_run=True to only write the folder")
+        if _hub_offline():
+            raise PublishError("HF_HUB_OFFLINE is set, so nothing can be pushed; use dry_run=True (--dry-run) to "
+                               "write the folder only, or unset HF_HUB_OFFLINE")
+        token = resolve_token(token)
+        if not token:
+            raise PublishError("no Hugging Face token: set HF_TOKEN or log in with `hf auth login` (the token is "
+                               "never printed or written)")
+    src, hub_id = resolve_source(model, token=token if not dry_run else None, revision=revision)
+    info = describe_source(src, hub_id, base_model)
+    repo_id = repo_id or f"{info.base_model.rsplit('/', 1)[-1]}-specdef"
+    out = Path(output_dir).expanduser().resolve() if output_dir else None
+    if out is None and dry_run:
+        out = Path.cwd() / repo_id.rsplit("/", 1)[-1]
+    if out is not None and out.exists() and not overwrite:
+        raise PublishError(f"output_dir {out} already exists; choose another folder or pass overwrite=True (--overwrite)")
+    if out is not None and (out == src or src in out.parents):
+        raise ValueError(f"output_dir {out} is inside the source {src}; the source is never modified, choose another folder")
+
+    with _workdir(out) as work:
+        staged = work / "model"
+        report = protect_folder(src, staged, cfg, force=force, progress=progress, device=device)
+        checks = verify_folder(src, staged, info, cfg, report)
+        pipeline_check = verify_pipeline(src, staged, info, cfg) if info.is_pipeline else None
+        _refuse_if_bad(checks + ([pipeline_check] if pipeline_check else []))
+        measured = measure_resistance(src, staged, info, cfg) if measure else None
+        card = render_card(info, repo_id, cfg, checks, staged, pipeline_check=pipeline_check, measure=measured,
+                           template=template)
+        card.save(staged / "README.md")
+        result = PublishResult(repo_id, str(out) if out else None, dry_run, False, info.base_model, info.library_name,
+                               cfg.to_dict(), checks, pipeline_check, measured)
+        result.commit_message = commit_message or _default_commit_message(info, cfg, result.max_relative_deviation)
+        folder = staged
+        if out is not None:
+            _move_into_place(staged, out, work, overwrite)
+            folder = out
+        if not dry_run:
+            logger.info("hf-specdef publish: pushing %s to %s", folder, repo_id)
+            result.url = push_folder(folder, repo_id, private=private, token=token, commit_message=result.commit_message)
+            result.pushed = True
+    return result
