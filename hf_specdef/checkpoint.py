@@ -1,0 +1,302 @@
+"""Lazy, validated reading of safetensors checkpoint folders (single file, sharded, diffusers pipelines).
+
+:func:`open_checkpoint` parses every shard's safetensors header (never the data) and checks it:
+a header that does not parse, a tensor whose bytes lie past the end of its file (a truncated
+shard), a shard named by the index but missing, or a key the index puts in a shard that does not
+hold it each raise :class:`CheckpointError` naming the file. Tensors are then read one at a time
+(:meth:`Checkpoint.get_tensor`), or copied as raw bytes (:meth:`Checkpoint.iter_bytes`).
+
+Used by :func:`hf_specdef.inspect_model` (on a path) and :func:`hf_specdef.protect_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("hf_specdef")
+
+# safetensors dtype names -> torch dtypes (those torch has)
+ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"), ("U32", "uint32"),
+                     ("U64", "uint64")):
+    if hasattr(torch, _attr):
+        ST_DTYPES[_name] = getattr(torch, _attr)
+TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+CONFIG_NAME = "config.json"
+PIPELINE_INDEX = "model_index.json"
+DENOISER_COMPONENTS = ("transformer", "unet")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file is missing, truncated, corrupted or inconsistent with its index."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies: ``file``, safetensors ``dtype`` name, ``shape``, absolute byte range ``[begin, end)``."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype not in ST_DTYPES:
+            raise CheckpointError(f"{self.file}: tensor {self.name!r} has dtype {self.dtype}, which this torch cannot read.")
+        return ST_DTYPES[self.dtype]
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str] | None]:
+    """Parse and validate the header of one safetensors file: ``(name -> TensorInfo, __metadata__)``."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: file is truncated ({size} bytes; not a safetensors file).")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path}: corrupted or truncated safetensors header (declares {n} header bytes, "
+                                      f"file has {size}).")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except CheckpointError:
+        raise
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: shard file is missing.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupted safetensors header ({e}).") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e}).") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object).")
+    metadata = header.pop("__metadata__", None)
+    data_start, data_size = 8 + n, size - 8 - n
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (b, e) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupted safetensors header entry for tensor {name!r}.") from None
+        if e > data_size:
+            raise CheckpointError(f"{path}: file is truncated: tensor {name!r} needs bytes up to {data_start + e}, "
+                                  f"the file has {size}.")
+        numel = 1
+        for s in shape:
+            numel *= s
+        itemsize = ST_DTYPES[dtype].itemsize if dtype in ST_DTYPES else None
+        if not 0 <= b <= e or (itemsize is not None and e - b != numel * itemsize):
+            raise CheckpointError(f"{path}: corrupted safetensors header: tensor {name!r} ({dtype}, shape {list(shape)}) "
+                                  f"has data_offsets {[b, e]}.")
+        infos[name] = TensorInfo(name, path, dtype, shape, data_start + b, data_start + e)
+    return infos, metadata
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}).") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object.")
+    return data
+
+
+def find_denoiser(root: Path) -> Path:
+    """The denoiser component folder (``transformer`` or ``unet``) of a diffusers pipeline folder."""
+    index = _load_json(root / PIPELINE_INDEX)
+    for name in DENOISER_COMPONENTS:
+        if name in index and (root / name).is_dir():
+            return root / name
+    raise CheckpointError(
+        f"{root} is a diffusers pipeline folder ({PIPELINE_INDEX}) without a denoiser component "
+        f"({' or '.join(DENOISER_COMPONENTS)}); pass the component folder itself."
+    )
+
+
+class Checkpoint:
+    """A safetensors checkpoint folder: headers parsed and checked up front, tensors read lazily.
+
+    Attributes:
+        root: the folder holding the shards.
+        files: the shard files, in index (or name) order.
+        index_path: the ``*.safetensors.index.json`` file, if sharded with an index.
+        index: its parsed content.
+        config: ``config.json`` as a dict (``{}`` when absent).
+        class_name: the model class (``architectures[0]`` or diffusers ``_class_name``), if known.
+        infos: tensor name -> :class:`TensorInfo`.
+        file_metadata: shard -> its safetensors ``__metadata__``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such checkpoint file or folder.")
+        self.component: str | None = None
+        if path.is_file():
+            if not path.name.endswith(".safetensors"):
+                raise CheckpointError(f"{path}: not a .safetensors file.")
+            self.root, files, self.index_path = path.parent, [path], None
+        else:
+            if (path / PIPELINE_INDEX).is_file() and not (path / CONFIG_NAME).is_file():
+                path = find_denoiser(path)
+                self.component = path.name
+                logger.info("hf-specdef: %s is a diffusers pipeline; using its %s component", path.parent, path.name)
+            self.root = path
+            files, self.index_path = self._discover(path)
+        self.index: dict[str, Any] | None = _load_json(self.index_path) if self.index_path else None
+        self.config: dict[str, Any] = _load_json(self.root / CONFIG_NAME) if (self.root / CONFIG_NAME).is_file() else {}
+        archs = self.config.get("architectures") or []
+        self.class_name: str | None = self.config.get("_class_name") or (archs[0] if archs else None)
+        self.infos: dict[str, TensorInfo] = {}
+        self.file_metadata: dict[Path, dict[str, str] | None] = {}
+        if self.index is not None:
+            files = self._files_from_index(files)
+        self.files: list[Path] = files
+        for f in files:
+            infos, meta = read_header(f)
+            self.file_metadata[f] = meta
+            for name, info in infos.items():
+                if name in self.infos:
+                    raise CheckpointError(f"tensor {name!r} is stored twice: in {self.infos[name].file} and {f}.")
+                self.infos[name] = info
+        if self.index is not None:
+            for name, fname in self.index["weight_map"].items():
+                info = self.infos.get(name)
+                if info is None or info.file.name != fname:
+                    raise CheckpointError(f"{self.index_path} puts tensor {name!r} in {fname}, which does not hold it "
+                                          "(corrupted shard or stale index).")
+
+    @staticmethod
+    def _discover(root: Path) -> tuple[list[Path], Path | None]:
+        indexes = sorted(root.glob("*.safetensors.index.json"))
+        if len(indexes) > 1:
+            raise CheckpointError(f"{root}: several safetensors indexes {[p.name for p in indexes]}; keep one.")
+        if indexes:
+            return [], indexes[0]
+        files = sorted(root.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(
+                f"{root}: no .safetensors weights found (only safetensors checkpoints are supported; "
+                "convert .bin/.pt weights with save_pretrained(..., safe_serialization=True))."
+            )
+        return files, None
+
+    def _files_from_index(self, files: list[Path]) -> list[Path]:
+        wm = self.index.get("weight_map") if self.index else None
+        if not isinstance(wm, dict) or not wm:
+            raise CheckpointError(f"{self.index_path}: has no 'weight_map'.")
+        names = sorted(set(wm.values()))
+        missing = [n for n in names if not (self.root / n).is_file()]
+        if missing:
+            raise CheckpointError(f"shard {missing[0]} named by {self.index_path} is missing from {self.root}.")
+        return [self.root / n for n in names]
+
+    # -- queries --------------------------------------------------------------------------
+    @property
+    def is_sharded(self) -> bool:
+        return self.index is not None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.infos.values())
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape, from the headers."""
+        return {n: i.shape for n, i in self.infos.items()}
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {n: i.torch_dtype for n, i in self.infos.items()}
+
+    def shard_of(self, name: str) -> Path:
+        """The file holding tensor ``name``."""
+        return self._info(name).file
+
+    def keys_of(self, file: Path) -> list[str]:
+        """Names of the tensors in ``file``, in the order of their bytes."""
+        return sorted((n for n, i in self.infos.items() if i.file == file), key=lambda n: self.infos[n].begin)
+
+    def _info(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise KeyError(f"checkpoint {self.root} has no tensor {name!r}") from None
+
+    def get_tensor(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """Read one tensor from its shard (a fresh CPU tensor, moved to ``device`` if given)."""
+        info = self._info(name)
+        buf = bytearray(info.nbytes)
+        try:
+            with open(info.file, "rb") as f:
+                f.seek(info.begin)
+                if f.readinto(buf) != info.nbytes:
+                    raise CheckpointError(f"{info.file}: file is truncated while reading tensor {name!r}.")
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({e}).") from None
+        t = torch.frombuffer(buf, dtype=info.torch_dtype) if buf else torch.empty(0, dtype=info.torch_dtype)
+        t = t.reshape(info.shape)
+        return t if device is None else t.to(device)
+
+    def iter_bytes(self, name: str, chunk: int = 64 << 20) -> Iterator[bytes]:
+        """The raw bytes of one tensor, in chunks of at most ``chunk`` bytes (a multiple of 8)."""
+        info = self._info(name)
+        chunk -= chunk % 8
+        with open(info.file, "rb") as f:
+            f.seek(info.begin)
+            left = info.nbytes
+            while left:
+                data = f.read(min(chunk, left))
+                if not data:
+                    raise CheckpointError(f"{info.file}: file is truncated while reading tensor {name!r}.")
+                left -= len(data)
+                yield data
+
+    def close(self) -> None:
+        """Nothing is held open between reads; kept for the context-manager protocol."""
+
+    def __repr__(self) -> str:
+        return (f"Checkpoint({str(self.root)!r}, {len(self.files)} file(s), {len(self.infos)} tensors, "
+                f"class={self.class_name!r})")
+
+
+@contextmanager
+def open_checkpoint(path: str | os.PathLike[str]) -> Iterator[Checkpoint]:
+    """Open a checkpoint folder (single-file, sharded with an index, or a diffusers pipeline folder,
+    whose denoiser component is used) or a single ``.safetensors`` file, for lazy reading.
+
+    Example::
+
+        with open_checkpoint("out/llama") as ckpt:
+            print(ckpt.class_name, len(ckpt.shapes()))
+            w = ckpt.get_tensor("model.layers.0.self_attn.v_proj.weight")
+    """
+    ckpt = Checkpoint(path)
+    try:
+        yield ckpt
+    finally:
+        ckpt.close()

@@ -1,0 +1,565 @@
+"""``protect_checkpoint``: SpecDef protection of safetensors checkpoint files, shard by shard (SPEC §4, §6, §7).
+
+The pairs come from the same site registry and engine as in-memory :func:`hf_specdef.protect`
+(``pairs_for`` on the header shapes, ``engine.plan_pairs`` / ``engine.deform_pair``), so the
+deformed tensors are the ones in-memory protection computes.
+
+Memory stays bounded independently of model size. Pairs that share a tensor form a *component*
+(in practice one layer); components are independent of each other, and within one the pairs run in
+registry order. Shards are written one after the other; before shard ``i`` is written, every
+not-yet-run component that touches it runs, loading its tensors from whichever shards hold them
+(a pair may span shards). Modified tensors that belong to later shards wait in a cache until their
+shard is written; all other tensors are copied byte for byte, in chunks. Peak memory is the
+tensors of the components in flight (about one layer), far below two shards.
+
+Reliability (SPEC §7): everything is written to a temporary folder next to the destination and
+renamed into place only after verification: the written shards are re-read with ``safetensors``,
+the recorded deformations are undone in float64 and compared with the source tensors, the
+claimed inflation of every pair is checked, and for small models (``FORWARD_CHECK_MAX_BYTES``)
+both checkpoints are loaded with stock transformers/diffusers and compared on a probe batch. The
+source is only ever read. Any failure removes the temporary folder and raises one error naming
+the file or tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import engine, linalg
+from .checkpoint import (
+    CONFIG_NAME,
+    FLOAT_DTYPES,
+    TORCH_TO_ST,
+    Checkpoint,
+    CheckpointError,
+    open_checkpoint,
+)
+from .config import CONFIG_KEY, SpecDefConfig
+from .engine import PairResult, Plan
+from .protection import VerificationError
+from .record import check_not_protected, make_record
+from .report import ProtectionReport
+from .sites import Pair, pairs_for, select_pairs
+
+logger = logging.getLogger("hf_specdef")
+
+# Checkpoints up to this size also get a forward-pass check with stock transformers/diffusers.
+FORWARD_CHECK_MAX_BYTES = 64 << 20
+# Weight files in other formats are never copied next to protected safetensors (they would ship unprotected weights).
+UNPROTECTED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+_CHUNK = 64 << 20
+
+
+@dataclass
+class CheckpointReport(ProtectionReport):
+    """A :class:`ProtectionReport` plus what the streaming run read and wrote."""
+
+    source: str = ""
+    destination: str = ""
+    component: str | None = None
+    device: str = ""
+    shards: int = 0
+    bytes_written: int = 0
+    peak_cached_bytes: int = 0
+    tensor_error: float | None = None
+
+    def to_dict(self, full: bool = False) -> dict[str, Any]:
+        d = super().to_dict(full=full)
+        d.update(source=self.source, destination=self.destination, component=self.component, device=self.device,
+                 shards=self.shards, bytes_written=self.bytes_written, peak_cached_bytes=self.peak_cached_bytes,
+                 tensor_error=self.tensor_error)
+        return d
+
+    def __str__(self) -> str:
+        return (super().__str__() + f"\nwrote {self.destination} ({self.shards} shard(s), {self.bytes_written / 2**20:.1f} MiB"
+                f"{', component ' + self.component if self.component else ''}) on {self.device}; "
+                f"peak cached tensors {self.peak_cached_bytes / 2**20:.1f} MiB; "
+                f"tensor check max relative error {_fmt(self.tensor_error)}")
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2e}"
+
+
+def pick_device(device: torch.device | str | None) -> torch.device:
+    """``device`` as a ``torch.device``; ``None`` picks CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ------------------------------------------------------------------------------------------
+# Planning: pairs, plans, components (nothing is read but headers; nothing is written)
+# ------------------------------------------------------------------------------------------
+
+@dataclass
+class StreamPlan:
+    pairs: list[Pair]
+    plans: list[Plan]
+    components: list[list[int]]  # pair indices, in registry order; components in order of their first pair
+    out_dtype: dict[str, torch.dtype]  # tensors whose stored dtype changes (precision="float32")
+    skipped: list[str]
+    notes: list[str]
+
+
+def _components(pairs: Sequence[Pair]) -> list[list[int]]:
+    """Group pairs that (transitively) share a tensor; such pairs must run in registry order."""
+    parent = list(range(len(pairs)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for i, p in enumerate(pairs):
+        for name in p.names():
+            if name in owner:
+                parent[find(i)] = find(owner[name])
+            else:
+                owner[name] = i
+    groups: dict[int, list[int]] = {}
+    for i in range(len(pairs)):
+        groups.setdefault(find(i), []).append(i)
+    return sorted(groups.values(), key=lambda g: g[0])
+
+
+def plan_checkpoint(ckpt: Checkpoint, cfg: SpecDefConfig) -> StreamPlan:
+    """Pairs and plans of a checkpoint from its headers; raises ``NoSitesError`` / ``PrecisionBudgetError``."""
+    shapes = ckpt.shapes()
+    all_pairs = pairs_for(ckpt.config, shapes, cfg, ckpt.class_name)
+    pairs = select_pairs(all_pairs, cfg)
+    skipped = [f"site type {s!r}: this architecture has none" for s in cfg.sites if s not in {p.site for p in all_pairs}]
+    dtypes = ckpt.dtypes()
+    # the engine plans from dtypes only: empty stand-ins (the weights themselves are checked when read)
+    stand_ins = {n: torch.empty(0, dtype=dtypes[n]) for p in pairs for n in p.names()}
+    plans = engine.plan_pairs(pairs, stand_ins, cfg)
+    out_dtype: dict[str, torch.dtype] = {}
+    if any(plan.dtype == torch.float32 != dtypes[plan.pair.producers[0].name] for plan in plans):
+        # precision="float32": like in-memory protection, the whole model is stored in float32
+        out_dtype = {n: torch.float32 for n, dt in dtypes.items() if dt.is_floating_point and dt != torch.float32}
+    notes = sorted({n for p in plans for n in p.notes})
+    return StreamPlan(pairs, plans, _components(pairs), out_dtype, skipped, notes)
+
+
+# ------------------------------------------------------------------------------------------
+# Writing safetensors shards tensor by tensor
+# ------------------------------------------------------------------------------------------
+
+class ShardWriter:
+    """Writes one safetensors file tensor by tensor, in a fixed order, without holding the shard in memory."""
+
+    def __init__(self, path: Path, entries: Sequence[tuple[str, str, tuple[int, ...], int]],
+                 metadata: Mapping[str, str] | None) -> None:
+        header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+        offset = 0
+        self.sizes: list[tuple[str, int]] = []
+        for name, dtype, shape, nbytes in entries:
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self.sizes.append((name, nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        self.path, self.total, self.pos, self.written = path, offset, 0, 0
+        self.file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.file.write(len(raw).to_bytes(8, "little") + raw)
+
+    def write(self, name: str, data: Any) -> None:
+        """Append (part of) the bytes of the current tensor ``name``."""
+        expected, size = self.sizes[self.pos]
+        if name != expected:
+            raise RuntimeError(f"ShardWriter {self.path}: got tensor {name!r}, expected {expected!r}")
+        n = memoryview(data).nbytes
+        self.file.write(data)
+        self.written += n
+        if self.written == size:
+            self.pos, self.written = self.pos + 1, 0
+        elif self.written > size:
+            raise RuntimeError(f"ShardWriter {self.path}: tensor {name!r} got {self.written} bytes, expected {size}")
+
+    def close(self) -> None:
+        self.file.close()
+        if self.pos != len(self.sizes):
+            raise RuntimeError(f"ShardWriter {self.path}: only {self.pos}/{len(self.sizes)} tensors written")
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().cpu().contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _check_finite_bytes(data: bytes, dtype: torch.dtype, name: str, file: Path) -> None:
+    if data and not torch.isfinite(torch.frombuffer(data, dtype=dtype)).all():
+        raise CheckpointError(f"{file}: tensor {name!r} has NaN or inf values; refusing to protect a broken checkpoint.")
+
+
+# ------------------------------------------------------------------------------------------
+# The streaming pass
+# ------------------------------------------------------------------------------------------
+
+class _Streamer:
+    def __init__(self, ckpt: Checkpoint, sp: StreamPlan, cfg: SpecDefConfig, device: torch.device, progress: bool) -> None:
+        self.ckpt, self.sp, self.cfg, self.device, self.progress = ckpt, sp, cfg, device, progress
+        self.results: list[PairResult | None] = [None] * len(sp.pairs)
+        self.cache: dict[str, torch.Tensor] = {}
+        self.peak_cached = 0
+        self.bytes_written = 0
+
+    def _load(self, name: str) -> torch.Tensor:
+        info = self.ckpt.infos[name]
+        t = self.ckpt.get_tensor(name)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{info.file}: tensor {name!r} has NaN or inf values; refusing to protect a broken checkpoint.")
+        t = t.to(self.device)
+        return t.to(self.sp.out_dtype[name]) if name in self.sp.out_dtype else t
+
+    def _run_component(self, comp: list[int]) -> None:
+        for i in comp:
+            for name in self.sp.pairs[i].names():
+                if name not in self.cache:
+                    self.cache[name] = self._load(name)
+        cached = sum(t.numel() * t.element_size() for t in self.cache.values())
+        self.peak_cached = max(self.peak_cached, cached)
+        for i in comp:
+            self.results[i] = engine.deform_pair(self.sp.plans[i], self.cache, self.cfg)
+
+    def run(self, out_root: Path) -> list[PairResult]:
+        ckpt, sp = self.ckpt, self.sp
+        comps_of_file: dict[Path, list[int]] = {f: [] for f in ckpt.files}
+        for ci, comp in enumerate(sp.components):
+            files = {ckpt.shard_of(n) for i in comp for n in sp.pairs[i].names()}
+            for f in files:
+                comps_of_file[f].append(ci)
+        done = [False] * len(sp.components)
+        bar = tqdm(total=ckpt.total_bytes, unit="B", unit_scale=True, desc="SpecDef protect (streaming)",
+                   disable=not self.progress, leave=False)
+        with torch.no_grad(), bar:
+            for f in ckpt.files:
+                for ci in comps_of_file[f]:
+                    if not done[ci]:
+                        self._run_component(sp.components[ci])
+                        done[ci] = True
+                self._write_shard(f, out_root / f.name, bar)
+        if self.cache:  # every modified tensor belongs to some shard
+            raise RuntimeError(f"internal error: tensors {sorted(self.cache)[:3]} were deformed but never written")
+        return [r for r in self.results if r is not None]
+
+    def _write_shard(self, src: Path, dst: Path, bar: tqdm) -> None:
+        ckpt = self.ckpt
+        names = ckpt.keys_of(src)
+        entries = []
+        for n in names:
+            info = ckpt.infos[n]
+            if n in self.sp.out_dtype:
+                dt = self.sp.out_dtype[n]
+                entries.append((n, TORCH_TO_ST[dt], info.shape, info.nbytes // info.torch_dtype.itemsize * dt.itemsize))
+            else:
+                entries.append((n, info.dtype, info.shape, info.nbytes))
+        try:
+            writer = ShardWriter(dst, entries, ckpt.file_metadata.get(src))
+            try:
+                for n in names:
+                    info = ckpt.infos[n]
+                    if n in self.cache:
+                        t = self.cache.pop(n)
+                        if not torch.isfinite(t).all():
+                            raise CheckpointError(
+                                f"deforming tensor {n!r} (from {src}) overflowed its dtype {t.dtype} (inf/NaN); "
+                                "lower alpha or use precision='float32'.")
+                        writer.write(n, _tensor_bytes(t))
+                    else:
+                        check = info.dtype in FLOAT_DTYPES
+                        for chunk in ckpt.iter_bytes(n, _CHUNK):
+                            if check:
+                                _check_finite_bytes(chunk, info.torch_dtype, n, src)
+                            writer.write(n, chunk)
+                    bar.update(info.nbytes)
+            finally:
+                writer.file.close()
+            writer.close()
+        except OSError as e:
+            raise CheckpointError(f"cannot write {dst}: {e}") from None
+        self.bytes_written += dst.stat().st_size
+
+
+# ------------------------------------------------------------------------------------------
+# Verification of what was written
+# ------------------------------------------------------------------------------------------
+
+def verify_written(ckpt: Checkpoint, out_root: Path, sp: StreamPlan, results: Sequence[PairResult],
+                   cfg: SpecDefConfig, device: torch.device, progress: bool = False) -> float:
+    """Re-read the written checkpoint and check it against the source; returns the max relative error.
+
+    Checks: headers/index parse and hold the same tensors and shapes; every pair's producer spectrum
+    is inflated as claimed; undoing the recorded deformations (float64) on the re-read tensors gives
+    back the source tensors within ``max(cfg.tolerance, 4 x precision budget)`` (relative Frobenius).
+    """
+    from safetensors import safe_open
+
+    by_pair = {id(r.pair): r for r in results}
+    for r in results:
+        if not r.sigma_after > r.sigma_before:
+            raise VerificationError(f"pair {r.pair.key}: the claimed deformation is absent (sigma_1 {r.sigma_before:.4g} "
+                                    f"-> {r.sigma_after:.4g}); nothing was written.")
+    threshold = max(cfg.tolerance, 4 * max((p.budget for p in sp.plans), default=0.0))
+    worst = 0.0
+    with open_checkpoint(out_root) as out, ExitStack() as stack:
+        if set(out.infos) != set(ckpt.infos):
+            diff = sorted(set(out.infos) ^ set(ckpt.infos))
+            raise VerificationError(f"written checkpoint {out_root} differs from the source in tensors {diff[:3]}")
+        for n, info in out.infos.items():
+            if info.shape != ckpt.infos[n].shape:
+                raise VerificationError(f"{info.file}: tensor {n!r} has shape {info.shape}, source {ckpt.infos[n].shape}")
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in out.files}
+        for comp in tqdm(sp.components, desc="SpecDef verify", unit="layer", disable=not progress, leave=False):
+            names = list(dict.fromkeys(n for i in comp for n in sp.pairs[i].names()))
+            dt = linalg.compute_dtype(device)
+            deformed = {n: handles[out.shard_of(n)].get_tensor(n).to(device=device, dtype=dt) for n in names}
+            engine.undo([by_pair[id(sp.pairs[i])] for i in comp], deformed)
+            for n in names:
+                orig = ckpt.get_tensor(n, device).to(dt)
+                err = float((deformed[n] - orig).norm() / orig.norm().clamp_min(torch.finfo(dt).tiny))
+                worst = max(worst, err)
+                if not err <= threshold:
+                    raise VerificationError(
+                        f"{out.shard_of(n)}: tensor {n!r} does not hold the claimed deformation of the source "
+                        f"(relative error {err:.3g} after undo > {threshold:.3g}); nothing was written.")
+    return worst
+
+
+def _model_class(config: Mapping[str, Any]) -> Any | None:
+    if config.get("_class_name"):
+        try:
+            import diffusers
+
+            return getattr(diffusers, config["_class_name"], None)
+        except ImportError:
+            return None
+    archs = config.get("architectures") or []
+    if not archs:
+        return None
+    import transformers
+
+    return getattr(transformers, archs[0], None)
+
+
+def forward_check(src_root: Path, out_root: Path, config: Mapping[str, Any], tolerance: float) -> tuple[float | None, str]:
+    """Load both checkpoints with the stock class (float32) and compare outputs on a probe batch."""
+    from .verification import verify
+
+    cls = _model_class(config)
+    if cls is None:
+        return None, "forward check skipped: model class not found in transformers/diffusers"
+    key = "torch_dtype" if config.get("_class_name") else "dtype"
+    ref = cls.from_pretrained(str(src_root), **{key: torch.float32})
+    prot = cls.from_pretrained(str(out_root), **{key: torch.float32})
+    try:
+        res = verify(ref, prot, tolerance=tolerance)
+    except ValueError as e:  # no probe for this model kind
+        return None, f"forward check skipped: {e}"
+    if not res.ok:
+        raise VerificationError(
+            f"the protected checkpoint's outputs deviate by {res.max_relative_deviation:.3g} (max relative) from the "
+            f"source's > tolerance={tolerance:g}; nothing was written.")
+    dev = res.max_relative_deviation
+    return dev, f"forward check ({cls.__name__}, float32): max relative deviation {dev:.2e}"
+
+
+# ------------------------------------------------------------------------------------------
+# Files: temp folder, copies, config record, commit
+# ------------------------------------------------------------------------------------------
+
+def _check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: source checkpoint folder does not exist.")
+    if dst == src or src in dst.parents:
+        raise ValueError(f"destination {dst} is inside the source {src}; the source is never modified — choose another folder.")
+    if dst in src.parents:
+        raise ValueError(f"destination {dst} contains the source {src}; choose another folder.")
+    if dst.exists():
+        if not dst.is_dir():
+            raise FileExistsError(f"destination {dst} exists and is not a folder.")
+        if not overwrite:
+            raise FileExistsError(f"destination {dst} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+
+
+def _make_tmp(dst: Path) -> Path:
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".{dst.name}.specdef-tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        raise CheckpointError(f"cannot create a temporary folder next to {dst}: {e}") from None
+    return tmp
+
+
+def _copy_others(src: Path, tmp: Path, ckpt: Checkpoint) -> list[str]:
+    """Copy every file of ``src`` except the checkpoint's shards, index and config; returns notes."""
+    skip = {p.resolve() for p in ckpt.files} | {(ckpt.root / CONFIG_NAME).resolve()}
+    if ckpt.index_path is not None:
+        skip.add(ckpt.index_path.resolve())
+    notes = []
+    root_real = ckpt.root.resolve()
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
+        d = Path(dirpath)
+        dirnames[:] = [x for x in dirnames if not x.startswith(".specdef-tmp")]
+        for fn in filenames:
+            p = d / fn
+            if p.resolve() in skip:
+                continue
+            rel = p.relative_to(src)
+            if p.parent.resolve() == root_real and fn.endswith(UNPROTECTED_WEIGHT_SUFFIXES):
+                notes.append(f"not copied: {rel} (weights in another format would ship unprotected)")
+                continue
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copy2(p, target)
+            except OSError as e:
+                raise CheckpointError(f"cannot copy {p} to {target}: {e}") from None
+    for n in notes:
+        logger.warning("hf-specdef: %s", n)
+    return notes
+
+
+def _write_index(ckpt: Checkpoint, out_root: Path, sp: StreamPlan) -> None:
+    if ckpt.index_path is None:
+        return
+    index = json.loads(json.dumps(ckpt.index))
+    total = 0
+    for n, info in ckpt.infos.items():
+        total += info.nbytes // info.torch_dtype.itemsize * sp.out_dtype[n].itemsize if n in sp.out_dtype else info.nbytes
+    index.setdefault("metadata", {})["total_size"] = total
+    _write_json(out_root / ckpt.index_path.name, index)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e}") from None
+
+
+def _write_config(ckpt: Checkpoint, out_root: Path, record: dict[str, Any] | None, upcast: bool) -> None:
+    config = dict(ckpt.config)
+    if not config and record is None:
+        return
+    config.pop(CONFIG_KEY, None)
+    if record is not None:
+        config[CONFIG_KEY] = record
+    if upcast:  # stock loaders use the config dtype ("auto"): keep the float32 tensors in float32
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = "float32"
+    _write_json(out_root / CONFIG_NAME, config)
+
+
+def _commit(tmp: Path, dst: Path, overwrite: bool) -> None:
+    if dst.exists():
+        if not overwrite:
+            raise FileExistsError(f"destination {dst} appeared while protecting; nothing was written to it.")
+        old = dst.parent / f".{dst.name}.specdef-old-{uuid.uuid4().hex[:8]}"
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)
+
+
+# ------------------------------------------------------------------------------------------
+# Public entry point
+# ------------------------------------------------------------------------------------------
+
+def protect_checkpoint(
+    src_dir: str | os.PathLike[str],
+    dst_dir: str | os.PathLike[str],
+    cfg: SpecDefConfig | None = None,
+    *,
+    device: torch.device | str | None = None,
+    overwrite: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    verify: bool = True,
+) -> CheckpointReport:
+    """Protect a safetensors checkpoint folder into ``dst_dir``, streaming shard by shard.
+
+    Args:
+        src_dir: a transformers/diffusers model folder (single ``*.safetensors`` or shards with an
+            index), or a diffusers pipeline folder (``model_index.json``), whose denoiser component
+            (``transformer`` or ``unet``) is protected and every other component copied.
+        dst_dir: the output folder; written to a temporary sibling and renamed into place at the end.
+        cfg: the protection (default ``SpecDefConfig()``).
+        device: where deformations are computed (``None``: CUDA when available, else CPU).
+        overwrite: replace an existing ``dst_dir`` (only after everything succeeded).
+        force: protect a checkpoint that already carries a protection record.
+        progress: show progress bars.
+        verify: re-read and check what was written before the rename (see the module docstring);
+            without it the written files are not checked (not recommended).
+
+    Returns:
+        A :class:`CheckpointReport` (per pair: site, layer, sigma_1 before/after; the tensor-check
+        error; the forward-check deviation for small models).
+
+    Raises:
+        CheckpointError: missing/truncated/corrupted shards, NaN/inf weights, unwritable destination.
+        FileExistsError: ``dst_dir`` exists and ``overwrite`` is False.
+        AlreadyProtectedError, NoSitesError, PrecisionBudgetError, VerificationError.
+    """
+    start = time.perf_counter()
+    cfg = cfg or SpecDefConfig()
+    src, dst = Path(src_dir).absolute(), Path(dst_dir).absolute()
+    _check_paths(src.resolve(), dst.parent.resolve() / dst.name, overwrite)
+    dev = pick_device(device)
+    with open_checkpoint(src) as ckpt:
+        check_not_protected(ckpt.config, force)
+        sp = plan_checkpoint(ckpt, cfg)
+        notes = list(sp.notes)
+        if ckpt.component:
+            notes.append(f"diffusers pipeline: protected component {ckpt.component!r}; other components copied unchanged "
+                         "(pipeline-level sites spanning components are not applied by streaming)")
+        if sp.out_dtype:
+            notes.append(f"precision='float32': {len(sp.out_dtype)} tensors stored in float32 (config dtype set to float32)")
+        tmp = _make_tmp(dst)
+        try:
+            notes += _copy_others(src, tmp, ckpt)
+            out_root = tmp / ckpt.root.relative_to(src) if ckpt.root != src else tmp
+            out_root.mkdir(parents=True, exist_ok=True)
+            streamer = _Streamer(ckpt, sp, cfg, dev, progress)
+            results = streamer.run(out_root)
+            _write_index(ckpt, out_root, sp)
+            _write_config(ckpt, out_root, make_record(cfg, results, None), bool(sp.out_dtype))
+            tensor_error = deviation = None
+            if verify:
+                tensor_error = verify_written(ckpt, out_root, sp, results, cfg, dev, progress)
+                notes.append(f"tensor check: {sum(len(c) for c in sp.components)} pairs undone in float64 from the written "
+                             f"files, max relative error {tensor_error:.2e}")
+                if ckpt.total_bytes <= FORWARD_CHECK_MAX_BYTES and ckpt.config:
+                    deviation, note = forward_check(ckpt.root, out_root, ckpt.config, cfg.tolerance)
+                    notes.append(note)
+            _write_config(ckpt, out_root, make_record(cfg, results, deviation), bool(sp.out_dtype))
+            _commit(tmp, dst, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    report = CheckpointReport(
+        cfg, results, deviation, sp.skipped, notes, time.perf_counter() - start,
+        source=str(src), destination=str(dst), component=ckpt.component, device=str(dev), shards=len(ckpt.files),
+        bytes_written=streamer.bytes_written, peak_cached_bytes=streamer.peak_cached, tensor_error=tensor_error,
+    )
+    logger.info("hf-specdef protected %d pairs of %s into %s (%.1fs)", len(results), src, dst, report.seconds)
+    return report
