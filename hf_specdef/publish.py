@@ -20,7 +20,6 @@ logged or written, and is scrubbed from any error message.
 from __future__ import annotations
 
 import datetime
-import importlib
 import inspect as pyinspect
 import json
 import logging
@@ -29,7 +28,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -352,15 +351,16 @@ def _record_of(folder: Path) -> dict[str, Any] | None:
 
 
 def _report_hot_modules(report: Any, component: str) -> list[str] | None:
-    """Hot modules a protection report claims (used when the record level is ``none``)."""
+    """Hot modules a protection report claims for ``component`` (used when the record level is ``none``)."""
     if report is None:
         return None
     if isinstance(report, dict):  # per-component reports of a pipeline
         sub = report.get(component) if component else None
         return _report_hot_modules(sub, "") if sub is not None else None
-    for attr in ("hot_modules",):
-        if hasattr(report, attr):
-            return list(getattr(report, attr))
+    if (getattr(report, "component", None) or "") != component and component:
+        return None  # a streaming report of a pipeline names the one component it protected
+    if hasattr(report, "hot_modules"):
+        return list(report.hot_modules)
     if hasattr(report, "to_dict"):
         return list(report.to_dict().get("hot_modules", [])) or None
     return None
@@ -574,23 +574,103 @@ def render_card(
 # --------------------------------------------------------------------------------------------------- measure
 
 
-def measure_resistance(original: Path, protected: Path, info: SourceInfo, cfg: SpecDefConfig) -> dict[str, Any]:
-    """Quick resistance measurement with the evaluation harness (``hf_specdef.evaluation``).
+@dataclass
+class MeasureConfig:
+    """The quick resistance measurement of ``publish(measure=...)`` (causal language models).
 
-    Returns ``{"description": str, "rows": [{"variant", "steps", "slowdown"}], "summary": {...}}``.
+    A synthetic next-token task (a fixed random map on ``vocab`` tokens: learnable by any causal LM) is
+    fine-tuned with Adam at each of ``lrs`` for ``steps`` steps, on the original and on the protected model,
+    training the deformed parameters (``sites``) and, honestly, everything else (``bypass``, not slowed). The
+    target loss is halfway between the initial loss and the best loss the original reaches; the best learning
+    rate per variant counts.
     """
+
+    steps: int = 100
+    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+    batch_size: int = 8
+    seq_len: int = 32
+    vocab: int = 64
+    num_batches: int = 16
+    seed: int = 0
+    bypass: bool = True
+
+
+def _synthetic_batches(vocab_size: int, mc: MeasureConfig) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(mc.seed)
+    v = min(mc.vocab, vocab_size)
+    nxt = torch.randperm(v, generator=g)  # token t is always followed by nxt[t]
+    out = []
+    for _ in range(mc.num_batches):
+        seq = [torch.randint(0, v, (mc.batch_size,), generator=g)]
+        for _ in range(mc.seq_len - 1):
+            seq.append(nxt[seq[-1]])
+        out.append(torch.stack(seq, dim=1))
+    return out
+
+
+def measure_resistance(original: Path, protected: Path, info: SourceInfo, cfg: SpecDefConfig,
+                       mc: MeasureConfig | None = None, progress: bool = True) -> dict[str, Any]:
+    """Quick resistance measurement with the evaluation harness (:mod:`hf_specdef.evaluation.runner`).
+
+    Returns ``{"description", "rows": [{"variant", "steps", "slowdown"}], "summary", "target", "config"}``.
+    """
+    mc = mc or MeasureConfig()
+    if info.kind != "transformers" or not info.class_name.endswith(("ForCausalLM", "LMHeadModel")):
+        raise PublishError(f"measure=True supports causal language models (...ForCausalLM) in this build, not "
+                           f"{info.class_name}; for diffusion models run scripts/convergence_bench.py instead")
     try:
-        evaluation = importlib.import_module("hf_specdef.evaluation")
+        from .evaluation import runner
     except ModuleNotFoundError as e:
         if not (e.name or "").startswith("hf_specdef"):
             raise
         raise PublishError("measure=True needs the evaluation harness (hf_specdef.evaluation), which is not available "
                            "in this build; publish without --measure") from None
-    fn: Callable[..., dict[str, Any]] | None = getattr(evaluation, "quick_resistance", None)
-    if fn is None:
-        raise PublishError("this build's hf_specdef.evaluation has no quick_resistance(original, protected) entry point; "
-                           "publish without --measure")
-    return fn(original, protected)
+    import transformers
+
+    cls = getattr(transformers, info.class_name)
+    models = {k: cls.from_pretrained(p, dtype=torch.float32) for k, p in (("original", original), ("protected", protected))}
+    batches = _synthetic_batches(models["original"].config.vocab_size, mc)
+    device = next(models["original"].parameters()).device
+    names = runner.site_parameter_names(models["original"], cfg)
+
+    def loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(device)
+        return model(input_ids=batch, labels=batch).loss
+
+    modes = ("sites", "bypass") if mc.bypass else ("sites",)
+    runs: dict[tuple[str, str], list[Any]] = {}
+    for train in modes:
+        for which, model in models.items():
+            ac = runner.AttackConfig(train=train, optimizer="adam", steps=mc.steps, seed=mc.seed, site_names=names)
+            runs[which, train] = runner.sweep(model, loss_fn, lambda s: runner.cycle(batches, s), ac, mc.lrs,
+                                              label=f"{which}/{train}", progress=progress)
+    ref = runs["original", "sites"]
+    start = max(r.curve[0] for r in ref if r.curve)
+    best = min((v for r in ref for v in r.curve if math.isfinite(v)), default=start)
+    target = start - 0.5 * (start - best)
+    rows, summary = [], {}
+    for train in modes:
+        steps = {w: runner.best_run(runs[w, train], target) for w in models}
+        base = steps["original"].steps_to_target
+        for which, r in steps.items():
+            n, reached = r.steps_to_target, r.steps_to_target <= mc.steps
+            slow = n / base if base else float("nan")
+            rows.append({
+                "variant": f"{which}, training the {'deformed' if train == 'sites' else 'other (undeformed)'} parameters",
+                "steps": n if reached else f"> {mc.steps} (not reached)",
+                "slowdown": f"{slow:.1f}x" + ("" if reached else " (lower bound)"),
+                "best_lr": r.lr,
+            })
+            summary[f"{which}_{train}_steps"] = n
+        summary[f"slowdown_{train}"] = steps["protected"].steps_to_target / max(base, 1)
+    description = (
+        f"Quick measurement (Adam, best of {len(mc.lrs)} learning rates {', '.join(f'{x:g}' for x in mc.lrs)}, "
+        f"{mc.steps} steps) on a synthetic next-token task over {min(mc.vocab, models['original'].config.vocab_size)} "
+        f"tokens: steps until the loss falls halfway from its start ({start:.3g}) to the best loss the original reaches "
+        f"({best:.3g}), i.e. target {target:.3g}. A run that never reaches it counts as {mc.steps + 1}. This is an "
+        "indication on a toy task, not a guarantee; an informed attacker undoes the deformation (see below)."
+    )
+    return {"description": description, "rows": rows, "summary": summary, "target": target, "config": asdict(mc)}
 
 
 # --------------------------------------------------------------------------------------------------- push
@@ -646,7 +726,7 @@ def publish(
     private: bool = False,
     dry_run: bool = False,
     output_dir: str | os.PathLike | None = None,
-    measure: bool = False,
+    measure: bool | MeasureConfig = False,
     token: str | None = None,
     commit_message: str | None = None,
     base_model: str | None = None,
@@ -667,7 +747,8 @@ def publish(
         dry_run: write the folder (``output_dir``) and stop: no token, no network.
         output_dir: where the published folder is kept. Without it, a dry run writes ``./<repo name>`` and a push
             uses a temporary folder that is removed afterwards. Must not exist unless ``overwrite``.
-        measure: also run a quick resistance measurement (evaluation harness) and put it in the card.
+        measure: also run a quick resistance measurement (evaluation harness) and put it in the card; a
+            :class:`MeasureConfig` sets its budget.
         token: Hub token; default ``HF_TOKEN`` or the ``huggingface_hub`` login. Never printed, logged or written.
         commit_message: default names the source, alpha, sites and the verified deviation.
         base_model: the source's Hub id for the card metadata when ``model`` is a local folder.
@@ -707,7 +788,10 @@ def publish(
         checks = verify_folder(src, staged, info, cfg, report)
         pipeline_check = verify_pipeline(src, staged, info, cfg) if info.is_pipeline else None
         _refuse_if_bad(checks + ([pipeline_check] if pipeline_check else []))
-        measured = measure_resistance(src, staged, info, cfg) if measure else None
+        measured = None
+        if measure:
+            mc = measure if isinstance(measure, MeasureConfig) else None
+            measured = measure_resistance(src, staged, info, cfg, mc, progress=progress)
         card = render_card(info, repo_id, cfg, checks, staged, pipeline_check=pipeline_check, measure=measured,
                            template=template)
         card.save(staged / "README.md")
