@@ -28,7 +28,6 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..config import SpecDefConfig
-from ..engine import plan_pairs
 from ..protection import ParamTensors, model_pairs, protect_model
 from ..record import check_not_protected
 
@@ -91,8 +90,8 @@ class SpecDefHfQuantizer(HfQuantizer):
 
     Nothing is replaced before loading (no module is quantized); before the weights are read the
     quantizer only checks, on the meta-device skeleton, that the checkpoint is not already protected
-    and that the config selects pairs this architecture has within the precision budget, so a bad
-    config fails before the (possibly long) load.
+    and that the config selects pairs this architecture has, so a bad config fails before the
+    (possibly long) load.
     """
 
     requires_calibration = False
@@ -110,9 +109,7 @@ class SpecDefHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         qc = self.quantization_config
         check_not_protected(model, qc.force)
-        tensors = ParamTensors(model)  # meta tensors: shapes and dtypes only
-        pairs, _ = model_pairs(model, qc.specdef, tensors)
-        plan_pairs(pairs, tensors, qc.specdef)
+        model_pairs(model, qc.specdef, ParamTensors(model))  # meta tensors: shapes only
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,168 @@
+#!/usr/bin/env python
+"""Load-time overhead of SpecDef (SPEC §6): plain ``from_pretrained`` vs ``from_pretrained(specdef_config=...)``.
+
+Builds a ~100M-parameter Llama-style model from a config (no download), saves it in a temporary
+directory, then interleaves ``--runs`` loads of each kind and reports median wall times, their
+ratio (target <= 1.15 on CPU, <= 1.05 on GPU) and peak memory (process RSS high-water mark; peak
+CUDA memory when ``--device cuda``), as one JSON object and one line of text.
+
+    python scripts/bench_load.py --runs 5
+    python scripts/bench_load.py --device cuda --runs 5 --json-out bench_load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="device for device_map (cpu, cuda, cuda:0, auto); default cpu")
+    p.add_argument("--runs", type=int, default=5, help="interleaved runs of each kind (default 5)")
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--intermediate", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--alpha", type=float, default=1000.0)
+    p.add_argument("--sites", default="attn.vo,attn.qk,mlp,norm", help="comma-separated site types")
+    p.add_argument("--mode", default="spectral", choices=["spectral", "axis"])
+    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--precision", default="refuse", choices=["refuse", "axis", "float32"])
+    p.add_argument("--no-verify", action="store_true", help="skip the probe verification (two forward passes)")
+    p.add_argument("--profile", action="store_true", help="print a cProfile summary of one protected load")
+    p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
+    return p.parse_args(argv)
+
+
+def build_and_save(args: argparse.Namespace, directory: str) -> int:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=2048, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
+    n = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(directory)
+    del model
+    gc.collect()
+    return n
+
+
+def rss_peak_mib() -> float:
+    """Peak resident set size of this process so far (MiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    import hf_specdef  # noqa: F401  (installs the from_pretrained hook)
+    from hf_specdef import SpecDefConfig
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    cfg = SpecDefConfig(alpha=args.alpha, sites=tuple(args.sites.split(",")), mode=args.mode, precision=args.precision,
+                        tolerance=args.tolerance)
+    from hf_specdef.integrations.transformers import SpecDefQuantizationConfig
+
+    spec = SpecDefQuantizationConfig(cfg, verify=not args.no_verify)
+    common: dict[str, Any] = {"device_map": args.device, "dtype": getattr(torch, args.dtype)}
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+
+    with tempfile.TemporaryDirectory(prefix="specdef-bench-") as directory:
+        n_params = build_and_save(args, directory)
+        rss_before = rss_peak_mib()
+
+        def load(protected: bool) -> tuple[float, float | None]:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            gc.collect()
+            sync(args.device)
+            t0 = time.perf_counter()
+            kw = dict(common, specdef_config=spec) if protected else common
+            model = AutoModelForCausalLM.from_pretrained(directory, **kw)
+            sync(args.device)
+            dt = time.perf_counter() - t0
+            peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+            del model
+            return dt, peak
+
+        load(False)  # warm-up: file cache, lazy imports
+        load(True)
+        if args.profile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            load(True)
+            prof.disable()
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
+        times: dict[str, list[float]] = {"plain": [], "specdef": []}
+        peaks: dict[str, list[float]] = {"plain": [], "specdef": []}
+        for i in range(args.runs):
+            order = (False, True) if i % 2 == 0 else (True, False)
+            for protected in order:
+                dt, peak = load(protected)
+                key = "specdef" if protected else "plain"
+                times[key].append(dt)
+                if peak is not None:
+                    peaks[key].append(peak)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "device": args.device,
+        "dtype": args.dtype,
+        "params": n_params,
+        "runs": args.runs,
+        "config": cfg.to_dict(),
+        "verify": not args.no_verify,
+        "median_s": med,
+        "times_s": times,
+        "ratio": med["specdef"] / med["plain"],
+        "target": 1.05 if cuda else 1.15,
+        "rss_peak_mib_after_save": rss_before,
+        "rss_peak_mib": rss_peak_mib(),
+        "cuda_peak_mib": {k: max(v) for k, v in peaks.items()} if cuda else None,
+        "torch_threads": torch.get_num_threads(),
+    }
+    result["within_target"] = result["ratio"] <= result["target"]
+    print(json.dumps(result, indent=2))
+    mem = (f"peak CUDA plain {result['cuda_peak_mib']['plain']:.0f} MiB / specdef {result['cuda_peak_mib']['specdef']:.0f} MiB"
+           if cuda else f"peak RSS {result['rss_peak_mib']:.0f} MiB")
+    print(f"bench_load: {n_params / 1e6:.1f}M params on {args.device}: plain {med['plain']:.3f}s, specdef "
+          f"{med['specdef']:.3f}s, ratio {result['ratio']:.3f} (target <= {result['target']}), {mem}")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
