@@ -262,7 +262,7 @@ class Checkpoint:
         t = t.reshape(info.shape)
         return t if device is None else t.to(device)
 
-    def iter_bytes(self, name: str, chunk: int = 64 << 20) -> Iterator[bytes]:
+    def iter_bytes(self, name: str, chunk: int = 64 << 20) -> Iterator[bytearray]:
         """The raw bytes of one tensor, in chunks of at most ``chunk`` bytes (a multiple of 8)."""
         info = self._info(name)
         chunk -= chunk % 8
@@ -270,8 +270,8 @@ class Checkpoint:
             f.seek(info.begin)
             left = info.nbytes
             while left:
-                data = f.read(min(chunk, left))
-                if not data:
+                data = bytearray(min(chunk, left))  # writable: torch.frombuffer can view it without a warning
+                if f.readinto(data) != len(data):
                     raise CheckpointError(f"{info.file}: file is truncated while reading tensor {name!r}.")
                 left -= len(data)
                 yield data

@@ -281,6 +281,8 @@ class _Streamer:
                                 f"deforming tensor {n!r} (from {src}) overflowed its dtype {t.dtype} (inf/NaN); "
                                 "lower alpha or use precision='float32'.")
                         writer.write(n, _tensor_bytes(t))
+                    elif n in self.sp.out_dtype:  # precision="float32": an untouched tensor, upcast
+                        writer.write(n, _tensor_bytes(self._load(n)))
                     else:
                         check = info.dtype in FLOAT_DTYPES
                         for chunk in ckpt.iter_bytes(n, _CHUNK):

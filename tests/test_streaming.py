@@ -1,0 +1,383 @@
+"""Streaming protection of safetensors checkpoints (issue 4; SPEC §4, §6, §7)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_bert, tiny_clip_text, tiny_gpt2, tiny_llama
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from hf_specdef import SpecDefConfig, protect, protect_checkpoint
+from hf_specdef.checkpoint import CheckpointError, open_checkpoint
+from hf_specdef.engine import PrecisionBudgetError
+from hf_specdef.protection import VerificationError
+from hf_specdef.record import AlreadyProtectedError
+from hf_specdef.sites import NoSitesError, lookup
+
+CFG = SpecDefConfig(alpha=1000.0)  # default sites, spectral (attn.vo) + axis (qk/mlp/norm)
+
+
+def _save(model: torch.nn.Module, path: Path, **kw) -> Path:
+    model.save_pretrained(str(path), **kw)
+    return path
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _all_tensors(root: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(root.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_src(tmp_path_factory) -> Path:
+    """A tiny 3-layer Llama saved in several shards, plus a tokenizer-like extra file."""
+    src = _save(tiny_llama(seed=0, layers=3), tmp_path_factory.mktemp("llama") / "src", max_shard_size="100KB")
+    (src / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    return src
+
+
+def test_sharded_source_has_cross_shard_pairs(llama_src):
+    with open_checkpoint(llama_src) as ckpt:
+        assert ckpt.is_sharded and len(ckpt.files) >= 3
+        # layer 0's input_layernorm (norm pair producer) and its q/k/v readers lie in different shards
+        norm = ckpt.shard_of("model.layers.0.input_layernorm.weight")
+        q = ckpt.shard_of("model.layers.0.self_attn.q_proj.weight")
+        assert norm != q
+        assert ckpt.config["model_type"] == "llama" and ckpt.class_name == "LlamaForCausalLM"
+        w = ckpt.get_tensor("model.layers.0.self_attn.v_proj.weight")
+        assert w.shape == (32, 64) and w.dtype == torch.float32
+
+
+def test_streamed_equals_in_memory_and_loads_with_stock_transformers(llama_src, tmp_path):
+    before = _hashes(llama_src)
+    dst = tmp_path / "dst"
+    report = protect_checkpoint(llama_src, dst, CFG, progress=False)
+    assert _hashes(llama_src) == before  # source untouched
+    assert report.tensor_error is not None and report.tensor_error < 1e-4
+    assert report.deviation is not None and report.deviation <= CFG.tolerance  # forward check ran (small model)
+    assert not list(tmp_path.glob(".dst.specdef-tmp*"))  # temp folder renamed away
+
+    # same shard names, a correct index, other files copied, record in config.json
+    src_files = sorted(p.name for p in llama_src.iterdir())
+    assert sorted(p.name for p in dst.iterdir()) == src_files
+    assert (dst / "tokenizer_config.json").read_bytes() == (llama_src / "tokenizer_config.json").read_bytes()
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    src_index = json.loads((llama_src / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == src_index["weight_map"]
+    for name, fname in index["weight_map"].items():
+        with safe_open(str(dst / fname), framework="pt") as f:
+            assert name in f.keys()
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in _all_tensors(dst).values())
+    record = json.loads((dst / "config.json").read_text())["specdef"]
+    assert record["num_pairs"] == len(report.results) == 21 and record["config"]["alpha"] == 1000.0
+
+    # deformed tensors equal those of in-memory protect with the same config (same order of pairs)
+    model = tiny_llama(seed=0, layers=3)
+    mem_report = protect(model, CFG, progress=False)
+    assert [r.pair.key for r in mem_report.results] == [r.pair.key for r in report.results]
+    streamed = _all_tensors(dst)
+    state = model.state_dict()
+    changed = 0
+    for name, t in streamed.items():
+        assert t.dtype == state[name].dtype
+        torch.testing.assert_close(t, state[name], atol=1e-6, rtol=0)
+        changed += not torch.equal(t, _all_tensors(llama_src)[name]) if name.endswith("v_proj.weight") else 0
+    assert changed == 3  # every layer's value projection was deformed
+
+    # inflated spectrum: the top singular value of a value-projection block is ~alpha times the original
+    v0 = _all_tensors(llama_src)["model.layers.0.self_attn.v_proj.weight"][:16].double()
+    v1 = streamed["model.layers.0.self_attn.v_proj.weight"][:16].double()
+    assert torch.linalg.matrix_norm(v1, 2) > 100 * torch.linalg.matrix_norm(v0, 2)
+
+    # a fresh interpreter with stock transformers only (no hf_specdef import) loads it with the same outputs
+    code = textwrap.dedent(f"""
+        import torch, transformers
+        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+        a = transformers.AutoModelForCausalLM.from_pretrained({str(llama_src)!r}).eval()
+        b = transformers.AutoModelForCausalLM.from_pretrained({str(dst)!r}).eval()
+        with torch.no_grad():
+            ra, rb = a(ids).logits.double(), b(ids).logits.double()
+        import sys
+        assert "hf_specdef" not in sys.modules
+        print((rb - ra).abs().max().item() / ra.abs().max().item())
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.strip().splitlines()[-1]) <= 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# Bad inputs: one clear error, no output, source untouched
+# --------------------------------------------------------------------------------------------
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _shard(root: Path, i: int) -> Path:
+    return sorted(root.glob("model-*.safetensors"))[i]
+
+
+def _set_nan(root: Path, tensor: str) -> str:
+    with open_checkpoint(root) as ckpt:
+        file = ckpt.shard_of(tensor)
+        meta = ckpt.file_metadata[file]
+    tensors = load_file(str(file))
+    tensors[tensor] = tensors[tensor].clone()
+    tensors[tensor].view(-1)[3] = float("nan")
+    save_file(tensors, str(file), metadata=meta)
+    return file.name
+
+
+def _truncate(root: Path) -> str:
+    f = _shard(root, 1)
+    f.write_bytes(f.read_bytes()[:-100])
+    return f.name
+
+
+def _corrupt_header(root: Path) -> str:
+    f = _shard(root, 0)
+    data = bytearray(f.read_bytes())
+    data[8:40] = b"\x00garbage-not-json\xff" + b"\x01" * 14
+    f.write_bytes(bytes(data))
+    return f.name
+
+
+def _remove_shard(root: Path) -> str:
+    f = _shard(root, 2)
+    f.unlink()
+    return f.name
+
+
+def _unknown_arch(root: Path) -> str:
+    cfg = json.loads((root / "config.json").read_text())
+    cfg["model_type"], cfg["architectures"] = "mystery", ["MysteryForCausalLM"]
+    (root / "config.json").write_text(json.dumps(cfg))
+    return "site_map"
+
+
+BAD_INPUTS = {
+    "truncated": (_truncate, CheckpointError, "truncated"),
+    "corrupted_header": (_corrupt_header, CheckpointError, "corrupted"),
+    "missing_shard": (_remove_shard, CheckpointError, "missing"),
+    "nan_untouched": (lambda r: _set_nan(r, "model.embed_tokens.weight"), CheckpointError, "NaN"),
+    "nan_deformed": (lambda r: _set_nan(r, "model.layers.1.self_attn.q_proj.weight"), CheckpointError, "NaN"),
+    "unknown_architecture": (_unknown_arch, NoSitesError, "register_architecture"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_one_clear_error_and_no_output(case, llama_src, tmp_path):
+    damage, error, words = BAD_INPUTS[case]
+    src = _copy(llama_src, tmp_path / "src")
+    named = damage(src)
+    before = _hashes(src)
+    dst = tmp_path / "out" / "dst"
+    with pytest.raises(error) as info:
+        protect_checkpoint(src, dst, CFG, progress=False)
+    msg = str(info.value)
+    assert words in msg and named in msg, msg
+    if "nan" in case:
+        assert ("embed_tokens" in msg) or ("q_proj" in msg)
+    assert not dst.exists() and not any(p.name.startswith(".dst") for p in dst.parent.glob(".*"))
+    assert _hashes(src) == before
+
+
+def test_sites_matching_nothing(tmp_path):
+    src = _save(tiny_bert(), tmp_path / "bert")  # BERT: post-LN, plain GELU MLP -> no mlp / norm sites
+    with pytest.raises(NoSitesError, match="matches no pair"):
+        protect_checkpoint(src, tmp_path / "dst", SpecDefConfig(sites=("mlp", "norm")), progress=False)
+    assert not (tmp_path / "dst").exists()
+
+
+def test_precision_budget_violation_and_the_safe_options(tmp_path):
+    src = _save(tiny_llama(layers=2).to(torch.bfloat16), tmp_path / "bf16", max_shard_size="60KB")
+    before = _hashes(src)
+    with pytest.raises(PrecisionBudgetError, match="bfloat16"):
+        protect_checkpoint(src, tmp_path / "dst", SpecDefConfig(sites=("attn.vo",)), progress=False)
+    assert not (tmp_path / "dst").exists()
+
+    # axis mode with a power-of-two alpha is bit-exact in bf16: stays bf16, outputs identical
+    rep = protect_checkpoint(src, tmp_path / "axis", SpecDefConfig(mode="axis", alpha=1024.0), progress=False)
+    assert rep.deviation == 0.0 and rep.tensor_error == 0.0
+    assert {t.dtype for t in _all_tensors(tmp_path / "axis").values()} == {torch.bfloat16}
+
+    # precision="float32": the model is stored in float32 and the config says so
+    rep = protect_checkpoint(src, tmp_path / "f32", SpecDefConfig(sites=("attn.vo",), precision="float32"), progress=False)
+    assert rep.deviation is not None and rep.deviation <= 1e-4
+    assert {t.dtype for t in _all_tensors(tmp_path / "f32").values()} == {torch.float32}
+    assert json.loads((tmp_path / "f32" / "config.json").read_text())["dtype"] == "float32"
+    assert _hashes(src) == before
+
+
+def test_existing_destination_already_protected_and_overwrite(llama_src, tmp_path):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        protect_checkpoint(llama_src, dst, CFG, progress=False)
+    assert (dst / "keep.txt").read_text() == "mine"
+    protect_checkpoint(llama_src, dst, SpecDefConfig(sites=("attn.vo",)), overwrite=True, progress=False)
+    assert not (dst / "keep.txt").exists() and (dst / "config.json").exists()
+
+    with pytest.raises(AlreadyProtectedError, match="force"):
+        protect_checkpoint(dst, tmp_path / "twice", CFG, progress=False)
+    assert not (tmp_path / "twice").exists()
+    with pytest.raises(ValueError, match="inside the source"):
+        protect_checkpoint(llama_src, llama_src / "sub", CFG, progress=False)
+
+
+def test_verification_catches_a_wrong_write(llama_src, tmp_path, monkeypatch):
+    import hf_specdef.streaming as streaming
+
+    real = streaming._tensor_bytes
+    monkeypatch.setattr(streaming, "_tensor_bytes", lambda t: real(t * 1.01))  # a silently corrupted write
+    with pytest.raises(VerificationError, match="claimed deformation"):
+        protect_checkpoint(llama_src, tmp_path / "dst", CFG, progress=False)
+    assert not (tmp_path / "dst").exists() and not list(tmp_path.glob(".dst*"))
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_destination(llama_src, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(CheckpointError, match="cannot"):
+            protect_checkpoint(llama_src, ro / "dst", CFG, progress=False)
+    finally:
+        ro.chmod(0o755)
+    assert not (ro / "dst").exists()
+
+
+def test_unwritable_destination_parent(llama_src, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.raises(CheckpointError, match="cannot create a temporary folder"):
+        protect_checkpoint(llama_src, blocker / "dst", CFG, progress=False)
+    assert blocker.read_text() == "x"
+
+
+def test_full_destination_leaves_no_output(llama_src, tmp_path, monkeypatch):
+    """A write failing mid-way (disk full) gives one error naming the file; the temp folder is removed."""
+    import hf_specdef.streaming as streaming
+
+    real_write = streaming.ShardWriter.write
+    calls = {"n": 0}
+
+    def full(self, name, data):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise OSError(28, "No space left on device")
+        real_write(self, name, data)
+
+    monkeypatch.setattr(streaming.ShardWriter, "write", full)
+    with pytest.raises(CheckpointError, match="No space left") as info:
+        protect_checkpoint(llama_src, tmp_path / "dst", CFG, progress=False)
+    assert ".safetensors" in str(info.value)
+    assert not (tmp_path / "dst").exists() and not list(tmp_path.glob(".dst*"))
+
+
+# --------------------------------------------------------------------------------------------
+# Other architectures, with and without a model prefix in the checkpoint keys
+# --------------------------------------------------------------------------------------------
+
+def _bert_mlm():
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    return BertForMaskedLM(tiny_bert().config).eval()
+
+
+ARCHS = {
+    "llama (model.)": (lambda: tiny_llama(layers=2), "model.layers.0."),
+    "gpt2 (transformer.)": (tiny_gpt2, "transformer.h.0."),
+    "bert (no prefix)": (tiny_bert, "encoder.layer.0."),
+    "bert (bert.)": (_bert_mlm, "bert.encoder.layer.0."),
+    "clip_text": (tiny_clip_text, "encoder.layers.0."),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_architectures_and_prefixes_match_in_memory(arch, tmp_path):
+    build, prefix = ARCHS[arch]
+    src = _save(build(), tmp_path / "src")
+    streamed_keys = set(_all_tensors(src))
+    assert any(k.startswith(prefix) for k in streamed_keys), sorted(streamed_keys)[:5]
+    cfg = SpecDefConfig(alpha=1000.0)
+    report = protect_checkpoint(src, tmp_path / "dst", cfg, progress=False)
+    assert report.results and report.deviation is not None and report.deviation <= cfg.tolerance
+    model = build()
+    mem = protect(model, cfg, progress=False)
+    assert [(r.pair.site, r.pair.layer, r.pair.group) for r in mem.results] == \
+        [(r.pair.site, r.pair.layer, r.pair.group) for r in report.results]
+    streamed = _all_tensors(tmp_path / "dst")
+    params = dict(model.named_parameters())
+    compared = 0
+    for name, p in params.items():  # checkpoint keys may drop or add a model prefix
+        key = next((k for k in streamed if k == name or name.endswith("." + k) or k.endswith("." + name)), None)
+        if key is not None:
+            torch.testing.assert_close(streamed[key], p.data, atol=1e-6, rtol=0)
+            compared += 1
+    assert compared >= len(streamed) - 2  # all but tied duplicates / buffers
+
+
+# --------------------------------------------------------------------------------------------
+# Diffusers pipeline folder: the denoiser is protected, the rest copied
+# --------------------------------------------------------------------------------------------
+
+def test_diffusers_pipeline_folder(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    if lookup(None, "UNet2DConditionModel") is None:
+        pytest.skip("the diffusers site registry is not installed in this build")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8,
+    ).eval()
+    src = tmp_path / "pipe"
+    unet.save_pretrained(str(src / "unet"))
+    tiny_clip_text().save_pretrained(str(src / "text_encoder"))
+    (src / "scheduler").mkdir()
+    (src / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDIMScheduler"}')
+    (src / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "scheduler": ["diffusers", "DDIMScheduler"]}))
+    before = _hashes(src)
+    cfg = SpecDefConfig(alpha=1024.0, mode="axis")
+    report = protect_checkpoint(src, tmp_path / "dst", cfg, progress=False)
+    assert _hashes(src) == before
+    assert report.component == "unet" and report.results
+    after = _hashes(tmp_path / "dst")
+    assert set(after) == set(before)
+    for k in before:
+        if k.startswith(("text_encoder/", "scheduler/", "model_index")):
+            assert after[k] == before[k], k
+    assert after["unet/diffusion_pytorch_model.safetensors"] != before["unet/diffusion_pytorch_model.safetensors"]
+    assert "specdef" in json.loads((tmp_path / "dst" / "unet" / "config.json").read_text())
+    # a stock diffusers load gives the same outputs
+    a = diffusers.UNet2DConditionModel.from_pretrained(str(src / "unet")).eval()
+    b = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / "dst" / "unet")).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t, ehs = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([10]), torch.randn(1, 5, 32, generator=g)
+    with torch.no_grad():
+        ra, rb = a(x, t, ehs).sample, b(x, t, ehs).sample
+    assert ((rb - ra).abs().max() / ra.abs().max()).item() <= 1e-4
