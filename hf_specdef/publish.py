@@ -317,15 +317,28 @@ def _load(path: Path, kind: str, class_name: str) -> Any:
         return cls.from_pretrained(path, dtype="auto").eval()
     import diffusers
 
-    if kind == "diffusers-pipeline":
-        pipe = diffusers.DiffusionPipeline.from_pretrained(path)
-        if hasattr(pipe, "set_progress_bar_config"):
-            pipe.set_progress_bar_config(disable=True)
-        return pipe
-    cls = getattr(diffusers, class_name, None)
-    if cls is None:
-        raise PublishError(f"diffusers has no class {class_name!r} (named by {path / 'config.json'}); cannot verify")
-    return cls.from_pretrained(path).eval()
+    with _quiet_diffusers():  # stock diffusers warns at length about the (ignored) `specdef` config key
+        if kind == "diffusers-pipeline":
+            pipe = diffusers.DiffusionPipeline.from_pretrained(path)
+            if hasattr(pipe, "set_progress_bar_config"):
+                pipe.set_progress_bar_config(disable=True)
+            return pipe
+        cls = getattr(diffusers, class_name, None)
+        if cls is None:
+            raise PublishError(f"diffusers has no class {class_name!r} (named by {path / 'config.json'}); cannot verify")
+        return cls.from_pretrained(path).eval()
+
+
+@contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)
 
 
 def _components(info: SourceInfo, folder: Path) -> list[tuple[str, str, str]]:
@@ -431,13 +444,14 @@ def _pipeline_output(pipe: Any) -> torch.Tensor:
     params = pyinspect.signature(pipe.__call__).parameters
     device = getattr(pipe, "device", None) or torch.device("cpu")
     kwargs: dict[str, Any] = {"generator": torch.Generator(device=device).manual_seed(0)}
-    if "num_inference_steps" in params:
-        kwargs["num_inference_steps"] = 2
+    if "num_inference_steps" in params:  # one denoising step: a function check, not an image
+        kwargs["num_inference_steps"] = 1
     if "prompt" in params:
-        kwargs["prompt"] = "a photograph of an astronaut riding a horse"
+        kwargs["prompt"] = "a photo of a cat"
     if "output_type" in params:
         kwargs["output_type"] = "latent"
-    out = pipe(**kwargs)
+    with torch.no_grad():
+        out = pipe(**kwargs)
     images = getattr(out, "images", None)
     if images is None:
         images = out[0]
@@ -520,6 +534,7 @@ def _merge_records(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "sites": sorted(sites), "modes": sorted(modes), "layers": sorted(layers, key=str), "num_pairs": num,
         "num_hot": len(hot), "alpha": conf.get("alpha"), "top_k": conf.get("top_k"), "mode": conf.get("mode"),
         "layers_selection": conf.get("layers"), "precision": conf.get("precision"), "pairs": pairs,
+        "components": sorted(name for name in records if name),
     }
 
 
@@ -557,7 +572,7 @@ def render_card(
         top_k=summary.get("top_k", cfg.top_k), layers=summary.get("layers", []),
         layers_selection=summary.get("layers_selection", cfg.layers), mode=summary.get("mode", cfg.mode),
         modes=summary.get("modes", []), num_pairs=summary.get("num_pairs", 0), num_hot=summary.get("num_hot", 0),
-        precision=summary.get("precision", cfg.precision),
+        precision=summary.get("precision", cfg.precision), components=summary.get("components", []),
         pairs=[p | {"factor": f"{p['factor']:g}" if isinstance(p.get("factor"), (int, float)) else p.get("factor")}
                for p in shown] if cfg.record == "full" else [],
         pairs_truncated=len(summary.get("pairs", [])) > len(shown),

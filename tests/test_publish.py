@@ -324,3 +324,93 @@ def test_cli_config_parsing():
         build_parser().parse_args(["publish", "--model", "x", "--sites", "attn.xx"])
     with pytest.raises(SystemExit):  # no --token flag: tokens on command lines leak into shell history
         build_parser().parse_args(["publish", "--model", "x", "--token", FAKE_TOKEN])
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers pipeline
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_sd_pipeline(tmp: Path):
+    """A tiny SD-1.x-style pipeline (CLIP text encoder, cross-attention UNet, VAE, DDIM), tokenizer files written here."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tok_dir = tmp / "tokenizer_files"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=16)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"])).eval()
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=16).eval()
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8).eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(clip_sample=False), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+PIPE_GEN = dict(prompt="a cat", num_inference_steps=2, output_type="np")
+
+STOCK_PIPE_SCRIPT = """
+import sys
+sys.modules["hf_specdef"] = None
+try:
+    import hf_specdef  # noqa: F401
+    raise SystemExit("hf_specdef importable")
+except ImportError:
+    pass
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
+pipe.set_progress_bar_config(disable=True)
+img = pipe(prompt="a cat", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+ref = np.load(sys.argv[2])
+print("MAXABS", float(np.abs(img - ref).max()), type(pipe).__name__)
+"""
+
+
+def test_diffusers_pipeline_dry_run(tmp_path):
+    pytest.importorskip("diffusers")
+    from hf_specdef.sites import lookup
+
+    if lookup(None, "UNet2DConditionModel") is None:
+        pytest.skip("the diffusers site registry is not in this build")
+    import numpy as np
+    from huggingface_hub import ModelCard
+
+    pipe = tiny_sd_pipeline(tmp_path)
+    src = tmp_path / "tiny-sd"
+    pipe.save_pretrained(src)
+    with torch.no_grad():
+        ref = pipe(**PIPE_GEN, generator=torch.Generator().manual_seed(0)).images
+    np.save(tmp_path / "ref.npy", ref)
+    out = tmp_path / "published"
+    res = publish(src, "me/tiny-sd-specdef", SpecDefConfig(), dry_run=True, output_dir=out, base_model="me/tiny-sd",
+                  progress=False)
+    unet = next(c for c in res.checks if c.component == "unet")
+    assert unet.ok and unet.max_relative_deviation <= 1e-4 and unet.deformed > 0 and not unet.not_deformed
+    assert res.pipeline_check is not None and res.pipeline_check.ok
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
+    assert card.data.base_model == "me/tiny-sd" and "specdef" in card.data.tags
+    assert f"{res.max_relative_deviation:.2e}" in card.text and "undo the deformation by reparameterization" in card.text
+    assert "| protected components | unet |" in card.text and "DiffusionPipeline.from_pretrained" in card.text
+    stock = _run(["-c", STOCK_PIPE_SCRIPT, str(out), str(tmp_path / "ref.npy")], {}, tmp_path)
+    assert stock.returncode == 0, stock.stderr[-3000:]
+    _, maxabs, cls = next(x for x in stock.stdout.splitlines() if x.startswith("MAXABS")).split()
+    assert float(maxabs) <= 1e-4 and cls == "StableDiffusionPipeline"
