@@ -388,10 +388,10 @@ def _apply(
         wanted, why = _wants_pipeline_norm(cfg, pipeline_norm)
         if wanted:
             pipe_pair, why = _pipeline_norm_pair(pipe, dname, denoiser)
-            if pipe_pair is None and pipeline_norm:
-                raise ValueError(f"pipeline_norm=True but the pipeline-level norm site does not apply: {why}.")
             if pipe_pair is None:
                 why = f"pipeline-level norm site: {why}"
+        if why and pipeline_norm:
+            raise ValueError(f"pipeline_norm=True but the pipeline-level norm site does not apply: {why}.")
         if why:
             skipped.append(why)
     if pipe_pair is not None:
