@@ -45,6 +45,7 @@ logger = logging.getLogger("hf_specdef")
 TEMPLATE_NAME = "specdef_model_card.md"
 TAGS = ("specdef", "spectral-deformation", "hf-specdef", "fine-tuning-resistance")
 PAPER_URL = "https://arxiv.org/abs/2602.18868"
+_CAUSAL_LM = ("ForCausalLM", "LMHeadModel")
 MAX_CARD_PAIRS = 64  # rows of the per-pair table in a card at record level "full"
 _WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|msgpack|h5)$|.*\.safetensors\.index\.json$|.*\.bin\.index\.json$")
 
@@ -107,6 +108,7 @@ class ComponentCheck:
     matrices: int = 0
     coverage: float = 0.0
     hot_coverage: float = 0.0
+    threshold: float | None = None  # the inspector's outlier threshold
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -385,11 +387,19 @@ def _matches(finding: str, claim: str) -> bool:
     return f == claim or f.endswith("." + claim) or claim.endswith("." + f)
 
 
-def check_claims(model: torch.nn.Module, claimed: list[str] | None) -> tuple[list[str], Any]:
-    """Inspect ``model`` and return the claimed hot modules that the inspector does not flag as deformed."""
-    from .inspection import inspect_model
+def inspection_threshold(alpha: float) -> float:
+    """Outlier ratio above which the inspector calls a block deformed: its default (20), lowered for small alpha
+    (a block deformed by alpha shows a ratio of about alpha; unprotected blocks stay near 1)."""
+    from .inspection import DEFAULT_THRESHOLD
 
-    report = inspect_model(model)
+    return min(DEFAULT_THRESHOLD, max(float(alpha) / 2, 2.0))
+
+
+def check_claims(model: torch.nn.Module, claimed: list[str] | None, threshold: float | None = None) -> tuple[list[str], Any]:
+    """Inspect ``model`` and return the claimed hot modules that the inspector does not flag as deformed."""
+    from .inspection import DEFAULT_THRESHOLD, inspect_model
+
+    report = inspect_model(model, threshold=threshold or DEFAULT_THRESHOLD)
     flagged = report.deformed
     if claimed is None:  # nothing claimed by name: at least something must be deformed
         return ([] if flagged else ["<any matrix>"]), report
@@ -425,10 +435,10 @@ def verify_folder(src: Path, dst: Path, info: SourceInfo, cfg: SpecDefConfig, re
         ref = _load(src / name if name else src, kind, class_name)
         prot = _load(dst / name if name else dst, kind, class_name)
         res = verify(ref, prot, _probe(ref), tolerance=cfg.tolerance)
-        missing, ins = check_claims(prot, claimed)
+        missing, ins = check_claims(prot, claimed, inspection_threshold(cfg.alpha))
         checks.append(ComponentCheck(
             name, class_name, res.dtype, res.max_relative_deviation, cfg.tolerance, bool(res.ok), list(claimed or []),
-            missing, len(ins.deformed), len(ins.findings), ins.coverage, ins.hot_coverage,
+            missing, len(ins.deformed), len(ins.findings), ins.coverage, ins.hot_coverage, ins.threshold,
         ))
         logger.info("hf-specdef publish: verified %s: deviation %s (%s), %d/%d matrices deformed",
                     name or class_name, _fmt(res.max_relative_deviation), res.dtype, len(ins.deformed), len(ins.findings))
@@ -485,8 +495,10 @@ def _refuse_if_bad(checks: list[ComponentCheck]) -> None:
         if c.not_deformed:
             raise PublishError(
                 f"{where}: the protection claims {len(c.claimed) or 'some'} deformed matrices but the spectral inspector "
-                f"finds no deformation in {c.not_deformed[:3]}{'...' if len(c.not_deformed) > 3 else ''}; refusing to "
-                "publish a model that would be labelled protected without being protected (SPEC §7)."
+                f"finds no deformation (outlier ratio >= {c.threshold or 20:g}) in {c.not_deformed[:3]}"
+                f"{'...' if len(c.not_deformed) > 3 else ''}; refusing to publish a model that would be labelled "
+                "protected without being protected (SPEC §7). If the protection was applied, alpha may be too small to "
+                "be told apart from the weights' own spectrum."
             )
 
 
@@ -630,7 +642,7 @@ def measure_resistance(original: Path, protected: Path, info: SourceInfo, cfg: S
     Returns ``{"description", "rows": [{"variant", "steps", "slowdown"}], "summary", "target", "config"}``.
     """
     mc = mc or MeasureConfig()
-    if info.kind != "transformers" or not info.class_name.endswith(("ForCausalLM", "LMHeadModel")):
+    if info.kind != "transformers" or not info.class_name.endswith(_CAUSAL_LM):
         raise PublishError(f"measure=True supports causal language models (...ForCausalLM) in this build, not "
                            f"{info.class_name}; for diffusion models run scripts/convergence_bench.py instead")
     try:
@@ -776,6 +788,13 @@ def publish(
             Nothing is pushed and no partial ``output_dir`` is left.
     """
     cfg = cfg or SpecDefConfig()
+    if repo_id:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as e:
+            raise ValueError(f"repo_id={repo_id!r} is not a valid Hub repository id (owner/name): {e}") from None
     if not dry_run:
         if not repo_id:
             raise ValueError("repo_id is required to push (owner/name); use dry_run=True to only write the folder")
@@ -794,8 +813,11 @@ def publish(
         out = Path.cwd() / repo_id.rsplit("/", 1)[-1]
     if out is not None and out.exists() and not overwrite:
         raise PublishError(f"output_dir {out} already exists; choose another folder or pass overwrite=True (--overwrite)")
-    if out is not None and (out == src or src in out.parents):
-        raise ValueError(f"output_dir {out} is inside the source {src}; the source is never modified, choose another folder")
+    if out is not None and (out == src or src in out.parents or out in src.parents):
+        raise ValueError(f"output_dir {out} overlaps the source {src}; the source is never modified, choose another folder")
+    if measure and not (info.kind == "transformers" and info.class_name.endswith(_CAUSAL_LM)):
+        raise PublishError(f"measure=True supports causal language models (...ForCausalLM) in this build, not "
+                           f"{info.class_name}; for diffusion models run scripts/convergence_bench.py instead")
 
     with _workdir(out) as work:
         staged = work / "model"

@@ -306,6 +306,17 @@ def test_measure_puts_resistance_in_the_card(llama_src, tmp_path):
     assert "## Measured resistance" in text and "training the other (undeformed) parameters" in text
 
 
+def test_small_alpha_still_checked_and_bad_arguments(llama_src, tmp_path):
+    res = publish(llama_src[0], "me/a8", SpecDefConfig(alpha=8.0), dry_run=True, output_dir=tmp_path / "a8", progress=False)
+    assert res.checks[0].deformed == 14 and res.checks[0].threshold == 4.0
+    with pytest.raises(ValueError, match="repo_id"):
+        publish(llama_src[0], "not a/valid//id", SpecDefConfig(), dry_run=True, output_dir=tmp_path / "bad")
+    with pytest.raises(ValueError, match="overlaps the source"):
+        publish(llama_src[0], "me/x", SpecDefConfig(), dry_run=True, output_dir=llama_src[0].parent, overwrite=True)
+    assert (llama_src[0] / "model.safetensors").is_file()
+    assert not (tmp_path / "bad").exists()
+
+
 def test_template_copies_identical():
     assert template_path().read_text() == (REPO / "model_cards" / "specdef_model_card.md").read_text()
 
