@@ -19,10 +19,15 @@ The target loss is set from the unprotected model: the best unprotected Adam run
 ``L0 - fraction * (L0 - Lmin)``. So the unprotected model reaches it within ``budget / 20`` steps by
 construction, and the budget is at least 20 times its steps-to-target: a run that never reaches the target
 counts as ``budget + 1`` steps, and a 10x slowdown is provable.
+
+Learning rates are tried from the largest down, and each run stops once it has used as many steps as the
+best run so far needed (:func:`~hf_specdef.evaluation.runner.sweep` with ``prune=True``): the best learning
+rate and its steps-to-target are exact; the other runs' entries say where they were stopped (``pruned_at``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -30,6 +35,7 @@ import math
 import os
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +78,7 @@ class BenchConfig:
     r: int = 8
     seed: int = 0
     sgd_variants: tuple[str, ...] | None = None  # None: all variants
+    variant_names: tuple[str, ...] | None = None  # None: all variants (see variants())
     sites: tuple[str, ...] = ("attn.vo", "attn.qk", "mlp", "norm")
     mode: str = "spectral"
     scenario_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -94,18 +101,22 @@ class BenchConfig:
     def preset(cls, name: str, **kw: Any) -> BenchConfig:
         """``"quick"`` (<= 10 min on 2 CPU cores), ``"full"``, or ``"tiny"`` (a smoke test of seconds)."""
         if name == "quick":
-            base: dict[str, Any] = dict(reference_steps=15, sgd_variants=("unprotected", "protected-a1000", "specundo",
+            base: dict[str, Any] = dict(reference_steps=10, sgd_variants=("unprotected", "protected-a1000", "specundo",
                                                                            "bypass"))
         elif name == "full":
             base = dict(reference_steps=25, adam_lrs=(1e-7, 1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
                         sgd_lrs=(1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 0.3, 1.0),
                         scenario_kwargs=dict(pretrain_steps=800))
+        elif name == "demo":
+            base = dict(reference_steps=5, alphas=(1000.0,), optimizers=("adam",),
+                        variant_names=("unprotected", "protected-a1000", "unprotected-lora", "specundo", "bypass"),
+                        scenario_kwargs=dict(pretrain_steps=250))
         elif name == "tiny":
             base = dict(reference_steps=2, alphas=(1000.0,), sgd_variants=("unprotected", "protected-a1000"),
-                        scenario_kwargs=dict(pretrain_steps=20, attack_batches=4, batch_size=4, seq_len=32,
-                                             eval_windows=4))
+                        scenario_kwargs=dict(pretrain_steps=20, attack_batches=4, batch_size=4, seq_len=32, eval_windows=4,
+                                             model_kwargs=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1)))
         else:
-            raise ValueError(f"unknown benchmark preset {name!r}: use 'quick', 'full' or 'tiny'.")
+            raise ValueError(f"unknown benchmark preset {name!r}: use 'quick', 'full', 'demo' or 'tiny'.")
         base.update(kw)
         return cls(**base)
 
@@ -115,6 +126,13 @@ class BenchConfig:
         v += [Variant(f"protected-a{a:g}", a, "sites") for a in sorted(self.alphas)]
         v += [Variant("unprotected-lora", None, "lora"), Variant("protected-lora", top, "lora"),
               Variant("specundo", top, "specundo", "blind"), Variant("bypass", top, "bypass")]
+        if self.variant_names is not None:
+            unknown = sorted(set(self.variant_names) - {x.name for x in v})
+            if unknown:
+                raise ValueError(f"BenchConfig.variant_names has unknown variants {unknown}; known: {[x.name for x in v]}.")
+            v = [x for x in v if x.name in self.variant_names]
+        if not v or v[0].name != "unprotected":
+            raise ValueError("BenchConfig.variant_names must include 'unprotected' (it sets the target).")
         return v
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +154,17 @@ def make_scenario(name: str, **kw: Any) -> Any:
     raise ValueError(f"unknown scenario {name!r}: use 'text' or 'digits'.")
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    level = logger.level
+    if level <= logging.INFO:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _lrs(cfg: BenchConfig, opt: str) -> tuple[float, ...]:
     return cfg.adam_lrs if opt == "adam" else cfg.sgd_lrs
 
@@ -143,11 +172,16 @@ def _lrs(cfg: BenchConfig, opt: str) -> tuple[float, ...]:
 def _summ(r: RunResult) -> dict[str, Any]:
     return {"lr": r.lr, "steps_to_target": r.steps_to_target, "reached": r.reached, "diverged": r.diverged,
             "final_loss": r.curve[-1] if r.curve else None, "steps_run": len(r.curve),
-            "trainable_params": r.trainable_params, "seconds": round(r.seconds, 2)}
+            "trainable_params": r.trainable_params, "seconds": round(r.seconds, 2),
+            "pruned_at": r.extra.get("pruned_at")}
 
 
-def run_benchmark(cfg: BenchConfig, out: str | os.PathLike, *, progress: bool = True) -> dict[str, Any]:
-    """Run the benchmark, write ``results.json``, ``results.md`` and PNG plots into ``out``; return the results."""
+def run_benchmark(cfg: BenchConfig, out: str | os.PathLike, *, progress: bool = True,
+                  base: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Run the benchmark, write ``results.json``, ``results.md`` and PNG plots into ``out``; return the results.
+
+    ``base`` is the pretrained (unprotected) model; by default the scenario builds it.
+    """
     from . import plots
 
     out = Path(out)
@@ -155,7 +189,7 @@ def run_benchmark(cfg: BenchConfig, out: str | os.PathLike, *, progress: bool = 
     start = time.perf_counter()
     scenario = make_scenario(cfg.scenario, seed=cfg.seed, **cfg.scenario_kwargs)
     logger.info("benchmark: scenario %s (%s), budget %d steps", cfg.scenario, scenario.description, cfg.budget)
-    base = scenario.build_model(progress=progress)
+    base = base if base is not None else scenario.build_model(progress=progress)
     t_pretrain = time.perf_counter() - start
 
     # Protect one copy per alpha (verification on the scenario's own probe batch).
@@ -181,8 +215,10 @@ def run_benchmark(cfg: BenchConfig, out: str | os.PathLike, *, progress: bool = 
         ac = AttackConfig(train=variant.train, optimizer=opt, steps=budget, seed=cfg.seed, site_names=site_names,
                           target_modules=scenario.lora_targets, r=cfg.r, knowledge=variant.knowledge, target=target,
                           stop_at_target=target is not None, divergence=cfg.divergence)
-        return sweep(models[variant.alpha], scenario.loss, scenario.batches, ac, _lrs(cfg, opt),
-                     eval_fn=scenario.eval_loss, label=f"{variant.name}/{opt}", progress=progress)
+        prune = target is not None
+        with _quiet():  # adapters log per model; one line per run would drown the progress bars
+            return sweep(models[variant.alpha], scenario.loss, scenario.batches, ac, sorted(_lrs(cfg, opt), reverse=True),
+                         eval_fn=scenario.eval_loss, label=f"{variant.name}/{opt}", progress=progress, prune=prune)
 
     # 1. The target, from the unprotected model's best Adam run over the reference window.
     variants = cfg.variants()
@@ -202,18 +238,11 @@ def run_benchmark(cfg: BenchConfig, out: str | os.PathLike, *, progress: bool = 
     jobs = [(v, o) for o in cfg.optimizers for v in variants
             if o == "adam" or cfg.sgd_variants is None or v.name in cfg.sgd_variants]
     for v, opt in tqdm(jobs, desc="benchmark", unit="variant", disable=not progress):
-        if v.name == "unprotected" and opt == ref_opt:  # reuse the reference runs that reached the target
+        if v.name == "unprotected" and opt == ref_opt:  # the reference runs: the best reached within the window
             done = [r.with_target(target) for r in reference]
-            redo = [r.lr for r in done if not r.reached and not r.diverged]
-            if redo:
-                again = sweep(models[None], scenario.loss, scenario.batches,
-                              AttackConfig(train="sites", optimizer=opt, steps=cfg.budget, seed=cfg.seed,
-                                           site_names=site_names, target=target, stop_at_target=True,
-                                           divergence=cfg.divergence),
-                              redo, eval_fn=scenario.eval_loss, label="unprotected/" + opt, progress=progress)
-                by_lr = {r.lr: r for r in again}
-                done = [by_lr.get(r.lr, r) for r in done]
             for r in done:
+                if not r.reached and not r.diverged:
+                    r.extra["pruned_at"] = cfg.reference_steps
                 r.budget = cfg.budget
                 r.steps_to_target = r.steps_to_target if r.reached else cfg.budget + 1
             runs.setdefault(v.name, {})[opt] = done
@@ -288,7 +317,7 @@ def _collect(cfg: BenchConfig, variants: list[Variant], runs: dict[str, dict[str
     notes = [
         "slowdown = best steps-to-target of the variant / best steps-to-target of its unprotected counterpart "
         "(full fine-tuning of the same parameters for protected-a*/bypass, LoRA of the same rank and modules for "
-        "protected-lora/specundo); a run that never reaches the target counts as budget+1, so such ratios are "
+        "protected-lora/specundo); the best of the learning-rate sweep is taken per variant; a run that never reaches the target counts as budget+1, so such ratios are "
         "lower bounds.",
         f"a run whose evaluation loss exceeds {cfg.divergence}x its first value is stopped as diverged.",
     ]
@@ -315,7 +344,7 @@ def markdown_table(results: dict[str, Any]) -> str:
             rtxt = "-" if ratio is None else (f"{ratio:.2f}x" if row["reached"] else f">={ratio:.1f}x")
             lines.append(f"| {name} | {opt} | {row['train']} | {row['lr']:.0e} | {steps} | {rtxt} | "
                          f"{row['final_loss']:.4f} | {row['trainable_params']:,} |")
-    for name, msg in results.get("skipped", {}).items():
+    for name in results.get("skipped", {}):
         lines.append(f"| {name} | - | skipped | - | - | - | - | - |")
     lines.append("")
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731

@@ -64,6 +64,8 @@ class AttackConfig:
         divergence: stop (counted as never reaching the target) once the smoothed loss exceeds
             ``divergence`` times the first loss, or is not finite.
         momentum: SGD momentum.
+        max_steps: stop after this many steps even if the budget is larger (used by :func:`sweep` with
+            ``prune=True``); ``steps_to_target`` still counts a run that did not reach the target as ``steps + 1``.
     """
 
     train: str = "sites"
@@ -80,6 +82,7 @@ class AttackConfig:
     stop_at_target: bool = False
     divergence: float = 3.0
     momentum: float = 0.0
+    max_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_MODES:
@@ -255,7 +258,8 @@ def run_attack(
     curve: list[float] = []
     acc, diverged, reached = 0.0, False, False
     it = batches(cfg.seed)
-    bar = tqdm(range(cfg.steps), desc=label or f"{cfg.train}/{cfg.optimizer} lr={cfg.lr:g}", leave=False,
+    n_steps = cfg.steps if cfg.max_steps is None else min(cfg.steps, max(cfg.max_steps, 0))
+    bar = tqdm(range(n_steps), desc=label or f"{cfg.train}/{cfg.optimizer} lr={cfg.lr:g}", leave=False,
                disable=not progress, unit="step")
     for step in bar:
         try:
@@ -284,10 +288,11 @@ def run_attack(
             if cfg.stop_at_target:
                 break
     n = steps_to_target(curve, cfg.target, cfg.steps) if cfg.target is not None else None
+    extra = {"pruned_at": n_steps} if n_steps < cfg.steps and not reached and not diverged else {}
     return RunResult(
         train=cfg.train, optimizer=cfg.optimizer, lr=cfg.lr, budget=cfg.steps, losses=losses, curve=curve,
         steps_to_target=n, reached=reached, diverged=diverged, trainable_params=sum(p.numel() for p in params),
-        seconds=time.perf_counter() - start, label=label,
+        seconds=time.perf_counter() - start, label=label, extra=extra,
     )
 
 
@@ -301,15 +306,28 @@ def sweep(
     eval_fn: Callable[[torch.nn.Module], float] | None = None,
     label: str = "",
     progress: bool = True,
+    prune: bool = False,
 ) -> list[RunResult]:
-    """:func:`run_attack` at every learning rate of ``lrs`` (same seed, same batches)."""
+    """:func:`run_attack` at every learning rate of ``lrs`` (same seed, same batches).
+
+    With ``prune=True`` (needs ``cfg.target``) each run stops once it has run as many steps as the best run so
+    far needed: the *best* learning rate and its steps-to-target are exact, the others are only known to be
+    no better (their ``extra["pruned_at"]`` says where they stopped).
+    """
     lrs = list(lrs)
-    results = []
+    if prune and cfg.target is None:
+        raise ValueError("sweep(prune=True) needs cfg.target: pruning compares runs by steps-to-target.")
+    results: list[RunResult] = []
+    best = cfg.steps + 1
     bar = tqdm(lrs, desc=f"attack {label or cfg.train}/{cfg.optimizer}", unit="lr", disable=not progress, leave=False)
     for lr in bar:
         c = copy.copy(cfg)
         c.lr = float(lr)
+        if prune:
+            c.max_steps = best - 1
         r = run_attack(model, loss_fn, batches, c, eval_fn=eval_fn, label=label)
+        if r.reached and r.steps_to_target is not None:
+            best = min(best, r.steps_to_target)
         bar.set_postfix(lr=f"{lr:.0e}", steps=r.steps_to_target, last=f"{r.curve[-1]:.3g}" if r.curve else "-")
         results.append(r)
     return results

@@ -119,15 +119,18 @@ class TextScenario:
 
     Args:
         seq_len: tokens per training window.
-        batch_size: windows per batch.
+        batch_size: windows per attack batch.
+        pretrain_batch_size: windows per pretraining batch.
         pretrain_steps: Adam steps of pretraining on docstrings.
         attack_batches: distinct attack batches (cycled, reshuffled per epoch with the run's seed).
+        eval_windows: windows of the held-out evaluation batch.
         seed: model init and data seed.
         model_kwargs: overrides of :func:`tiny_llama_config`.
     """
 
     seq_len: int = 64
-    batch_size: int = 16
+    batch_size: int = 8
+    pretrain_batch_size: int = 16
     pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
     attack_batches: int = 64
@@ -137,7 +140,7 @@ class TextScenario:
     description: str = "tiny byte-level Llama, pretrained on stdlib docstrings, attacked on license texts"
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-    eval_windows: int = 16
+    eval_windows: int = 8
 
     def __post_init__(self) -> None:
         self._attack: list[torch.Tensor] | None = None
@@ -150,7 +153,7 @@ class TextScenario:
         torch.manual_seed(self.seed)
         model = LlamaForCausalLM(tiny_llama_config(max_position_embeddings=max(128, self.seq_len), **self.model_kwargs))
         ids = encode(docstring_corpus())
-        batches = windows(ids, self.seq_len + 1, self.batch_size, self.pretrain_steps, self.seed + 1)
+        batches = windows(ids, self.seq_len + 1, self.pretrain_batch_size, self.pretrain_steps, self.seed + 1)
         opt = torch.optim.Adam(model.parameters(), lr=self.pretrain_lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / self.pretrain_steps))
         model.train()
