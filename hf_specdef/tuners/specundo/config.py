@@ -55,7 +55,7 @@ class SpecUndoConfig(PeftConfig):
         lora_alpha: LoRA scaling numerator (``scaling = lora_alpha / r``).
         lora_dropout: dropout on the adapter input.
         target_modules: modules to adapt (names, suffixes or a regex, as in LoRA). ``None``: every
-            linear module that is a side of a deformed pair, by leaf name.
+            linear module that is a side of a deformed pair (exact module names).
         exclude_modules: modules not to adapt.
         fan_in_fan_out: the targets store weights as (in, out) (GPT-2 ``Conv1D``; set automatically).
         bias: ``"none"`` (only ``"none"`` is supported).

@@ -117,7 +117,7 @@ class SpecUndoModel(BaseTuner):
                     "target by default; pass target_modules=[...] (it then trains as plain LoRA) or check the recipe "
                     "/ lower the blind threshold."
                 )
-            cfg.target_modules = sorted({n.rsplit(".", 1)[-1] for n in plan_modules})
+            cfg.target_modules = set(plan_modules)  # exact module names (leaf names like "0" would be ambiguous)
         logger.info("hf-specdef SpecUndo: %d modules carry an undo map (%s, undo=%s)", len(cfg.undo_plan or {}),
                     cfg.knowledge, cfg.undo)
 
