@@ -190,6 +190,23 @@ def test_unet_cross_attention_layers_touch_only_attn2():
     assert all(".attn2." in n or ".norm2." in n for n in changed(before2, unet2))
 
 
+def test_unet_only_cross_attention_blocks():
+    """With only_cross_attention, attn1 reads encoder_hidden_states: norm1 feeds only attn1.to_q, attn1 is cross-attention."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), only_cross_attention=(True, False),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=(2, 8),
+    ).eval()
+    reference = copy.deepcopy(unet)
+    report = protect(unet, SpecDefConfig(alpha=ALPHA), progress=False)
+    assert verify(reference, unet).max_relative_deviation <= 1e-4
+    first = "down_blocks.0.attentions.0.transformer_blocks.0"
+    norm1 = next(r.pair for r in report.results if r.pair.block == first and r.pair.site == "norm" and r.pair.group == 0)
+    assert [b.module for b in norm1.consumers] == [f"{first}.attn1.to_q"]
+    assert all("cross-attention" in r.pair.tags for r in report.results if r.pair.block == f"{first}.attn1")
+
+
 def test_layer_selection_random_and_indices():
     def layers(cfg):
         return {r.pair.layer for r in protect(tiny_unet(), cfg, verify=False, progress=False).results}
@@ -286,6 +303,11 @@ def test_load_time_hooks(tmp_path):
     loaded_pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipe", specdef_config=SpecDefConfig(alpha=ALPHA))
     assert get_record(loaded_pipe.unet)["pipeline"]["num_pairs"] == 1
     assert get_record(loaded_pipe.text_encoder) is not None
+    no_site = DiffusionPipeline.from_pretrained(tmp_path / "pipe", specdef_config=SpecDefConfig(alpha=ALPHA),
+                                                specdef_options={"pipeline_norm": False})
+    assert "pipeline" not in get_record(no_site.unet) and get_record(no_site.text_encoder) is None
+    with pytest.raises(ValueError, match="specdef_options"):
+        UNet2DConditionModel.from_pretrained(tmp_path / "unet", specdef_config=SpecDefConfig(), specdef_options={"x": 1})
     loaded_pipe.set_progress_bar_config(disable=True)
     assert np.abs(generate(loaded_pipe) - generate(pipe)).max() <= 1e-4
 

@@ -468,7 +468,6 @@ def _write_records(used: dict[str, torch.nn.Module], dname: str, cfg: SpecDefCon
         prefix = f"{name}."
         local = [_local_result(r, prefix) for r in results
                  if "pipeline" not in r.pair.tags and r.pair.producers[0].name.startswith(prefix)]
-        module.__dict__[_CLAIMS] = local
         if cfg.record == "none":
             continue
         rec = make_record(cfg if name == dname else te_cfg, local, deviation)
@@ -486,6 +485,7 @@ def _write_records(used: dict[str, torch.nn.Module], dname: str, cfg: SpecDefCon
             if not local:
                 rec["sites"] = []
         set_record(module, rec)
+        module.__dict__[_CLAIMS] = (get_record(module), local)  # valid while this very record is on the model
     if pipe_results:
         used[dname].__dict__[_PIPELINE_CLAIMS] = pipe_results
 
@@ -572,7 +572,8 @@ def check_claims(model: torch.nn.Module) -> None:
     if not rec:
         return
     where = type(model).__name__
-    claims = model.__dict__.get(_CLAIMS)
+    stash = model.__dict__.get(_CLAIMS)
+    claims = stash[1] if stash is not None and stash[0] is rec else None  # ours, and not replaced since
     if claims is not None:
         _check_results(claims, ParamTensors(model), where)
     elif rec.get("pairs"):
@@ -604,7 +605,8 @@ def _check_pipeline_claims(pipe: Any) -> None:
     for module in comps.values():
         check_claims(module)
         pipe_claims = module.__dict__.get(_PIPELINE_CLAIMS)
-        if pipe_claims:
+        stash = module.__dict__.get(_CLAIMS)
+        if pipe_claims and stash is not None and stash[0] is get_record(module):
             names = {b.name.split(".", 1)[0] for r in pipe_claims for b in r.pair.producers + r.pair.consumers}
             missing = sorted(names - set(comps))
             if missing:
@@ -727,15 +729,23 @@ def _original(method: Any) -> Any:
     return method.__wrapped__ if getattr(method, _WRAPPED_FLAG, False) else method
 
 
-def _protect_loaded(obj: Any, cfg: Any) -> Any:
+def _protect_loaded(obj: Any, cfg: Any, options: dict[str, Any] | None) -> Any:
     cfg = _as_config(cfg)
+    options = dict(options or {})
+    unknown = sorted(set(options) - {"verify", "force", "text_encoder", "pipeline_norm", "inputs"})
+    if unknown:
+        raise ValueError(f"specdef_options has unknown keys {unknown}; allowed: verify, force, text_encoder, pipeline_norm, "
+                         "inputs (text_encoder / pipeline_norm only for pipelines).")
     if isinstance(obj, DiffusionPipeline):
-        protect_pipeline(obj, cfg, progress=False)
+        options.setdefault("progress", False)
+        protect_pipeline(obj, cfg, **options)
     else:
+        if options.get("text_encoder") or options.get("pipeline_norm"):
+            raise ValueError("specdef_options text_encoder / pipeline_norm apply to pipelines, not to a single model.")
         model = obj[0] if isinstance(obj, tuple) else obj  # output_loading_info=True
         dname = "model"
-        report, _ = _apply({dname: model}, dname, cfg, verify=True, force=False, progress=False, text_encoder=False,
-                           pipeline_norm=False, inputs=None)
+        report, _ = _apply({dname: model}, dname, cfg, verify=options.get("verify", True), force=options.get("force", False),
+                           progress=False, text_encoder=False, pipeline_norm=False, inputs=options.get("inputs"))
         logger.info("hf-specdef: %s protected at load (%d pairs)", type(model).__name__, len(report.results))
     return obj
 
@@ -748,14 +758,20 @@ def _wrap_from_pretrained(owner: type) -> None:
         return
 
     @functools.wraps(func)
-    def from_pretrained(cls: type, *args: Any, specdef_config: Any = None, **kwargs: Any) -> Any:
+    def from_pretrained(cls: type, *args: Any, specdef_config: Any = None, specdef_options: dict[str, Any] | None = None,
+                        **kwargs: Any) -> Any:
+        if specdef_options is not None and specdef_config is None:
+            raise ValueError("specdef_options= needs specdef_config=SpecDefConfig(...).")
+        if specdef_config is not None:
+            cfg = _as_config(specdef_config)  # fail on a bad config before the (possibly long) load
         obj = func(cls, *args, **kwargs)
-        return obj if specdef_config is None else _protect_loaded(obj, specdef_config)
+        return obj if specdef_config is None else _protect_loaded(obj, cfg, specdef_options)
 
     setattr(from_pretrained, _WRAPPED_FLAG, True)
     from_pretrained.__doc__ = (func.__doc__ or "") + (
-        "\n\n        hf-specdef: ``specdef_config=SpecDefConfig(...)`` deforms the weights once loaded (works only after "
-        "``import hf_specdef``; stock diffusers silently ignores the keyword).\n"
+        "\n\n        hf-specdef: ``specdef_config=SpecDefConfig(...)`` deforms the weights once loaded, with optional "
+        "``specdef_options=dict(text_encoder=..., pipeline_norm=..., verify=..., force=...)`` (works only after "
+        "``import hf_specdef``; stock diffusers silently ignores the keywords).\n"
     )
     owner.from_pretrained = classmethod(from_pretrained)
 

@@ -114,17 +114,18 @@ def _extra_pairs(config: Any, shape_of: ShapeOf) -> list[Pair]:
     pairs: list[Pair] = []
     norms_ok = _plain_layer_norm(config)
     for layer, block in enumerate(find_blocks(DIFFUSERS_DENOISERS, list(shape_of))):
+        only_cross = bool(block_setting(config, block, "only_cross_attention", "mid_block_only_cross_attention"))
         for att in ATTENTIONS:
             name = att.q.name.split(".")[0]
+            tags = CROSS if only_cross else att.tags  # only_cross_attention: attn1 reads encoder_hidden_states too
             for site_pairs in _attention_pairs(att, block, layer, config, shape_of).values():
-                pairs.extend(replace(p, block=f"{block}.{name}") for p in site_pairs)
+                pairs.extend(replace(p, block=f"{block}.{name}", tags=tags) for p in site_pairs)
         proj, down = shape_of.get(f"{block}.ff.net.0.proj.weight"), shape_of.get(f"{block}.ff.net.2.weight")
         if proj is not None and down is not None and proj[0] == 2 * down[1]:
             if (p := _mlp_pair(GatedMLP(Linear("ff.net.0.proj"), Linear("ff.net.2"), up_half=0), block, layer, shape_of)):
                 pairs.append(p)
         if not norms_ok:
             continue
-        only_cross = bool(block_setting(config, block, "only_cross_attention", "mid_block_only_cross_attention"))
         attn1 = ("attn1.to_q",) if only_cross else ("attn1.to_q", "attn1.to_k", "attn1.to_v")
         specs = (
             (PreNorm("norm1", tuple(Linear(n) for n in attn1)), CROSS if only_cross else SELF),
