@@ -47,7 +47,6 @@ TAGS = ("specdef", "spectral-deformation", "hf-specdef", "fine-tuning-resistance
 PAPER_URL = "https://arxiv.org/abs/2602.18868"
 _CAUSAL_LM = ("ForCausalLM", "LMHeadModel")
 MAX_CARD_PAIRS = 64  # rows of the per-pair table in a card at record level "full"
-_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|msgpack|h5)$|.*\.safetensors\.index\.json$|.*\.bin\.index\.json$")
 
 # transformers class-name suffix -> Hub pipeline tag (first match wins)
 _PIPELINE_TAGS = (
@@ -130,6 +129,7 @@ class PublishResult:
     measure: dict[str, Any] | None = None
     commit_message: str | None = None
     url: str | None = None
+    notes: list[str] = field(default_factory=list)  # what the protection skipped or noted
 
     @property
     def max_relative_deviation(self) -> float:
@@ -156,6 +156,7 @@ class PublishResult:
                 + (f"; deformed {c.deformed}/{c.matrices} matrices, coverage {c.coverage:.1%}, hot {c.hot_coverage:.1%}"
                    if c.matrices else "")
             )
+        lines += [f"  note: {n}" for n in self.notes]
         if self.measure:
             lines.append(f"measured resistance: {self.measure.get('summary', self.measure)}")
         return "\n".join(lines)
@@ -282,29 +283,11 @@ def _infer_pipeline_tag(kind: str, class_name: str, config: dict[str, Any]) -> s
 
 def protect_folder(src: Path, dst: Path, cfg: SpecDefConfig, *, force: bool = False, progress: bool = True,
                    device: str | torch.device | None = None) -> Any:
-    """Write the protected checkpoint of ``src`` into ``dst`` (which must not exist), streaming shard by shard."""
-    try:
-        from .streaming import protect_checkpoint
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("hf_specdef"):
-            raise
-        logger.warning("hf-specdef publish: streaming protection unavailable in this build; protecting in memory")
-        return _protect_in_memory(src, dst, cfg, force=force, progress=progress)
+    """Write the protected checkpoint of ``src`` into ``dst`` (which must not exist), streaming shard by shard
+    (:func:`hf_specdef.protect_checkpoint`: bounded memory, verified before it is renamed into place)."""
+    from .streaming import protect_checkpoint
+
     return protect_checkpoint(src, dst, cfg, device=device, force=force, progress=progress, verify=True)
-
-
-def _protect_in_memory(src: Path, dst: Path, cfg: SpecDefConfig, *, force: bool, progress: bool) -> Any:
-    """Fallback when ``hf_specdef.streaming`` is missing: load, ``protect`` in place, ``save_pretrained``."""
-    from .protection import protect
-
-    info = describe_source(src, base_model="source")
-    obj = _load(src, info.kind, info.class_name)
-    report = protect(obj, cfg, force=force, progress=progress)
-    obj.save_pretrained(dst)
-    for f in src.iterdir():  # tokenizer, generation config, license...: everything the save did not write
-        if f.is_file() and not (dst / f.name).exists() and not _WEIGHT_FILE.match(f.name) and f.name != "README.md":
-            shutil.copy2(f, dst / f.name)
-    return report
 
 
 # --------------------------------------------------------------------------------------------------- verify
@@ -834,6 +817,7 @@ def publish(
         card.save(staged / "README.md")
         result = PublishResult(repo_id, str(out) if out else None, dry_run, False, info.base_model, info.library_name,
                                cfg.to_dict(), checks, pipeline_check, measured)
+        result.notes = [f"skipped {x}" for x in getattr(report, "skipped", [])] + list(getattr(report, "notes", []))
         result.commit_message = commit_message or _default_commit_message(info, cfg, result.max_relative_deviation)
         folder = staged
         if out is not None:

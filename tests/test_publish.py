@@ -317,6 +317,27 @@ def test_small_alpha_still_checked_and_bad_arguments(llama_src, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_hub_id_source_is_downloaded_and_named_in_the_card(llama_src, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    asked = []
+
+    def fake_snapshot_download(repo_id, **kw):
+        asked.append((repo_id, kw.get("token")))
+        return str(llama_src[0])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    out = tmp_path / "from-hub"
+    res = publish("someone/tiny-llama", "me/tiny-llama-specdef", SpecDefConfig(), dry_run=True, output_dir=out,
+                  progress=False)
+    assert asked == [("someone/tiny-llama", None)]  # a dry run hands no token around
+    assert res.base_model == "someone/tiny-llama" and res.notes
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "someone/tiny-llama" and "https://huggingface.co/someone/tiny-llama" in card.text
+
+
 def test_template_copies_identical():
     assert template_path().read_text() == (REPO / "model_cards" / "specdef_model_card.md").read_text()
 
