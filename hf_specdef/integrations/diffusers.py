@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -57,6 +56,7 @@ from ..report import ProtectionReport
 from ..sites import NoSitesError, Pair, TensorBlock
 from ..sites import diffusers as diffusers_sites
 from ..sites.registry import cfg_get
+from .transformers import DeformationCheckError, check_deformation  # one SPEC §7 check for both libraries
 
 try:  # LegacyModelMixin (Transformer2DModel) overrides from_pretrained
     from diffusers.models.modeling_utils import LegacyModelMixin
@@ -77,10 +77,6 @@ _WRAPPED_FLAG = "_specdef_wrapped"
 _CLAIMS = "_specdef_claims"  # on a module: PairResults (module-local names) of the protection we did
 _PIPELINE_CLAIMS = "_specdef_pipeline_claims"  # on the denoiser: the pipeline-level PairResults (prefixed names)
 _state = threading.local()
-
-
-class DeformationCheckError(RuntimeError):
-    """The weights about to be written do not show the deformation their record claims (SPEC §7)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,22 +528,13 @@ def protect_pipeline(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_results(results: list[Any], tensors: Any, where: str, rel: float = 1e-2) -> None:
-    """Recompute each pair's producer sigma_1: it must match the recorded value and be inflated."""
-    bad = []
-    for r in results:
-        axis = r.mode == "axis"
-        block = engine.producer_block(r.pair, tensors)
-        s = engine.sigma_max(block)
-        f = r.deformation.factor
-        inflated = f / math.sqrt(block.shape[0]) if axis else f * (1 - rel)
-        if not (abs(s - r.sigma_after) <= rel * r.sigma_after and s >= inflated * r.sigma_before * (1 - rel)):
-            bad.append(f"{r.pair.key}: sigma_1 {s:.4g} (before {r.sigma_before:.4g}, recorded after {r.sigma_after:.4g})")
-    if bad:
-        raise DeformationCheckError(
-            f"{where}: {len(bad)} of {len(results)} protected pairs do not show the claimed deformation; refusing to "
-            f"write a 'protected' model that is not (SPEC §7): {bad[:3]}"
-        )
+def _check_results(results: list[Any], tensors: Any, where: str) -> None:
+    """Recompute each pair's producer sigma_1 (shared check of the transformers integration): it must match the
+    recorded value and be inflated, else :class:`DeformationCheckError` naming ``where``."""
+    try:
+        check_deformation(results, tensors)
+    except DeformationCheckError as e:
+        raise DeformationCheckError(f"{where}: {e} (SPEC §7: never write a 'protected' model that is not)") from None
 
 
 def _results_from_record(rec: dict[str, Any], key: str = "pairs") -> list[Any]:
