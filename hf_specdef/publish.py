@@ -384,7 +384,7 @@ def check_claims(model: torch.nn.Module, claimed: list[str] | None, threshold: f
 
     report = inspect_model(model, threshold=threshold or DEFAULT_THRESHOLD)
     flagged = report.deformed
-    if claimed is None:  # nothing claimed by name: at least something must be deformed
+    if not claimed:  # nothing claimed by name: at least something must be deformed
         return ([] if flagged else ["<any matrix>"]), report
     matrices = {f.name for f in report.findings}
     missing = [c for c in claimed if any(_matches(n, c) for n in matrices) and not any(_matches(n, c) for n in flagged)]
@@ -404,8 +404,8 @@ def _probe(model: Any) -> dict[str, Any]:
 def verify_folder(src: Path, dst: Path, info: SourceInfo, cfg: SpecDefConfig, report: Any = None) -> list[ComponentCheck]:
     """Load each protected component of ``dst`` and its original in ``src`` with stock libraries; compare and inspect.
 
-    Components without a protection record (and not named by ``report``) are only checked for equality of
-    outputs. Raises nothing: the caller decides (``ok`` and ``not_deformed`` on each check).
+    In a pipeline, components without a protection record (and not named by ``report``) are left to the
+    end-to-end run of :func:`verify_pipeline`. Raises nothing: the caller decides (``ok`` and ``not_deformed``).
     """
     from .verification import verify
 
@@ -435,8 +435,8 @@ def verify_folder(src: Path, dst: Path, info: SourceInfo, cfg: SpecDefConfig, re
 def _pipeline_output(pipe: Any) -> torch.Tensor:
     """One seeded, short end-to-end run of a pipeline (latents when the pipeline can return them)."""
     params = pyinspect.signature(pipe.__call__).parameters
-    device = getattr(pipe, "device", None) or torch.device("cpu")
-    kwargs: dict[str, Any] = {"generator": torch.Generator(device=device).manual_seed(0)}
+    gen = torch.Generator(device=pipe.device) if hasattr(pipe, "device") else torch.Generator()
+    kwargs: dict[str, Any] = {"generator": gen.manual_seed(0)}
     if "num_inference_steps" in params:  # one denoising step: a function check, not an image
         kwargs["num_inference_steps"] = 1
     if "prompt" in params:
@@ -498,7 +498,7 @@ def _load_snippet(info: SourceInfo, repo_id: str) -> str:
         return (f"from transformers import {info.class_name}\n\n"
                 f"model = {info.class_name}.from_pretrained(\"{repo_id}\")")
     if info.is_pipeline:
-        return ("import torch\nfrom diffusers import DiffusionPipeline\n\n"
+        return ("from diffusers import DiffusionPipeline\n\n"
                 f"pipe = DiffusionPipeline.from_pretrained(\"{repo_id}\")")
     return f"from diffusers import {info.class_name}\n\nmodel = {info.class_name}.from_pretrained(\"{repo_id}\")"
 
@@ -514,7 +514,7 @@ def _merge_records(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return {}
     first = next(iter(records.values()))
     conf = first.get("config", {})
-    prefix = len(records) > 1 or any(records)  # pipelines: name modules by component
+    prefix = any(records)  # pipeline components (named sub-folders): prefix layers with the component
     pairs, layers, sites, modes, hot, num = [], set(), set(), set(), set(), 0
     for name, rec in records.items():
         sites.update(rec.get("sites", []))
