@@ -53,7 +53,7 @@ def test_steps_to_target_known_curve():
 
 def test_ema_is_bias_corrected():
     assert ema([2.0, 2.0, 2.0], 0.9) == pytest.approx([2.0, 2.0, 2.0])
-    assert ema([1.0, 3.0], 0.5) == pytest.approx([1.0, (0.25 + 0.75) / 0.75])
+    assert ema([1.0, 3.0], 0.5) == pytest.approx([1.0, (0.5 * 0.5 + 0.5 * 3.0) / (1 - 0.5**2)])
     assert ema([1.0, 3.0], 0.0) == [1.0, 3.0]
 
 
@@ -80,7 +80,7 @@ def test_seeded_runs_reproduce(setup):
     lc = AttackConfig(train="lora", optimizer="adam", lr=3e-3, steps=4, target_modules=["q_proj", "v_proj"], seed=1)
     la = run_attack(model, _loss, lambda s: cycle(data, s), lc)
     lb = run_attack(model, _loss, lambda s: cycle(data, s), lc)
-    assert la.curve == lb.curve and la.trainable_params == 2 * 8 * (64 + 64) + 2 * 8 * (64 + 32)
+    assert la.curve == lb.curve and la.trainable_params == 8 * (64 + 64) + 8 * (64 + 32)  # q: 64->64, v: 64->32 (GQA)
     # the original model is never trained in place
     assert torch.equal(dict(model.named_parameters())[names[0]], dict(tiny_llama(layers=1).named_parameters())[names[0]])
 
@@ -104,7 +104,7 @@ def test_bypass_trains_identically_on_protected_model(setup):
     a = run_attack(model, _loss, lambda s: cycle(data, s), ac)
     b = run_attack(protected, _loss, lambda s: cycle(data, s), ac)
     assert a.trainable_params == b.trainable_params > 0
-    assert max(abs(x - y) for x, y in zip(a.curve, b.curve)) < 1e-3
+    assert max(abs(x - y) for x, y in zip(a.curve, b.curve, strict=True)) < 1e-3
     assert a.curve[-1] < a.curve[0] - 0.05  # and it does learn
 
 

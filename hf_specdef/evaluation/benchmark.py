@@ -317,8 +317,8 @@ def _collect(cfg: BenchConfig, variants: list[Variant], runs: dict[str, dict[str
     notes = [
         "slowdown = best steps-to-target of the variant / best steps-to-target of its unprotected counterpart "
         "(full fine-tuning of the same parameters for protected-a*/bypass, LoRA of the same rank and modules for "
-        "protected-lora/specundo); the best of the learning-rate sweep is taken per variant; a run that never reaches the target counts as budget+1, so such ratios are "
-        "lower bounds.",
+        "protected-lora/specundo); the best of the learning-rate sweep is taken per variant; a run that never "
+        "reaches the target counts as budget+1, so such ratios are lower bounds.",
         f"a run whose evaluation loss exceeds {cfg.divergence}x its first value is stopped as diverged.",
     ]
     notes += [f"{k} skipped: {m}" for k, m in skipped.items()]
