@@ -337,7 +337,7 @@ def test_save_refuses_claims_that_weights_do_not_show(tmp_path):
     # protected in this process, then weights swapped back: the recorded results no longer hold
     unet = tiny_unet()
     clean = snapshot(unet)
-    hd.save_protected(unet, tmp_path / "ok", SpecDefConfig(alpha=ALPHA), progress=False)
+    unet.save_pretrained(tmp_path / "ok", specdef_config=SpecDefConfig(alpha=ALPHA), progress=False)  # save-time
     assert not changed(clean, unet)
     pipe = tiny_pipeline(tmp_path)
     protect(pipe, SpecDefConfig(alpha=ALPHA), progress=False)

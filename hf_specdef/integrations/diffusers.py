@@ -390,8 +390,12 @@ def _apply(
             raise ValueError(f"pipeline_norm=True but the pipeline-level norm site does not apply: {why}.")
         if why:
             skipped.append(why)
+    if pipe_pair is not None and get_record(te) and not force:
+        if pipeline_norm:
+            check_not_protected(te, force)  # raises, naming the existing record
+        skipped.append("pipeline-level norm site: the text encoder already carries a protection record (force=True folds anyway)")
+        pipe_pair = None
     if pipe_pair is not None:
-        check_not_protected(te, force)
         _check_materialized(te)
 
     used = {dname: denoiser}
@@ -576,9 +580,14 @@ def _check_by_inspection(model: torch.nn.Module, rec: dict[str, Any], where: str
     if not hot:
         return
     alpha = float(rec.get("config", {}).get("alpha", DEFAULT_THRESHOLD * 2))
-    report = inspect_model(model, threshold=max(1.5, min(DEFAULT_THRESHOLD, alpha / 2)))
-    flagged = set(report.deformed)
-    missing = [m for m in hot if f"{m}.weight" not in flagged]
+    threshold = max(1.5, min(DEFAULT_THRESHOLD, alpha / 2))
+    findings = {f.name: f for f in inspect_model(model, threshold=threshold).findings}
+
+    def shows(module: str) -> bool:  # per-pair evidence, or a matrix-level outlier (a column scaled by a norm site)
+        f = findings.get(f"{module}.weight")
+        return f is not None and (f.deformed or max(f.evidence.values(), default=0.0) >= threshold)
+
+    missing = [m for m in hot if not shows(m)]
     if missing:
         raise DeformationCheckError(
             f"{where}: the protection record claims {len(hot)} hot modules but {len(missing)} show no deformation "
