@@ -66,10 +66,13 @@ class Plan:
 def producer_block(pair: Pair, tensors: Tensors) -> torch.Tensor:
     """The ``d x n`` matrix whose spectrum the pair deforms: its weight producers side by side.
 
-    1-D producers (norm weights) are used only when there is no weight matrix.
+    1-D producers (norm weights) are used only when there is no weight matrix. With a single
+    producer the result may be a view of the weight (no copy): read it, do not modify it.
     """
     mats = [b for b in pair.producers if tensors[b.name].dim() >= 2] or list(pair.producers)
     parts = [linalg.as_rows(tensors[b.name].narrow(b.axis, b.start, b.stop - b.start), b.axis) for b in mats]
+    if len(parts) == 1:
+        return parts[0]
     return torch.cat([p.to(parts[0].device) for p in parts], dim=1)
 
 

@@ -126,7 +126,7 @@ def top_singular_values(matrix: torch.Tensor, k: int) -> torch.Tensor:
 def top_rows(block: torch.Tensor, k: int, rotary_half: bool = False) -> torch.Tensor:
     """Indices of the ``k`` rows of largest norm; with ``rotary_half``, of the ``k`` rotary pairs
     ``(i, i + d/2)`` of largest joint norm, returned as the ``2k`` row indices (both halves)."""
-    norms = block.to(compute_dtype(block.device)).pow(2).sum(dim=1)
+    norms = torch.linalg.vector_norm(block, dim=1, dtype=compute_dtype(block.device)).pow(2)  # no float64 copy
     d = norms.numel()
     if rotary_half:
         if d % 2:
@@ -157,10 +157,11 @@ def _apply(t: torch.Tensor, axis: int, start: int, stop: int, m: Deformation, si
     f = m.factor
     f = (1.0 / f if side == "right" else f) if not inverse else (f if side == "right" else 1.0 / f)
     view = t.narrow(axis, start, stop - start)
-    if m.is_axis:
-        idx = m.indices.to(t.device)
-        sub = view.index_select(axis, idx)
-        view.index_copy_(axis, idx, (sub.to(compute_dtype(t.device)) * f).to(t.dtype))
+    if m.is_axis:  # scale the k rows/columns one by one (index_select/index_copy_ cost O(block), this O(k rows))
+        dt = compute_dtype(t.device)
+        for i in m.indices.tolist():
+            line = view.select(axis, i)
+            line.copy_((line.to(dt) * f).to(t.dtype))
         return
     dt = compute_dtype(t.device)
     u = m.basis.to(device=t.device, dtype=dt)
