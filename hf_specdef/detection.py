@@ -116,6 +116,13 @@ def _geo_mean(xs: Sequence[float]) -> float:
     return float(math.exp(sum(math.log(x) for x in xs) / len(xs)))
 
 
+def snap_power_of_two(factor: float, tolerance: float = 0.3) -> float:
+    """Axis mode is bit-exact only with a power-of-two alpha, so publishers use one: snap an estimate
+    within ``tolerance`` (in log2 units, about ±23%) of a power of two to it; otherwise keep it."""
+    p = round(math.log2(factor))
+    return float(2.0**p) if abs(math.log2(factor) - p) < tolerance else factor
+
+
 def estimate_axis(pair: Pair, tensors: Mapping[str, torch.Tensor], threshold: float, max_k: int) -> SiteEstimate | None:
     """Outlier channels (rows of the producer / matching rows of the consumer; rotary pairs together)."""
     p = engine.producer_block(pair, tensors).to(linalg.compute_dtype(tensors[pair.producers[0].name].device))
@@ -138,7 +145,7 @@ def estimate_axis(pair: Pair, tensors: Mapping[str, torch.Tensor], threshold: fl
     idx = torch.sort(order[:k]).values
     if pair.rotary:
         idx = torch.cat([idx, idx + d // 2])
-    m = Deformation(size=d, factor=_geo_mean(scores[:k]), indices=idx.to(torch.long))
+    m = Deformation(size=d, factor=snap_power_of_two(_geo_mean(scores[:k])), indices=idx.to(torch.long))
     return SiteEstimate(pair, m, "axis", scores[:k])
 
 

@@ -111,6 +111,16 @@ def test_merge_undo_keeps_function_and_restores_spectra(knowledge: str) -> None:
     assert any(before[n] > 100 * _sigma(orig[n]) for n in before)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_blind_merge_undo_is_bit_exact_in_axis_mode(name: str) -> None:
+    """Axis mode with a power-of-two alpha: the blind factor estimate snaps to it and the undo is exact."""
+    original, model, _ = protected(name, alpha=1024.0, mode="axis")
+    res = undo_in_place(model, "blind", progress=False)
+    assert {s.deformation.factor for s in res.sites} == {1024.0}
+    for (n, p), q in zip(model.named_parameters(), original.parameters(), strict=True):
+        assert torch.equal(p, q), n
+
+
 def test_recipe_errors() -> None:
     with pytest.raises(ValueError, match="no 'specdef' key"):
         undo_in_place(tiny_llama(), "recipe")
