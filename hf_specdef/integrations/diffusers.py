@@ -804,8 +804,8 @@ def install() -> None:
         _wrap_from_pretrained(owner)
     _wrap_save(ModelMixin)
     _wrap_save(DiffusionPipeline)
-    if diffusers_probe not in probe.PROBE_BUILDERS:
-        probe.PROBE_BUILDERS.append(diffusers_probe)
+    if not any(getattr(b, "__module__", None) == __name__ and b.__name__ == "diffusers_probe" for b in probe.PROBE_BUILDERS):
+        probe.PROBE_BUILDERS.append(diffusers_probe)  # once, even if this module is reloaded
 
 
 install()
