@@ -216,8 +216,19 @@ class _Peel(MutableMapping[str, torch.Tensor]):
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``name -> parameter data`` of a module (a read-only view for detection)."""
-    return {n: p.data for n, p in model.named_parameters()}
+    """``name -> parameter data`` of a module's base weights, named as in the bare model.
+
+    Adapter parameters are left out and PEFT's ``.base_layer`` segment is dropped, so a model that
+    already carries PEFT adapters is seen as its base model.
+    """
+    out = {}
+    for n, p in model.named_parameters():
+        if ".base_layer." in n:
+            n = n.replace(".base_layer.", ".")
+        elif any(f".{tag}" in n for tag in ("lora_", "specundo_")):
+            continue
+        out[n] = p.data
+    return out
 
 
 def candidate_pairs(model: torch.nn.Module, site_map: Sequence[Mapping[str, Any]] | None = None) -> list[Pair]:

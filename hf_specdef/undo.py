@@ -23,7 +23,7 @@ import torch
 
 from . import engine
 from .config import CONFIG_KEY
-from .detection import DEFAULT_THRESHOLD, DetectionReport, SiteEstimate, detect_deformations
+from .detection import DEFAULT_THRESHOLD, DetectionReport, SiteEstimate, detect_deformations, model_tensors
 from .linalg import Deformation
 from .record import get_record
 from .sites import Pair
@@ -116,7 +116,7 @@ def undo_in_place(
     """
     sites, report = resolve_sites(model, knowledge, recipe, threshold=threshold, max_k=max_k, site_map=site_map,
                                   progress=progress)
-    tensors = {n: p.data for n, p in model.named_parameters()}
+    tensors = model_tensors(model)
     missing = sorted({n for s in sites for n in s.pair.names() if n not in tensors})
     if missing:
         raise ValueError(f"the recipe names tensors the model does not have (e.g. {missing[0]!r}); is it the recipe "
