@@ -28,7 +28,7 @@ _LAZY = {
     "verify": "verification",
     "inspect_model": "inspection",
     "protect_checkpoint": "streaming",
-    "save_protected": "integrations.transformers",
+    "save_protected": "saving",
     "SpecUndoConfig": "tuners.specundo",
     "SpecUndoModel": "tuners.specundo",
 }

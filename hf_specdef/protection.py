@@ -199,7 +199,7 @@ def protect(
     if is_pipeline(model_or_pipeline):
         from .integrations.diffusers import protect_pipeline
 
-        return protect_pipeline(model_or_pipeline, cfg, verify=verify, force=force, progress=progress, **kwargs)
+        return protect_pipeline(model_or_pipeline, cfg, verify=verify, inputs=inputs, force=force, progress=progress, **kwargs)
     if kwargs:
         raise TypeError(f"protect() got unexpected keyword arguments {sorted(kwargs)}")
     return protect_model(model_or_pipeline, cfg, verify=verify, inputs=inputs, force=force, progress=progress)
