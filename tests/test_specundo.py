@@ -244,6 +244,28 @@ def test_undo_merge_mode_through_peft() -> None:
     torch.testing.assert_close(w, dict(original.named_parameters())[v], rtol=1e-4, atol=1e-4)
 
 
+def test_undo_merge_adapter_reloads_from_a_protected_checkpoint(tmp_path) -> None:
+    """undo='merge' re-runs the in-place undo on load, so the saved adapter applies to a fresh protected base."""
+    _, model, _ = protected("llama")
+    model.save_pretrained(tmp_path / "base")
+    pm = get_peft_model(model, SpecUndoConfig(r=4, knowledge="recipe", undo="merge"))
+    randomize_adapter(pm, 6)
+    y = out(pm)
+    pm.save_pretrained(tmp_path / "su")
+    from transformers import AutoModelForCausalLM
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "su")
+    assert rel(out(loaded), y) < 1e-5
+
+
+def test_second_adapter_on_a_wrapped_model() -> None:
+    _, model, _ = protected("llama")
+    pm = get_peft_model(model, SpecUndoConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    pm.add_adapter("second", SpecUndoConfig(r=2))
+    assert len(pm.base_model.detection_report["second"].sites) == 14
+    assert len(pm.peft_config["second"].undo_plan) == 14
+
+
 def test_gpt2_conv1d_adapter_matches_lora_on_original() -> None:
     original, model, _ = protected("gpt2")
     su = get_peft_model(model, SpecUndoConfig(r=4, knowledge="recipe"))

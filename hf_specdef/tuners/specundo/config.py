@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,5 +113,7 @@ class SpecUndoConfig(PeftConfig):
             raise ValueError(f"SpecUndoConfig(threshold={self.threshold!r}) must be > 1; the default 10 suits alpha >= 100.")
         if not isinstance(self.max_k, int) or self.max_k < 1:
             raise ValueError(f"SpecUndoConfig(max_k={self.max_k!r}) must be a positive integer.")
+        if isinstance(self.recipe, os.PathLike):
+            self.recipe = os.fspath(self.recipe)  # JSON-serialisable in adapter_config.json
         if self.recipe is not None and self.knowledge != "recipe":
             raise ValueError("SpecUndoConfig(recipe=...) is only used with knowledge='recipe'; set knowledge='recipe'.")
