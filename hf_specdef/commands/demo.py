@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     cfg = BenchConfig.preset("demo", alphas=(args.alpha,), seed=args.seed,
                              variant_names=("unprotected", f"protected-a{args.alpha:g}", "unprotected-lora", "specundo",
-                                            "bypass"))
+                                            "merge-undo", "bypass"))
     scenario = make_scenario(cfg.scenario, seed=cfg.seed, **cfg.scenario_kwargs)
     print(f"[1/4] pretraining the demo model: {scenario.description} ...")
     base = scenario.build_model(progress=progress)
@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"Undo: with SpecUndo (blind) the attacker is back at {s['slowdown_undo']:.2f}x the original LoRA steps.")
     elif results.get("skipped"):
         print("Undo: " + "; ".join(results["skipped"].values()))
+    if s.get("slowdown_merge_undo") is not None:
+        print(f"Merge undo: after rewriting the weights back (blind), full fine-tuning takes "
+              f"{s['slowdown_merge_undo']:.2f}x the original steps.")
     if s.get("slowdown_bypass") is not None:
         print(f"Bypass: training only the undeformed parameters takes {s['slowdown_bypass']:.2f}x the original steps "
               "(protection does not slow it down; its speed is that of those parameters).")

@@ -11,6 +11,7 @@ protected-a{A}      A         the deformed parameters, full fine-tuning
 unprotected-lora    --        LoRA adapters on every projection
 protected-lora      max       LoRA adapters on every projection
 specundo            max       SpecUndo adapters (blind: the attacker has only the weights)
+merge-undo          max       the deformed parameters, after a blind in-place undo (``hf_specdef.undo``)
 bypass              max       only the parameters protection leaves alone (embeddings, head, final norm)
 ==================  ========  ==========================================================================
 
@@ -60,6 +61,7 @@ class Variant:
     alpha: float | None
     train: str
     knowledge: str = "blind"
+    merge_undo: bool = False  # attack a copy whose weights hf_specdef.undo.undo_in_place rewrote back
 
 
 @dataclass
@@ -101,15 +103,16 @@ class BenchConfig:
     def preset(cls, name: str, **kw: Any) -> BenchConfig:
         """``"quick"`` (<= 10 min on 2 CPU cores), ``"full"``, or ``"tiny"`` (a smoke test of seconds)."""
         if name == "quick":
-            base: dict[str, Any] = dict(reference_steps=10, sgd_variants=("unprotected", "protected-a1000", "specundo",
-                                                                           "bypass"))
+            base: dict[str, Any] = dict(reference_steps=10, sgd_variants=("unprotected", "protected-a1000",
+                                                                           "unprotected-lora", "specundo", "bypass"))
         elif name == "full":
             base = dict(reference_steps=25, adam_lrs=(1e-7, 1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
                         sgd_lrs=(1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 0.3, 1.0),
                         scenario_kwargs=dict(pretrain_steps=800))
         elif name == "demo":
             base = dict(reference_steps=5, alphas=(1000.0,), optimizers=("adam",),
-                        variant_names=("unprotected", "protected-a1000", "unprotected-lora", "specundo", "bypass"),
+                        variant_names=("unprotected", "protected-a1000", "unprotected-lora", "specundo", "merge-undo",
+                                       "bypass"),
                         scenario_kwargs=dict(pretrain_steps=250))
         elif name == "tiny":
             base = dict(reference_steps=2, alphas=(1000.0,), sgd_variants=("unprotected", "protected-a1000"),
@@ -125,7 +128,8 @@ class BenchConfig:
         v = [Variant("unprotected", None, "sites")]
         v += [Variant(f"protected-a{a:g}", a, "sites") for a in sorted(self.alphas)]
         v += [Variant("unprotected-lora", None, "lora"), Variant("protected-lora", top, "lora"),
-              Variant("specundo", top, "specundo", "blind"), Variant("bypass", top, "bypass")]
+              Variant("specundo", top, "specundo", "blind"), Variant("merge-undo", top, "sites", "blind", True),
+              Variant("bypass", top, "bypass")]
         if self.variant_names is not None:
             unknown = sorted(set(self.variant_names) - {x.name for x in v})
             if unknown:
@@ -193,7 +197,7 @@ def run_benchmark(cfg: BenchConfig, out: str | os.PathLike, *, progress: bool = 
     t_pretrain = time.perf_counter() - start
 
     # Protect one copy per alpha (verification on the scenario's own probe batch).
-    models: dict[float | None, torch.nn.Module] = {None: base}
+    models: dict[float | str | None, torch.nn.Module] = {None: base}
     protection: dict[str, Any] = {}
     for a in sorted(cfg.alphas):
         pm = copy.deepcopy(base)
@@ -207,6 +211,19 @@ def run_benchmark(cfg: BenchConfig, out: str | os.PathLike, *, progress: bool = 
                                 "hot_modules": len(report.hot_modules), "cold_only_modules": len(report.cold_modules),
                                 "sigma_after_max": max(r.sigma_after for r in report.results)}
         logger.info("benchmark: protected at alpha=%g, %d pairs, deviation %.2e", a, len(report.results), report.deviation)
+    variants = cfg.variants()
+    skipped: dict[str, str] = {}
+    if any(v.merge_undo for v in variants):
+        try:
+            from ..undo import undo_in_place
+
+            merged = copy.deepcopy(models[max(cfg.alphas)])
+            with _quiet():
+                undone = undo_in_place(merged, "blind", progress=False)
+            models["merge"] = merged
+            protection["merge_undo"] = {"sites_undone": undone.num_sites}
+        except ImportError as e:
+            skipped["merge-undo"] = f"hf_specdef.undo is not available in this build ({e})"
     site_names = site_parameter_names(models[max(cfg.alphas)])
     n_params = sum(p.numel() for p in base.parameters())
     n_sites = sum(p.numel() for n, p in base.named_parameters() if n in set(site_names))
@@ -217,11 +234,11 @@ def run_benchmark(cfg: BenchConfig, out: str | os.PathLike, *, progress: bool = 
                           stop_at_target=target is not None, divergence=cfg.divergence)
         prune = target is not None
         with _quiet():  # adapters log per model; one line per run would drown the progress bars
-            return sweep(models[variant.alpha], scenario.loss, scenario.batches, ac, sorted(_lrs(cfg, opt), reverse=True),
+            model = models["merge" if variant.merge_undo else variant.alpha]
+            return sweep(model, scenario.loss, scenario.batches, ac, sorted(_lrs(cfg, opt), reverse=True),
                          eval_fn=scenario.eval_loss, label=f"{variant.name}/{opt}", progress=progress, prune=prune)
 
     # 1. The target, from the unprotected model's best Adam run over the reference window.
-    variants = cfg.variants()
     ref_opt = "adam" if "adam" in cfg.optimizers else cfg.optimizers[0]
     reference = attack(variants[0], ref_opt, cfg.reference_steps, None)
     l0 = scenario.eval_loss(base)
@@ -234,9 +251,8 @@ def run_benchmark(cfg: BenchConfig, out: str | os.PathLike, *, progress: bool = 
 
     # 2. Every variant x optimizer x learning rate, stopping at the target (or the budget).
     runs: dict[str, dict[str, list[RunResult]]] = {}
-    skipped: dict[str, str] = {}
-    jobs = [(v, o) for o in cfg.optimizers for v in variants
-            if o == "adam" or cfg.sgd_variants is None or v.name in cfg.sgd_variants]
+    jobs = [(v, o) for o in cfg.optimizers for v in variants if v.name not in skipped
+            and (o == "adam" or cfg.sgd_variants is None or v.name in cfg.sgd_variants)]
     for v, opt in tqdm(jobs, desc="benchmark", unit="variant", disable=not progress):
         if v.name == "unprotected" and opt == ref_opt:  # the reference runs: the best reached within the window
             done = [r.with_target(target) for r in reference]
@@ -304,6 +320,7 @@ def _collect(cfg: BenchConfig, variants: list[Variant], runs: dict[str, dict[str
         summary[f"slowdown_undo_vs_full{suffix}"] = _ratio(get("specundo", opt), get("unprotected", opt))
         summary[f"slowdown_protected_lora{suffix}"] = _ratio(get("protected-lora", opt), get("unprotected-lora", opt))
         summary[f"slowdown_bypass{suffix}"] = _ratio(get("bypass", opt), get("unprotected", opt))
+        summary[f"slowdown_merge_undo{suffix}"] = _ratio(get("merge-undo", opt), get("unprotected", opt))
         for a in cfg.alphas:
             summary[f"slowdown_protected_a{a:g}{suffix}"] = _ratio(get(f"protected-a{a:g}", opt), get("unprotected", opt))
         summary[f"protected_reached{suffix}"] = bool(get(top, opt) and get(top, opt)["reached"])

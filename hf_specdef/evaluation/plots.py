@@ -13,6 +13,7 @@ STYLE = {
     "unprotected-lora": ("tab:cyan", "-"),
     "protected-lora": ("tab:pink", "-"),
     "specundo": ("tab:green", "-"),
+    "merge-undo": ("tab:purple", "-."),
     "bypass": ("tab:gray", ":"),
 }
 

@@ -46,13 +46,13 @@ def class_tokens(labels: torch.Tensor) -> torch.Tensor:
 
 
 def tiny_unet(**kw: Any) -> Any:
-    """A ~100k-parameter ``UNet2DConditionModel`` for 8x8 single-channel images."""
+    """A ~250k-parameter ``UNet2DConditionModel`` for 8x8 single-channel images (one cross-attention level)."""
     from diffusers import UNet2DConditionModel
 
     cfg: dict[str, Any] = dict(
-        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TOKEN_DIM, attention_head_dim=4, norm_num_groups=8,
+        cross_attention_dim=TOKEN_DIM, attention_head_dim=2, norm_num_groups=8,
     )
     cfg.update(kw)
     return UNet2DConditionModel(**cfg)
@@ -83,12 +83,12 @@ class DigitsScenario:
     """
 
     timesteps: int = 100
-    pretrain_steps: int = 600
+    pretrain_steps: int = 500
     pretrain_batch_size: int = 64
     pretrain_lr: float = 2e-3
     batch_size: int = 16
     attack_batches: int = 64
-    eval_repeats: int = 4
+    eval_repeats: int = 2
     seed: int = 0
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     name: str = "digits"
