@@ -3,8 +3,15 @@
 
 Builds a ~100M-parameter Llama-style model from a config (no download), saves it in a temporary
 directory, then interleaves ``--runs`` loads of each kind and reports median wall times, their
-ratio (target <= 1.15 on CPU, <= 1.05 on GPU) and peak memory (process RSS high-water mark; peak
-CUDA memory when ``--device cuda``), as one JSON object and one line of text.
+ratio (target <= 1.15 on CPU, <= 1.05 on GPU), the same for load + first forward pass ("time to first
+output"), and memory (RSS right after each load and the process high-water mark; peak CUDA memory with
+``--device cuda``), as one JSON object and one line of text.
+
+Note (transformers 5.x, CPU): a plain ``from_pretrained`` of float32 safetensors maps the file and copies
+nothing, so its weights are not even resident after loading; any protection writes the deformed
+matrices, which materializes them (copy-on-write page faults) — that, and the verification's two
+forward passes, is most of the overhead. "Time to first output" compares with a plain load that has
+paid for reading its weights.
 
     python scripts/bench_load.py --runs 5
     python scripts/bench_load.py --device cuda --runs 5 --json-out bench_load.json
@@ -44,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="refuse", choices=["refuse", "axis", "float32"])
     p.add_argument("--no-verify", action="store_true", help="skip the probe verification (two forward passes)")
     p.add_argument("--profile", action="store_true", help="print a cProfile summary of one protected load")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the parts of protection on a loaded model: probe forward, deformation per site type")
     p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     return p.parse_args(argv)
 
@@ -71,9 +80,56 @@ def rss_peak_mib() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def rss_now_mib() -> float | None:
+    """Current resident set size (MiB), from /proc or psutil; None where neither is available."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        return None
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def cost_breakdown(directory: str, common: dict[str, Any], cfg: Any, device: str) -> dict[str, float]:
+    """Median seconds of each part of a protected load, measured on a plain loaded model."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef import probe
+    from hf_specdef.protection import protect_model
+
+    model = AutoModelForCausalLM.from_pretrained(directory, **common)
+    inputs = probe.probe_inputs(model)
+
+    def timed(fn: Any) -> float:
+        out = []
+        for _ in range(3):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out)
+
+    parts = {"probe_forward": timed(lambda: probe.run_probe(model, inputs))}
+    for site in list(cfg.sites) + ["all"]:
+        sub = cfg if site == "all" else cfg.replace(sites=[site])
+
+        def run(sub: Any = sub) -> None:
+            model.config.specdef = None
+            protect_model(model, sub, verify=False, progress=False)
+
+        parts[f"deform_{site}"] = timed(run)  # re-deforms the same model: the cost, not the result, matters here
+    return parts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         n_params = build_and_save(args, directory)
         rss_before = rss_peak_mib()
 
-        def load(protected: bool) -> tuple[float, float | None]:
+        ids = torch.randint(0, args.vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+
+        def load(protected: bool) -> dict[str, float | None]:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             gc.collect()
@@ -108,10 +166,15 @@ def main(argv: list[str] | None = None) -> int:
             kw = dict(common, specdef_config=spec) if protected else common
             model = AutoModelForCausalLM.from_pretrained(directory, **kw)
             sync(args.device)
-            dt = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            rss = rss_now_mib()
+            with torch.no_grad():
+                model(input_ids=ids.to(model.get_input_embeddings().weight.device))
+            sync(args.device)
+            t2 = time.perf_counter()
             peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
             del model
-            return dt, peak
+            return {"load": t1 - t0, "first_output": t2 - t0, "rss_after_load": rss, "cuda_peak": peak}
 
         load(False)  # warm-up: file cache, lazy imports
         load(True)
@@ -124,18 +187,19 @@ def main(argv: list[str] | None = None) -> int:
             load(True)
             prof.disable()
             pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
-        times: dict[str, list[float]] = {"plain": [], "specdef": []}
-        peaks: dict[str, list[float]] = {"plain": [], "specdef": []}
+        breakdown = cost_breakdown(directory, common, cfg, args.device) if args.breakdown else None
+        runs: dict[str, list[dict[str, float | None]]] = {"plain": [], "specdef": []}
         for i in range(args.runs):
             order = (False, True) if i % 2 == 0 else (True, False)
             for protected in order:
-                dt, peak = load(protected)
-                key = "specdef" if protected else "plain"
-                times[key].append(dt)
-                if peak is not None:
-                    peaks[key].append(peak)
+                runs["specdef" if protected else "plain"].append(load(protected))
 
-    med = {k: statistics.median(v) for k, v in times.items()}
+    def median(kind: str, key: str) -> float | None:
+        vals = [r[key] for r in runs[kind] if r[key] is not None]
+        return statistics.median(vals) if vals else None
+
+    med = {k: median(k, "load") for k in runs}
+    first = {k: median(k, "first_output") for k in runs}
     result = {
         "device": args.device,
         "dtype": args.dtype,
@@ -143,21 +207,31 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs,
         "config": cfg.to_dict(),
         "verify": not args.no_verify,
-        "median_s": med,
-        "times_s": times,
+        "median_load_s": med,
         "ratio": med["specdef"] / med["plain"],
+        "median_first_output_s": first,
+        "ratio_first_output": first["specdef"] / first["plain"],
         "target": 1.05 if cuda else 1.15,
+        "load_s": {k: [r["load"] for r in v] for k, v in runs.items()},
+        "rss_after_load_mib": {k: median(k, "rss_after_load") for k in runs},
         "rss_peak_mib_after_save": rss_before,
         "rss_peak_mib": rss_peak_mib(),
-        "cuda_peak_mib": {k: max(v) for k, v in peaks.items()} if cuda else None,
+        "cuda_peak_mib": {k: median(k, "cuda_peak") for k in runs} if cuda else None,
         "torch_threads": torch.get_num_threads(),
+        "breakdown_s": breakdown,
     }
     result["within_target"] = result["ratio"] <= result["target"]
     print(json.dumps(result, indent=2))
-    mem = (f"peak CUDA plain {result['cuda_peak_mib']['plain']:.0f} MiB / specdef {result['cuda_peak_mib']['specdef']:.0f} MiB"
-           if cuda else f"peak RSS {result['rss_peak_mib']:.0f} MiB")
-    print(f"bench_load: {n_params / 1e6:.1f}M params on {args.device}: plain {med['plain']:.3f}s, specdef "
-          f"{med['specdef']:.3f}s, ratio {result['ratio']:.3f} (target <= {result['target']}), {mem}")
+    if cuda:
+        mem = (f"peak CUDA plain {result['cuda_peak_mib']['plain']:.0f} MiB / specdef "
+               f"{result['cuda_peak_mib']['specdef']:.0f} MiB")
+    else:
+        rss = result["rss_after_load_mib"]
+        mem = f"RSS after load plain {rss['plain'] or 0:.0f} MiB / specdef {rss['specdef'] or 0:.0f} MiB, peak RSS " \
+              f"{result['rss_peak_mib']:.0f} MiB"
+    print(f"bench_load: {n_params / 1e6:.1f}M params on {args.device}: load plain {med['plain']:.3f}s, specdef "
+          f"{med['specdef']:.3f}s, ratio {result['ratio']:.2f} (target <= {result['target']}); to first output plain "
+          f"{first['plain']:.3f}s, specdef {first['specdef']:.3f}s, ratio {result['ratio_first_output']:.2f}; {mem}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2)

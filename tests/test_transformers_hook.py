@@ -76,8 +76,9 @@ def test_both_keyword_forms_deform_and_keep_function(keyword, loader, original, 
     assert model.config.specdef["sites"] == ["attn.vo"]
 
 
-def test_default_config_with_device_map(original, checkpoint):
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, specdef_config=SpecDefConfig(), device_map="cpu")
+@pytest.mark.parametrize("device_map", ["cpu", "auto"])
+def test_default_config_with_device_map(device_map, original, checkpoint):
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, specdef_config=SpecDefConfig(), device_map=device_map)
     report = model.specdef_report
     assert set(report.sites) == {"attn.vo", "attn.qk", "mlp", "norm"}
     assert report.deviation is not None and report.deviation <= 1e-4
@@ -218,6 +219,14 @@ def test_specdef_with_another_quantization_config_is_an_error(checkpoint):
 def test_bad_config_fails_before_loading(checkpoint):
     with pytest.raises(ValueError, match="layers"):
         AutoModelForCausalLM.from_pretrained(checkpoint, specdef_config=SpecDefConfig(layers=[7]))
+
+
+def test_disk_offload_is_refused_before_loading(checkpoint, tmp_path):
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                  "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    with pytest.raises(ValueError, match="protect_checkpoint"):
+        AutoModelForCausalLM.from_pretrained(checkpoint, specdef_config=SpecDefConfig(), device_map=device_map,
+                                             offload_folder=str(tmp_path))
 
 
 def test_install_is_idempotent_and_registered():

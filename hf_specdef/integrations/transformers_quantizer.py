@@ -99,7 +99,13 @@ class SpecDefHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: SpecDefQuantizationConfig, **kwargs: Any) -> None:
         super().__init__(SpecDefQuantizationConfig.wrap(quantization_config), **kwargs)
 
-    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+    def validate_environment(self, *args: Any, device_map: Any = None, **kwargs: Any) -> None:
+        if isinstance(device_map, dict) and "disk" in set(map(str, device_map.values())):
+            raise ValueError(
+                "device_map offloads part of the model to disk, where in-memory protection cannot reach it. Load without "
+                "disk offload, or protect the checkpoint files instead: hf_specdef.protect_checkpoint(src, dst, cfg) "
+                "(streams shard by shard), then load the protected copy."
+            )
         if self.pre_quantized:
             raise ValueError(
                 "this checkpoint's config.json has a quantization_config with quant_method='specdef', which hf-specdef "
