@@ -3,8 +3,9 @@
 :func:`open_checkpoint` parses every shard's safetensors header (never the data) and checks it:
 a header that does not parse, a tensor whose bytes lie past the end of its file (a truncated
 shard), a shard named by the index but missing, or a key the index puts in a shard that does not
-hold it each raise :class:`CheckpointError` naming the file. Tensors are then read one at a time
-(:meth:`Checkpoint.get_tensor`), or copied as raw bytes (:meth:`Checkpoint.iter_bytes`).
+hold it each raise :class:`CheckpointError` naming the file. Shards are memory-mapped read-only;
+tensors are read one at a time (:meth:`Checkpoint.get_tensor` copies, :meth:`Checkpoint.view`
+does not) or taken as raw bytes (:meth:`Checkpoint.raw`).
 
 Used by :func:`hf_specdef.inspect_model` (on a path) and :func:`hf_specdef.protect_checkpoint`.
 """
@@ -13,8 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import struct
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -174,6 +177,7 @@ class Checkpoint:
         archs = self.config.get("architectures") or []
         self.class_name: str | None = self.config.get("_class_name") or (archs[0] if archs else None)
         self.infos: dict[str, TensorInfo] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
         self.file_metadata: dict[Path, dict[str, str] | None] = {}
         if self.index is not None:
             files = self._files_from_index(files)
@@ -247,37 +251,53 @@ class Checkpoint:
         except KeyError:
             raise KeyError(f"checkpoint {self.root} has no tensor {name!r}") from None
 
-    def get_tensor(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
-        """Read one tensor from its shard (a fresh CPU tensor, moved to ``device`` if given)."""
-        info = self._info(name)
-        buf = bytearray(info.nbytes)
-        try:
-            with open(info.file, "rb") as f:
-                f.seek(info.begin)
-                if f.readinto(buf) != info.nbytes:
-                    raise CheckpointError(f"{info.file}: file is truncated while reading tensor {name!r}.")
-        except OSError as e:
-            raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({e}).") from None
-        t = torch.frombuffer(buf, dtype=info.torch_dtype) if buf else torch.empty(0, dtype=info.torch_dtype)
-        t = t.reshape(info.shape)
-        return t if device is None else t.to(device)
+    def _map(self, file: Path) -> mmap.mmap:
+        m = self._maps.get(file)
+        if m is None:
+            try:
+                with open(file, "rb") as f:
+                    m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if f.seek(0, 2) else None
+            except OSError as e:
+                raise CheckpointError(f"{file}: cannot read ({e}).") from None
+            if m is None:
+                raise CheckpointError(f"{file}: file is empty.")
+            self._maps[file] = m
+        return m
 
-    def iter_bytes(self, name: str, chunk: int = 64 << 20) -> Iterator[bytearray]:
-        """The raw bytes of one tensor, in chunks of at most ``chunk`` bytes (a multiple of 8)."""
+    def raw(self, name: str) -> memoryview:
+        """The bytes of one tensor, zero-copy (a read-only view of the memory-mapped shard)."""
         info = self._info(name)
-        chunk -= chunk % 8
-        with open(info.file, "rb") as f:
-            f.seek(info.begin)
-            left = info.nbytes
-            while left:
-                data = bytearray(min(chunk, left))  # writable: torch.frombuffer can view it without a warning
-                if f.readinto(data) != len(data):
-                    raise CheckpointError(f"{info.file}: file is truncated while reading tensor {name!r}.")
-                left -= len(data)
-                yield data
+        return memoryview(self._map(info.file))[info.begin:info.end]
+
+    def view(self, name: str) -> torch.Tensor:
+        """A zero-copy, **read-only** CPU tensor over the memory-mapped shard (do not modify it)."""
+        info = self._info(name)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.torch_dtype)
+        with warnings.catch_warnings():  # the mapping is read-only on purpose
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            t = torch.frombuffer(self._map(info.file), dtype=info.torch_dtype, count=info.nbytes // info.torch_dtype.itemsize,
+                                 offset=info.begin)
+        return t.reshape(info.shape)
+
+    def get_tensor(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """Read one tensor from its shard: a fresh tensor (on ``device`` if given, else the CPU)."""
+        v = self.view(name)
+        return v.clone() if device is None or torch.device(device) == v.device else v.to(device)
+
+    def release(self, file: Path) -> None:
+        """Unmap ``file`` (its pages leave this process's memory); views of it must be dropped first."""
+        m = self._maps.pop(file, None)
+        if m is not None:
+            try:
+                m.close()
+            except BufferError:  # a view is still alive: the mapping goes when it does
+                pass
 
     def close(self) -> None:
-        """Nothing is held open between reads; kept for the context-manager protocol."""
+        """Unmap every shard."""
+        for f in list(self._maps):
+            self.release(f)
 
     def __repr__(self) -> str:
         return (f"Checkpoint({str(self.root)!r}, {len(self.files)} file(s), {len(self.infos)} tensors, "

@@ -244,14 +244,34 @@ def test_existing_destination_already_protected_and_overwrite(llama_src, tmp_pat
         protect_checkpoint(llama_src, llama_src / "sub", CFG, progress=False)
 
 
-def test_verification_catches_a_wrong_write(llama_src, tmp_path, monkeypatch):
+def _bump_one_entry(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    if t.dim() == 2:
+        t[3, 5] += 0.05
+    return t
+
+
+@pytest.mark.parametrize("sketch", [False, True], ids=["full-check", "sketch-check"])
+@pytest.mark.parametrize("corrupt", [lambda t: t * 1.01, _bump_one_entry], ids=["scaled", "one-entry"])
+def test_verification_catches_a_wrong_write(llama_src, tmp_path, monkeypatch, corrupt, sketch):
     import hf_specdef.streaming as streaming
 
+    if sketch:  # every matrix goes through the two-pass random-sketch check instead of the full float64 undo
+        monkeypatch.setattr(streaming, "_SMALL", 0)
     real = streaming._tensor_bytes
-    monkeypatch.setattr(streaming, "_tensor_bytes", lambda t: real(t * 1.01))  # a silently corrupted write
+    monkeypatch.setattr(streaming, "_tensor_bytes", lambda t: real(corrupt(t)))  # a silently corrupted write
     with pytest.raises(VerificationError, match="claimed deformation"):
         protect_checkpoint(llama_src, tmp_path / "dst", CFG, progress=False)
     assert not (tmp_path / "dst").exists() and not list(tmp_path.glob(".dst*"))
+
+
+@pytest.mark.parametrize("cfg", [CFG, SpecDefConfig(mode="axis", alpha=1000.0)], ids=["spectral", "axis-non-pow2"])
+def test_sketch_check_passes_a_correct_write(llama_src, tmp_path, monkeypatch, cfg):
+    import hf_specdef.streaming as streaming
+
+    monkeypatch.setattr(streaming, "_SMALL", 0)
+    report = protect_checkpoint(llama_src, tmp_path / "dst", cfg, progress=False)
+    assert report.tensor_error is not None and report.tensor_error < 1e-5
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
