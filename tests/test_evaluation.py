@@ -111,7 +111,7 @@ def test_bypass_trains_identically_on_protected_model(setup):
 def test_protection_slows_adam_on_sites(setup):
     """Best of a learning-rate sweep: the unprotected model reaches the target, the protected one does not."""
     model, protected, data, names = setup
-    lrs = (1e-5, 1e-4, 1e-3, 1e-2)
+    lrs = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
     runs = {}
     for key, m in (("unprotected", model), ("protected", protected)):
         runs[key] = [run_attack(m, _loss, lambda s: cycle(data, s),

@@ -110,10 +110,9 @@ class BenchConfig:
                         sgd_lrs=(1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 0.3, 1.0),
                         scenario_kwargs=dict(pretrain_steps=800))
         elif name == "demo":
-            base = dict(reference_steps=5, alphas=(1000.0,), optimizers=("adam",),
+            base = dict(reference_steps=10, alphas=(1000.0,), optimizers=("adam",),
                         variant_names=("unprotected", "protected-a1000", "unprotected-lora", "specundo", "merge-undo",
-                                       "bypass"),
-                        scenario_kwargs=dict(pretrain_steps=250))
+                                       "bypass"))
         elif name == "tiny":
             base = dict(reference_steps=2, alphas=(1000.0,), sgd_variants=("unprotected", "protected-a1000"),
                         scenario_kwargs=dict(pretrain_steps=20, attack_batches=4, batch_size=4, seq_len=32, eval_windows=4,
