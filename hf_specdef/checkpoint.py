@@ -285,6 +285,16 @@ class Checkpoint:
         v = self.view(name)
         return v.clone() if device is None or torch.device(device) == v.device else v.to(device)
 
+    def drop_pages(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        """Let go of the mapped pages of tensor ``name`` (bytes ``[start, stop)`` of it; all by default).
+
+        The pages stay in the OS page cache; views stay valid and fault them back in if used. Keeps the
+        resident memory of a streaming pass bounded.
+        """
+        info = self._info(name)
+        end = info.end if stop is None else min(info.end, info.begin + stop)
+        drop_mapped_range(self._maps.get(info.file), info.begin + start, end)
+
     def release(self, file: Path) -> None:
         """Unmap ``file`` (its pages leave this process's memory); views of it must be dropped first."""
         m = self._maps.pop(file, None)
@@ -302,6 +312,17 @@ class Checkpoint:
     def __repr__(self) -> str:
         return (f"Checkpoint({str(self.root)!r}, {len(self.files)} file(s), {len(self.infos)} tensors, "
                 f"class={self.class_name!r})")
+
+
+def drop_mapped_range(m: mmap.mmap | None, begin: int, end: int) -> None:
+    """``madvise(MADV_DONTNEED)`` on the pages of ``[begin, end)`` of a read-only file mapping (no-op where unsupported)."""
+    if m is None or end <= begin or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = begin - begin % mmap.PAGESIZE
+    try:
+        m.madvise(mmap.MADV_DONTNEED, start, min(end, len(m)) - start)
+    except (OSError, ValueError):
+        pass
 
 
 @contextmanager

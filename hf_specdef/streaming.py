@@ -51,6 +51,7 @@ from .checkpoint import (
     TORCH_TO_ST,
     Checkpoint,
     CheckpointError,
+    drop_mapped_range,
     open_checkpoint,
     read_header,
 )
@@ -67,7 +68,7 @@ logger = logging.getLogger("hf_specdef")
 FORWARD_CHECK_MAX_BYTES = 64 << 20
 # Weight files in other formats are never copied next to protected safetensors (they would ship unprotected weights).
 UNPROTECTED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-_CHUNK = 64 << 20
+_CHUNK = 16 << 20
 
 
 @dataclass
@@ -204,6 +205,27 @@ class ShardWriter:
             raise RuntimeError(f"ShardWriter {self.path}: only {self.pos}/{len(self.sizes)} tensors written")
 
 
+def _load_malloc_trim() -> Any:
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def return_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps freed chunks below its dynamic mmap threshold,
+    up to 32 MiB each, which would otherwise pile up as resident memory over a streaming pass)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().cpu().contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
@@ -295,6 +317,7 @@ class _Streamer:
     # -- deform ---------------------------------------------------------------------------
     def _load(self, name: str) -> torch.Tensor:
         t = self.ckpt.get_tensor(name)
+        self.ckpt.drop_pages(name)
         if not all_finite(t):
             raise CheckpointError(f"{self.ckpt.infos[name].file}: tensor {name!r} has NaN or inf values; "
                                   "refusing to protect a broken checkpoint.")
@@ -304,6 +327,7 @@ class _Streamer:
     def _run_component(self, comp: list[int]) -> None:
         with torch.no_grad():
             self._deform_component(comp)
+        return_freed_memory()
 
     def _deform_component(self, comp: list[int]) -> None:
         for i in comp:
@@ -361,12 +385,14 @@ class _Streamer:
         with torch.no_grad():
             self._write_shard(f, out_root / f.name, modified, bar)
             modified.clear()
+            return_freed_memory()
             if self.verify:
                 for ci in verify:
                     self._verify_component(self.sp.components[ci], out_root)
             for j in release:
                 self.ckpt.release(self.ckpt.files[j])
                 self._release_out(out_root / self.ckpt.files[j].name)
+            return_freed_memory()
 
     def _write_shard(self, src: Path, dst: Path, modified: dict[str, torch.Tensor], bar: tqdm) -> None:
         ckpt = self.ckpt
@@ -394,11 +420,8 @@ class _Streamer:
                         del t
                     elif n in self.sp.out_dtype:  # precision="float32": an untouched tensor, upcast
                         writer.write(n, _tensor_bytes(self._load(n)))
-                    else:  # untouched: the source bytes as they are
-                        if info.dtype in FLOAT_DTYPES and not all_finite(ckpt.view(n)):
-                            raise CheckpointError(f"{src}: tensor {n!r} has NaN or inf values; "
-                                                  "refusing to protect a broken checkpoint.")
-                        writer.write(n, ckpt.raw(n))
+                    else:  # untouched: the source bytes as they are, checked and written chunk by chunk
+                        self._copy_tensor(n, writer)
                     bar.update(info.nbytes)
             finally:
                 writer.file.close()
@@ -406,6 +429,23 @@ class _Streamer:
         except OSError as e:
             raise CheckpointError(f"cannot write {dst}: {e}") from None
         self.bytes_written += dst.stat().st_size
+
+    def _copy_tensor(self, name: str, writer: ShardWriter) -> None:
+        ckpt, info = self.ckpt, self.ckpt.infos[name]
+        raw = ckpt.raw(name)
+        flat = ckpt.view(name).reshape(-1) if info.dtype in FLOAT_DTYPES else None
+        step = _CHUNK - _CHUNK % 8
+        for off in range(0, info.nbytes, step):
+            stop = min(off + step, info.nbytes)
+            if flat is not None:
+                size = flat.element_size()
+                if not all_finite(flat[off // size:stop // size]):
+                    raise CheckpointError(f"{info.file}: tensor {name!r} has NaN or inf values; "
+                                          "refusing to protect a broken checkpoint.")
+            writer.write(name, raw[off:stop])
+            ckpt.drop_pages(name, off, stop)
+        if info.nbytes == 0:
+            writer.write(name, b"")
 
     # -- verify ---------------------------------------------------------------------------
     def _out_view(self, path: Path, name: str) -> torch.Tensor:
@@ -449,6 +489,9 @@ class _Streamer:
         for name, tensor_ops in ops.items():
             path = out_root / self.ckpt.shard_of(name).name
             err = check_tensor(name, self._out_view(path, name), self.ckpt.view(name), tensor_ops, self.device)
+            self.ckpt.drop_pages(name)
+            infos, m = self.out[path]
+            drop_mapped_range(m, infos[name].begin, infos[name].end)
             self.worst_error = max(self.worst_error, err)
             if not err <= self.threshold:
                 raise VerificationError(
