@@ -281,9 +281,16 @@ class Checkpoint:
         return t.reshape(info.shape)
 
     def get_tensor(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
-        """Read one tensor from its shard: a fresh tensor (on ``device`` if given, else the CPU)."""
+        """Read one tensor from its shard: a fresh tensor (on ``device`` if given, else the CPU).
+
+        The shard pages it was copied from are let go (:meth:`drop_pages`), so reading a whole
+        checkpoint tensor by tensor keeps only the current tensor resident.
+        """
         v = self.view(name)
-        return v.clone() if device is None or torch.device(device) == v.device else v.to(device)
+        t = v.clone() if device is None or torch.device(device) == v.device else v.to(device, copy=True)
+        del v
+        self.drop_pages(name)
+        return t
 
     def drop_pages(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Let go of the mapped pages of tensor ``name`` (bytes ``[start, stop)`` of it; all by default).

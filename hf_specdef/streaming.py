@@ -317,7 +317,6 @@ class _Streamer:
     # -- deform ---------------------------------------------------------------------------
     def _load(self, name: str) -> torch.Tensor:
         t = self.ckpt.get_tensor(name)
-        self.ckpt.drop_pages(name)
         if not all_finite(t):
             raise CheckpointError(f"{self.ckpt.infos[name].file}: tensor {name!r} has NaN or inf values; "
                                   "refusing to protect a broken checkpoint.")
