@@ -357,6 +357,27 @@ def test_architectures_and_prefixes_match_in_memory(arch, tmp_path):
             torch.testing.assert_close(streamed[key], p.data, atol=1e-6, rtol=0)
             compared += 1
     assert compared >= len(streamed) - 2  # all but tied duplicates / buffers
+    assert not (tmp_path / "dst" / "model.safetensors.index.json").exists()  # single file in, single file out
+
+
+def test_other_weight_formats_are_not_copied(tmp_path):
+    src = _save(tiny_llama(layers=1), tmp_path / "src")
+    (src / "pytorch_model.bin").write_bytes(b"unprotected weights")
+    (src / "README.md").write_text("# card")
+    report = protect_checkpoint(src, tmp_path / "dst", SpecDefConfig(sites=("attn.vo",)), progress=False)
+    assert not (tmp_path / "dst" / "pytorch_model.bin").exists()
+    assert (tmp_path / "dst" / "README.md").read_text() == "# card"
+    assert any("pytorch_model.bin" in n for n in report.notes)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_matches_cpu(llama_src, tmp_path):
+    cpu = protect_checkpoint(llama_src, tmp_path / "cpu", CFG, device="cpu", progress=False)
+    gpu = protect_checkpoint(llama_src, tmp_path / "gpu", CFG, progress=False)  # None: picks cuda
+    assert gpu.device.startswith("cuda") and cpu.device == "cpu"
+    a, b = _all_tensors(tmp_path / "cpu"), _all_tensors(tmp_path / "gpu")
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------
