@@ -291,7 +291,8 @@ def _json_default(o: Any) -> Any:
 
 
 def _ratio(num: dict[str, Any] | None, den: dict[str, Any] | None) -> float | None:
-    if not num or not den or not den.get("steps_to_target"):
+    """Steps ratio; None when either side is missing or the reference never reached the target (undefined)."""
+    if not num or not den or not den.get("steps_to_target") or not den.get("reached"):
         return None
     return num["steps_to_target"] / den["steps_to_target"]
 

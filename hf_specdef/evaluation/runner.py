@@ -61,8 +61,8 @@ class AttackConfig:
         smoothing: EMA coefficient (bias corrected) applied to the training loss for ``steps_to_target``;
             0 uses the raw loss. Ignored when an evaluation function is given.
         stop_at_target: stop when the target is reached (the curve is then shorter than the budget).
-        divergence: stop (counted as never reaching the target) once the smoothed loss exceeds
-            ``divergence`` times the first loss, or is not finite.
+        divergence: stop (counted as never reaching the target) once the smoothed (or evaluation) loss exceeds
+            ``divergence`` times the loss of the first batch before any update, or is not finite.
         momentum: SGD momentum.
         max_steps: stop after this many steps even if the budget is larger (used by :func:`sweep` with
             ``prune=True``); ``steps_to_target`` still counts a run that did not reach the target as ``steps + 1``.
@@ -97,7 +97,7 @@ class AttackConfig:
             raise ValueError(f"AttackConfig.smoothing={self.smoothing!r} is invalid: use 0 <= smoothing < 1.")
         if self.train in ("sites", "bypass") and not self.site_names:
             raise ValueError(f"AttackConfig(train={self.train!r}) needs site_names (see site_parameter_names()).")
-        if self.train in ("lora", "specundo") and self.train == "lora" and not self.target_modules:
+        if self.train == "lora" and not self.target_modules:
             raise ValueError("AttackConfig(train='lora') needs target_modules (e.g. ['q_proj', 'v_proj']).")
 
 
@@ -280,7 +280,8 @@ def run_attack(
             acc = cfg.smoothing * acc + (1 - cfg.smoothing) * value
             point = acc / (1 - cfg.smoothing ** (step + 1)) if cfg.smoothing else value
         curve.append(point)
-        if not math.isfinite(point) or point > cfg.divergence * max(curve[0], 1e-8):
+        ref = losses[0] if math.isfinite(losses[0]) else curve[0]  # the loss before any update
+        if not math.isfinite(point) or point > cfg.divergence * max(ref, 1e-8):
             diverged = True
             break
         if cfg.target is not None and point <= cfg.target:
