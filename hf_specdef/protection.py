@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -138,28 +139,10 @@ def protect_model(
     plans = engine.plan_pairs(pairs, tensors, cfg)
     notes = sorted({n for p in plans for n in p.notes})
     upcast = _upcast(model, plans) if cfg.precision == "float32" else None
-    reference = None
     if verify:  # after any upcast: the check measures the deformation alone
         inputs = inputs if inputs is not None else probe.probe_inputs(model)
-        reference = probe.run_probe(model, inputs)
-    backup, results = Backup(), []
-    try:
-        with torch.no_grad():
-            for plan in tqdm(plans, desc="SpecDef protect", unit="pair", disable=not progress, leave=False):
-                results.append(_deform_with_backup(plan, tensors, cfg, backup if verify else None))
-        deviation = None
-        if verify:
-            deviation = probe.max_relative_deviation(reference, probe.run_probe(model, inputs))
-            if not deviation <= cfg.tolerance:
-                raise VerificationError(
-                    f"protected outputs deviate by {deviation:.3g} (max relative) > tolerance={cfg.tolerance:g}; "
-                    "the model was restored unchanged. Lower alpha, use mode='axis' with a power-of-two alpha, "
-                    "or protect in float32."
-                )
-    except BaseException:
-        if verify:
-            backup.restore(tensors)
-        raise
+    run = (lambda: probe.run_probe(model, inputs)) if verify else None
+    results, _, deviation = deform_verified(plans, tensors, cfg, run=run, progress=progress)
     set_record(model, make_record(cfg, results, deviation))
     if upcast:
         notes.append(upcast)
@@ -168,10 +151,52 @@ def protect_model(
     return report
 
 
-def _deform_with_backup(plan: Plan, tensors: ParamTensors, cfg: SpecDefConfig, backup: Backup | None) -> PairResult:
-    if backup is None:
-        return engine.deform_pair(plan, tensors, cfg)
-    return engine.deform_pair(plan, tensors, cfg, before_apply=lambda m: backup.save(plan.pair, m, tensors))
+def deform_verified(
+    plans: Sequence[Plan],
+    tensors: MutableMapping[str, torch.Tensor],
+    cfg: SpecDefConfig,
+    *,
+    run: Callable[[], torch.Tensor | Sequence[torch.Tensor]] | None = None,
+    check: Callable[[list[PairResult], MutableMapping[str, torch.Tensor]], None] | None = None,
+    progress: bool = True,
+) -> tuple[list[PairResult], Backup, float | None]:
+    """Deform ``plans`` in place with an exact backup of every changed row/column; verify; return the backup.
+
+    ``run()`` computes the output(s) to preserve (called before and after; the deviation is the max over
+    outputs) and ``check(results, tensors)`` may veto the result (SPEC §7 claims). On any failure every
+    change is restored exactly and the error propagates (:class:`VerificationError` for a deviation above
+    ``cfg.tolerance``). Returns ``(results, backup, deviation)``; ``backup.restore(tensors)`` undoes it.
+    """
+    reference = _as_list(run()) if run is not None else None
+    backup, results = Backup(), []
+    try:
+        with torch.no_grad():
+            for plan in tqdm(plans, desc="SpecDef protect", unit="pair", disable=not progress, leave=False):
+                results.append(engine.deform_pair(plan, tensors, cfg, before_apply=functools.partial(
+                    _save_backup, backup, plan.pair, tensors)))
+        deviation = None
+        if reference is not None:
+            deviation = max(probe.max_relative_deviation(r, o) for r, o in zip(reference, _as_list(run()), strict=True))
+            if not deviation <= cfg.tolerance:
+                raise VerificationError(
+                    f"protected outputs deviate by {deviation:.3g} (max relative) > tolerance={cfg.tolerance:g}; "
+                    "every change was restored and nothing was written. Lower alpha, use mode='axis' with a power-of-two alpha, "
+                    "or protect in float32."
+                )
+        if check is not None:
+            check(results, tensors)
+    except BaseException:
+        backup.restore(tensors)
+        raise
+    return results, backup, deviation
+
+
+def _save_backup(backup: Backup, pair: Pair, tensors: MutableMapping[str, torch.Tensor], m: Deformation) -> None:
+    backup.save(pair, m, tensors)
+
+
+def _as_list(out: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [out] if torch.is_tensor(out) else list(out)
 
 
 def is_pipeline(obj: Any) -> bool:

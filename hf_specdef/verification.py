@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from . import linalg, probe
+from . import engine, linalg, probe
+from .engine import PairResult
 from .record import get_record
 
 
@@ -61,3 +63,29 @@ def verify(
     dev = probe.max_relative_deviation(ref, probe.run_probe(protected, moved))
     dtype = storage_dtype(protected)
     return VerifyResult(dev, tolerance, str(dtype).replace("torch.", ""), budget_for(protected), dev <= tolerance)
+
+
+class DeformationCheckError(ValueError):
+    """The weights about to be written do not show the deformation the record claims (SPEC §7)."""
+
+
+def check_deformation(results: list[PairResult], tensors: Any, rel: float = 1e-2) -> None:
+    """Check that ``tensors`` show the deformation ``results`` claim; raise :class:`DeformationCheckError` if not.
+
+    For each pair the producer block's sigma_1 is recomputed exactly (top singular value, no full
+    SVD): it must reach the recorded ``sigma_after`` (within ``rel``) and be inflated over
+    ``sigma_before`` — by ``factor`` in spectral mode, by at least ``factor / sqrt(d)`` in axis mode
+    (scaling the largest of ``d`` rows by ``factor`` guarantees that much).
+    """
+    bad = []
+    for r in results:
+        block = engine.producer_block(r.pair, tensors)
+        s = float(linalg.top_singular_values(block, 1)[0])
+        f = r.deformation.factor
+        inflated = f / math.sqrt(block.shape[0]) if r.mode == "axis" else f
+        if not (s >= (1 - rel) * r.sigma_after and s >= (1 - rel) * inflated * r.sigma_before):
+            bad.append(f"{r.pair.key}: sigma_1 {s:.4g} (before {r.sigma_before:.4g}, recorded after {r.sigma_after:.4g})")
+    if bad:
+        raise DeformationCheckError(
+            f"{len(bad)} of {len(results)} pairs do not show the claimed deformation, refusing to write: {bad[:3]}"
+        )

@@ -122,7 +122,7 @@ def test_failed_verification_restores_exactly(monkeypatch):
     model = tiny_llama()
     before = _snapshot(model)
     monkeypatch.setattr(probe_mod, "max_relative_deviation", lambda ref, out: 0.5)  # as if the model broke
-    with pytest.raises(VerificationError, match="restored unchanged"):
+    with pytest.raises(VerificationError, match="every change was restored"):
         protect(model, SpecDefConfig(alpha=1000.0), progress=False)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert getattr(model.config, "specdef", None) is None

@@ -45,18 +45,17 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline, ModelMixin
-from tqdm.auto import tqdm
 
 from .. import engine, probe
 from ..config import CONFIG_KEY, SpecDefConfig
 from ..engine import PairResult
-from ..protection import Backup, ParamTensors, VerificationError, _check_materialized, _deform_with_backup, _upcast, model_pairs
+from ..protection import Backup, ParamTensors, _check_materialized, _upcast, deform_verified, model_pairs
 from ..record import check_not_protected, get_record, make_record, set_record
 from ..report import ProtectionReport
 from ..sites import NoSitesError, Pair, TensorBlock
 from ..sites import diffusers as diffusers_sites
 from ..sites.registry import cfg_get
-from .transformers import DeformationCheckError, check_deformation  # one SPEC §7 check for both libraries
+from ..verification import DeformationCheckError, check_deformation  # one SPEC §7 check for both libraries
 
 try:  # LegacyModelMixin (Transformer2DModel) overrides from_pretrained
     from diffusers.models.modeling_utils import LegacyModelMixin
@@ -422,35 +421,25 @@ def _apply(
         notes += [f"{name}: {note}" for name, module in used.items() if (note := _upcast(module, plans))]
 
     # with the pipeline pair, the text encoder's output changes and only the composed function is kept
-    composed_ids = te_ref = te_ids = reference = None
+    run = None
     if verify:
         inputs = inputs if inputs is not None else probe.probe_inputs(denoiser)
+        composed_ids = te_ids = None
         if pipe_pair is not None:
             if "encoder_hidden_states" not in inputs:
                 raise ValueError("verification of the pipeline-level norm site needs probe inputs with encoder_hidden_states.")
             composed_ids = _text_ids(te, cfg.seed, inputs["encoder_hidden_states"].shape[0])
         elif text_encoder:  # the text encoder alone is function-preserving: check it on its own
             te_ids = _text_ids(te, cfg.seed, 2)
-            te_ref = probe.run_probe(te, {"input_ids": te_ids})
-        reference = _composed_output(used, dname, inputs, composed_ids)
 
-    backup = Backup()
-    applied = _Applied(tensors, backup, {n: _save_config(m) for n, m in used.items()}, dict(used))
-    results: list[PairResult] = []
+        def run() -> list[torch.Tensor]:
+            outs = [_composed_output(used, dname, inputs, composed_ids)]
+            return outs + ([probe.run_probe(te, {"input_ids": te_ids})] if te_ids is not None else [])
+
+    configs = {n: _save_config(m) for n, m in used.items()}
+    results, backup, deviation = deform_verified(plans, tensors, cfg, run=run, progress=progress)
+    applied = _Applied(tensors, backup, configs, dict(used))
     try:
-        for plan in tqdm(plans, desc="SpecDef protect", unit="pair", disable=not progress, leave=False):
-            results.append(_deform_with_backup(plan, tensors, cfg, backup))
-        deviation = None
-        if verify:
-            deviation = probe.max_relative_deviation(reference, _composed_output(used, dname, inputs, composed_ids))
-            if te_ref is not None:
-                deviation = max(deviation, probe.max_relative_deviation(te_ref, probe.run_probe(te, {"input_ids": te_ids})))
-            if not deviation <= cfg.tolerance:
-                raise VerificationError(
-                    f"protected outputs deviate by {deviation:.3g} (max relative) > tolerance={cfg.tolerance:g}; "
-                    "the pipeline was restored unchanged. Lower alpha, use mode='axis' with a power-of-two alpha, "
-                    "or protect in float32."
-                )
         _write_records(used, dname, cfg, te_cfg, results, deviation)
     except BaseException:
         applied.restore()

@@ -19,23 +19,22 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-from .. import engine, linalg, probe
+from .. import engine, probe
 from ..config import CONFIG_KEY, SpecDefConfig
 from ..engine import PairResult
-from ..protection import Backup, ParamTensors, VerificationError, _check_materialized, _deform_with_backup, model_pairs
+from ..protection import Backup, ParamTensors, _check_materialized, deform_verified, model_pairs
 from ..record import check_not_protected, get_record, make_record, set_record
 from ..report import ProtectionReport
+from ..verification import DeformationCheckError, check_deformation
 from .transformers_quantizer import QUANT_METHOD, SpecDefHfQuantizer, SpecDefQuantizationConfig, register
 
 logger = logging.getLogger("hf_specdef")
@@ -46,10 +45,6 @@ __all__ = [
 ]
 
 _WRAPPED_FLAG = "_specdef_wrapped"
-
-
-class DeformationCheckError(RuntimeError):
-    """The weights about to be written do not show the deformation the record claims (SPEC §7)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,58 +107,17 @@ def install() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def check_deformation(results: list[PairResult], tensors: Any, rel: float = 1e-2) -> None:
-    """Check that ``tensors`` show the deformation ``results`` claim; raise :class:`DeformationCheckError` if not.
-
-    For each pair the producer block's sigma_1 is recomputed exactly (top singular value, no full
-    SVD): it must reach the recorded ``sigma_after`` (within ``rel``) and be inflated over
-    ``sigma_before`` — by ``factor`` in spectral mode, by at least ``factor / sqrt(d)`` in axis mode
-    (scaling the largest of ``d`` rows by ``factor`` guarantees that much).
-    """
-    bad = []
-    for r in results:
-        block = engine.producer_block(r.pair, tensors)
-        s = float(linalg.top_singular_values(block, 1)[0])
-        f = r.deformation.factor
-        inflated = f / math.sqrt(block.shape[0]) if r.mode == "axis" else f
-        if not (s >= (1 - rel) * r.sigma_after and s >= (1 - rel) * inflated * r.sigma_before):
-            bad.append(f"{r.pair.key}: sigma_1 {s:.4g} (before {r.sigma_before:.4g}, recorded after {r.sigma_after:.4g})")
-    if bad:
-        raise DeformationCheckError(
-            f"{len(bad)} of {len(results)} pairs do not show the claimed deformation, refusing to write: {bad[:3]}"
-        )
-
-
 def _protect_with_backup(
     model: PreTrainedModel, cfg: SpecDefConfig, inputs: dict[str, Any] | None, verify: bool, progress: bool
 ) -> tuple[list[PairResult], Backup, float | None, list[str]]:
-    """Deform ``model`` in place, keeping an exact backup of every changed row/column (restored on failure)."""
-    from tqdm.auto import tqdm
-
+    """Deform ``model`` in place, verified and checked (SPEC §7), keeping the exact backup (restored on failure)."""
     tensors = ParamTensors(model)
     pairs, skipped = model_pairs(model, cfg, tensors)
     plans = engine.plan_pairs(pairs, tensors, cfg)
-    reference = None
     if verify:
         inputs = inputs if inputs is not None else probe.probe_inputs(model)
-        reference = probe.run_probe(model, inputs)
-    backup, results = Backup(), []
-    try:
-        with torch.no_grad():
-            for plan in tqdm(plans, desc="SpecDef protect", unit="pair", disable=not progress, leave=False):
-                results.append(_deform_with_backup(plan, tensors, cfg, backup))
-            deviation = None
-            if verify:
-                deviation = probe.max_relative_deviation(reference, probe.run_probe(model, inputs))
-                if not deviation <= cfg.tolerance:
-                    raise VerificationError(
-                        f"protected outputs deviate by {deviation:.3g} (max relative) > tolerance={cfg.tolerance:g}; "
-                        "nothing was written. Lower alpha, use mode='axis' with a power-of-two alpha, or save in float32."
-                    )
-            check_deformation(results, tensors)
-    except BaseException:
-        backup.restore(tensors)
-        raise
+    run = (lambda: probe.run_probe(model, inputs)) if verify else None
+    results, backup, deviation = deform_verified(plans, tensors, cfg, run=run, check=check_deformation, progress=progress)
     return results, backup, deviation, skipped
 
 
