@@ -49,8 +49,11 @@ def write_plots(results: dict[str, Any], out: str | Path) -> list[str]:
         ax.axhline(s["target_loss"], color="black", linewidth=0.8, linestyle="--", label=f"target {s['target_loss']:.3f}")
         ax.set_xscale("log")
         ax.set_xlim(1, s["budget"])
-        top = max(s["initial_loss"] * 1.5, s["target_loss"] * 1.2)
-        ax.set_ylim(min(s["reference_best_loss"], s["target_loss"]) * 0.97, top)
+        low = min(s["reference_best_loss"], s["target_loss"])
+        high = max([s["initial_loss"]] + [v for ln in ax.get_lines() for v in ln.get_ydata() if v == v])
+        high = min(high, s["initial_loss"] + 3 * (s["initial_loss"] - low))  # keep the target region readable
+        pad = 0.05 * (high - low)
+        ax.set_ylim(low - pad, high + pad)
         ax.set_xlabel("step")
         ax.set_ylabel("evaluation loss")
         ax.set_title(f"{results['model']['scenario']}: best learning rate per variant, {opt}")
@@ -66,10 +69,14 @@ def write_plots(results: dict[str, Any], out: str | Path) -> list[str]:
             if opt not in per:
                 continue
             color, ls = STYLE.get(name, (None, "-"))
-            xs = [r["lr"] for r in per[opt]["sweep"]]
-            ys = [r["steps_to_target"] for r in per[opt]["sweep"]]
-            ax.plot(xs, ys, marker="o", color=color, linestyle=ls, label=name)
+            sweep = sorted(per[opt]["sweep"], key=lambda r: r["lr"])
+            full = [r for r in sweep if not r.get("pruned_at")]
+            ax.plot([r["lr"] for r in full], [r["steps_to_target"] for r in full], marker="o", color=color,
+                    linestyle=ls, label=name)
+            cut = [r for r in sweep if r.get("pruned_at")]
+            ax.scatter([r["lr"] for r in cut], [max(r["pruned_at"], 1) for r in cut], marker="x", color=color, s=18)
         ax.axhline(s["budget"] + 1, color="black", linewidth=0.8, linestyle="--", label="never (budget+1)")
+        ax.scatter([], [], marker="x", color="gray", label="x: stopped there (no better than the best)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("learning rate")
