@@ -13,30 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
-from ..config import MODES, PRECISION_POLICIES, RECORD_LEVELS, SITE_TYPES, SpecDefConfig
-
-
-def parse_layers(text: str) -> str | tuple[int, ...]:
-    """``all`` | ``cross-attention`` | ``random:N`` | ``0,3,5``."""
-    text = text.strip()
-    if text in ("all", "cross-attention") or text.startswith("random:"):
-        return text
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--layers {text!r}: use 'all', 'cross-attention', 'random:N' or a comma-separated list of layer indices"
-        ) from None
-
-
-def parse_sites(text: str) -> tuple[str, ...]:
-    sites = tuple(s.strip() for s in text.split(",") if s.strip())
-    bad = [s for s in sites if s not in SITE_TYPES]
-    if bad or not sites:
-        raise argparse.ArgumentTypeError(f"--sites {text!r}: use a comma-separated subset of {','.join(SITE_TYPES)}")
-    return sites
+from .config_args import add_config_arguments, config_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,16 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="local checkpoint folder (model or diffusers pipeline) or Hub id")
     parser.add_argument("--repo-id", help="destination Hub repository owner/name (optional with --dry-run)")
     parser.add_argument("--base-model", help="the source's Hub id for the card metadata when --model is a local folder")
-    cfg = parser.add_argument_group("protection (SpecDefConfig)")
-    cfg.add_argument("--alpha", type=float, help="inflation factor > 1 (default 1000)")
-    cfg.add_argument("--sites", type=parse_sites, help=f"comma-separated subset of {','.join(SITE_TYPES)}")
-    cfg.add_argument("--top-k", type=int, help="directions / channels per site block (default 1)")
-    cfg.add_argument("--layers", type=parse_layers, help="all | cross-attention | random:N | 0,1,5")
-    cfg.add_argument("--mode", choices=MODES, help="spectral (default) or axis")
-    cfg.add_argument("--precision", choices=PRECISION_POLICIES, help="precision-budget policy (default refuse)")
-    cfg.add_argument("--record", choices=RECORD_LEVELS, help="detail of the protection record and card (default minimal)")
-    cfg.add_argument("--tolerance", type=float, help="max relative output deviation accepted (default 1e-4)")
-    cfg.add_argument("--seed", type=int, help="seed for --layers random:N")
+    add_config_arguments(parser)
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
     parser.add_argument("--dry-run", action="store_true", help="only write the folder; no token, no network")
     parser.add_argument("--output-dir", help="keep the published folder here (must not exist unless --overwrite)")
@@ -64,13 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", help="custom Jinja model-card template (default: the packaged one)")
     parser.add_argument("--device", help="device for the protection math (default: the best available)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def config_from_args(args: argparse.Namespace) -> SpecDefConfig:
-    """A :class:`SpecDefConfig` from the flags that were given (defaults for the rest)."""
-    keys = ("alpha", "sites", "top_k", "layers", "mode", "precision", "record", "tolerance", "seed")
-    given: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-    return SpecDefConfig(**given)
 
 
 def run(args: argparse.Namespace) -> int:
