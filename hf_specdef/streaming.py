@@ -590,8 +590,8 @@ def _copy_others(src: Path, tmp: Path, ckpt: Checkpoint) -> list[str]:
             if p.resolve() in skip:
                 continue
             rel = p.relative_to(src)
-            if p.parent.resolve() == root_real and fn.endswith(UNPROTECTED_WEIGHT_SUFFIXES):
-                notes.append(f"not copied: {rel} (weights in another format would ship unprotected)")
+            if p.parent.resolve() == root_real and fn.endswith(UNPROTECTED_WEIGHT_SUFFIXES + (".safetensors",)):
+                notes.append(f"not copied: {rel} (weights outside the protected checkpoint would ship unprotected)")
                 continue
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -642,11 +642,21 @@ def _commit(tmp: Path, dst: Path, overwrite: bool) -> None:
         if not overwrite:
             raise FileExistsError(f"destination {dst} appeared while protecting; nothing was written to it.")
         old = dst.parent / f".{dst.name}.specdef-old-{uuid.uuid4().hex[:8]}"
-        os.rename(dst, old)
-        os.rename(tmp, dst)
+        try:
+            os.rename(dst, old)
+        except OSError as e:
+            raise CheckpointError(f"cannot replace {dst}: {e}") from None
+        try:
+            os.rename(tmp, dst)
+        except OSError as e:
+            os.rename(old, dst)  # put the previous destination back
+            raise CheckpointError(f"cannot rename {tmp} to {dst}: {e}") from None
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.rename(tmp, dst)
+        try:
+            os.rename(tmp, dst)
+        except OSError as e:
+            raise CheckpointError(f"cannot rename {tmp} to {dst}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------

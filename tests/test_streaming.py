@@ -363,9 +363,14 @@ def test_architectures_and_prefixes_match_in_memory(arch, tmp_path):
 def test_other_weight_formats_are_not_copied(tmp_path):
     src = _save(tiny_llama(layers=1), tmp_path / "src")
     (src / "pytorch_model.bin").write_bytes(b"unprotected weights")
+    shutil.copy(src / "model.safetensors", src / "consolidated.safetensors")  # a stale duplicate next to an index
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "model.safetensors" for k in _all_tensors(src)}}))
     (src / "README.md").write_text("# card")
     report = protect_checkpoint(src, tmp_path / "dst", SpecDefConfig(sites=("attn.vo",)), progress=False)
     assert not (tmp_path / "dst" / "pytorch_model.bin").exists()
+    assert not (tmp_path / "dst" / "consolidated.safetensors").exists()
+    assert (tmp_path / "dst" / "model.safetensors.index.json").exists()
     assert (tmp_path / "dst" / "README.md").read_text() == "# card"
     assert any("pytorch_model.bin" in n for n in report.notes)
 
