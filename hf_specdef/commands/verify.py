@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``hf-specdef verify``."""
     parser.add_argument("original", metavar="ORIGINAL", help="the unprotected checkpoint folder")
     parser.add_argument("protected", metavar="PROTECTED", help="the protected checkpoint folder")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="max relative output deviation accepted (default 1e-4)")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="max relative output deviation accepted (default: SpecDefConfig's tolerance)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -65,6 +66,10 @@ def run(args: argparse.Namespace) -> int:
     from ..record import get_record
     from ..verification import verify
 
+    if args.tolerance is None:
+        from ..config import SpecDefConfig
+
+        args.tolerance = SpecDefConfig().tolerance
     if not args.tolerance > 0:
         raise ValueError(f"--tolerance {args.tolerance:g}: use a number > 0 (e.g. 1e-4).")
     original, protected = model_folder(args.original), model_folder(args.protected)
