@@ -62,7 +62,8 @@ class AttackConfig:
             0 uses the raw loss. Ignored when an evaluation function is given.
         stop_at_target: stop when the target is reached (the curve is then shorter than the budget).
         divergence: stop (counted as never reaching the target) once the smoothed (or evaluation) loss exceeds
-            ``divergence`` times the loss of the first batch before any update, or is not finite.
+            ``divergence`` times the loss before any update (the evaluation loss when an evaluation function
+            is given, else the first batch's loss), or is not finite.
         momentum: SGD momentum.
         max_steps: stop after this many steps even if the budget is larger (used by :func:`sweep` with
             ``prune=True``); ``steps_to_target`` still counts a run that did not reach the target as ``steps + 1``.
@@ -257,6 +258,7 @@ def run_attack(
     losses: list[float] = []
     curve: list[float] = []
     acc, diverged, reached = 0.0, False, False
+    start_eval = float(eval_fn(work)) if eval_fn is not None else None  # divergence reference
     it = batches(cfg.seed)
     n_steps = cfg.steps if cfg.max_steps is None else min(cfg.steps, max(cfg.max_steps, 0))
     bar = tqdm(range(n_steps), desc=label or f"{cfg.train}/{cfg.optimizer} lr={cfg.lr:g}", leave=False,
@@ -280,7 +282,7 @@ def run_attack(
             acc = cfg.smoothing * acc + (1 - cfg.smoothing) * value
             point = acc / (1 - cfg.smoothing ** (step + 1)) if cfg.smoothing else value
         curve.append(point)
-        ref = losses[0] if math.isfinite(losses[0]) else curve[0]  # the loss before any update
+        ref = start_eval if start_eval is not None else losses[0]  # the loss before any update
         if not math.isfinite(point) or point > cfg.divergence * max(ref, 1e-8):
             diverged = True
             break
@@ -289,7 +291,9 @@ def run_attack(
             if cfg.stop_at_target:
                 break
     n = steps_to_target(curve, cfg.target, cfg.steps) if cfg.target is not None else None
-    extra = {"pruned_at": n_steps} if n_steps < cfg.steps and not reached and not diverged else {}
+    extra: dict[str, Any] = {"pruned_at": n_steps} if n_steps < cfg.steps and not reached and not diverged else {}
+    if start_eval is not None:
+        extra["initial_eval"] = start_eval
     return RunResult(
         train=cfg.train, optimizer=cfg.optimizer, lr=cfg.lr, budget=cfg.steps, losses=losses, curve=curve,
         steps_to_target=n, reached=reached, diverged=diverged, trainable_params=sum(p.numel() for p in params),
