@@ -115,6 +115,8 @@ def pick_device(device: torch.device | str | None) -> torch.device:
 
 @dataclass
 class StreamPlan:
+    """What a streaming run will do, decided from the headers before anything is read or written."""
+
     pairs: list[Pair]
     plans: list[Plan]
     components: list[list[int]]  # pair indices, in registry order; components in order of their first pair
