@@ -45,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import SpecDefConfig
+from ..protection import protect
 from .runner import AttackConfig, RunResult, UndoUnavailableError, best_run, site_parameter_names, sweep
 
 logger = logging.getLogger("hf_specdef")
@@ -200,10 +201,7 @@ def run_benchmark(cfg: BenchConfig, out: str | os.PathLike, *, progress: bool = 
     protection: dict[str, Any] = {}
     for a in sorted(cfg.alphas):
         pm = copy.deepcopy(base)
-        spec_cfg = scenario.protect_config(alpha=a, sites=cfg.sites, mode=cfg.mode) if hasattr(scenario, "protect_config") \
-            else SpecDefConfig(alpha=a, sites=cfg.sites, mode=cfg.mode, record="full")
-        from ..protection import protect
-
+        spec_cfg = SpecDefConfig(alpha=a, sites=cfg.sites, mode=cfg.mode, record="full")
         report = protect(pm, spec_cfg, inputs=scenario.probe_inputs(pm), progress=False)
         models[a] = pm
         protection[f"{a:g}"] = {"max_relative_deviation": report.deviation, "sites": report.sites,
@@ -276,17 +274,24 @@ def run_benchmark(cfg: BenchConfig, out: str | os.PathLike, *, progress: bool = 
                          "platform": platform.platform(), "device": str(next(base.parameters()).device)}
     results["model"] = {"parameters": n_params, "site_parameters": n_sites, "site_tensors": len(site_names),
                         "scenario": cfg.scenario, "description": scenario.description}
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    results = _finite(results)
     results["plots"] = plots.write_plots(results, out)
     results["table_markdown"] = markdown_table(results)
     (out / "results.md").write_text(results["table_markdown"] + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default))
+    (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False))
     return results
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
+def _finite(o: Any) -> Any:
+    """JSON-safe copy: non-finite floats (diverged runs) become None, tuples lists, other objects strings."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {str(k): _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if o is None or isinstance(o, (str, int, bool)):
+        return o
     return str(o)
 
 
@@ -359,8 +364,9 @@ def markdown_table(results: dict[str, Any]) -> str:
             ratio = _ratio(row, ref)
             steps = f"{row['steps_to_target']}" if row["reached"] else f">{budget} (never)"
             rtxt = "-" if ratio is None else (f"{ratio:.2f}x" if row["reached"] else f">={ratio:.1f}x")
+            final = "nan" if row["final_loss"] is None else f"{row['final_loss']:.4f}"
             lines.append(f"| {name} | {opt} | {row['train']} | {row['lr']:.0e} | {steps} | {rtxt} | "
-                         f"{row['final_loss']:.4f} | {row['trainable_params']:,} |")
+                         f"{final} | {row['trainable_params']:,} |")
     for name in results.get("skipped", {}):
         lines.append(f"| {name} | - | skipped | - | - | - | - | - |")
     lines.append("")

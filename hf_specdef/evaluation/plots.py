@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,11 @@ STYLE = {
     "merge-undo": ("tab:purple", "-."),
     "bypass": ("tab:gray", ":"),
 }
+
+
+def _nan(values: list[float | None]) -> list[float]:
+    """Curves come from JSON, where a non-finite loss is stored as None."""
+    return [float("nan") if v is None else float(v) for v in values]
 
 
 def _pyplot() -> Any:
@@ -45,12 +51,12 @@ def write_plots(results: dict[str, Any], out: str | Path) -> list[str]:
             steps = range(1, len(run["curve"]) + 1)
             n = per[opt]["steps_to_target"]
             label = f"{name} (lr {best_lr:.0e}, {n if per[opt]['reached'] else 'never'})"
-            ax.plot(steps, run["curve"], color=color, linestyle=ls, label=label, linewidth=1.4)
+            ax.plot(steps, _nan(run["curve"]), color=color, linestyle=ls, label=label, linewidth=1.4)
         ax.axhline(s["target_loss"], color="black", linewidth=0.8, linestyle="--", label=f"target {s['target_loss']:.3f}")
         ax.set_xscale("log")
         ax.set_xlim(1, s["budget"])
         low = min(s["reference_best_loss"], s["target_loss"])
-        high = max([s["initial_loss"]] + [v for ln in ax.get_lines() for v in ln.get_ydata() if v == v])
+        high = max([s["initial_loss"]] + [v for ln in ax.get_lines() for v in ln.get_ydata() if math.isfinite(v)])
         high = min(high, s["initial_loss"] + 3 * (s["initial_loss"] - low))  # keep the target region readable
         pad = 0.05 * (high - low)
         ax.set_ylim(low - pad, high + pad)
