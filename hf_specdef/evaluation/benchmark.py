@@ -104,14 +104,14 @@ class BenchConfig:
     def preset(cls, name: str, **kw: Any) -> BenchConfig:
         """``"quick"`` (<= 10 min on 2 CPU cores), ``"full"``, or ``"tiny"`` (a smoke test of seconds)."""
         if name == "quick":
-            base: dict[str, Any] = dict(reference_steps=10, sgd_variants=("unprotected", "protected-a1000",
+            base: dict[str, Any] = dict(reference_steps=15, sgd_variants=("unprotected", "protected-a1000",
                                                                            "unprotected-lora", "specundo", "bypass"))
         elif name == "full":
             base = dict(reference_steps=25, adam_lrs=(1e-7, 1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
                         sgd_lrs=(1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 0.3, 1.0),
                         scenario_kwargs=dict(pretrain_steps=800))
         elif name == "demo":
-            base = dict(reference_steps=10, alphas=(1000.0,), optimizers=("adam",),
+            base = dict(reference_steps=15, alphas=(1000.0,), optimizers=("adam",),
                         variant_names=("unprotected", "protected-a1000", "unprotected-lora", "specundo", "merge-undo",
                                        "bypass"))
         elif name == "tiny":
