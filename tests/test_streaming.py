@@ -336,7 +336,10 @@ ARCHS = {
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_architectures_and_prefixes_match_in_memory(arch, tmp_path):
+def test_architectures_and_prefixes_match_in_memory(arch, tmp_path, monkeypatch):
+    import hf_specdef.streaming as streaming
+
+    monkeypatch.setattr(streaming, "_SMALL", 0)  # verify every matrix on the sketch (Conv1D, fused qkv, biases...)
     build, prefix = ARCHS[arch]
     src = _save(build(), tmp_path / "src")
     streamed_keys = set(_all_tensors(src))
@@ -344,6 +347,7 @@ def test_architectures_and_prefixes_match_in_memory(arch, tmp_path):
     cfg = SpecDefConfig(alpha=1000.0)
     report = protect_checkpoint(src, tmp_path / "dst", cfg, progress=False)
     assert report.results and report.deviation is not None and report.deviation <= cfg.tolerance
+    assert report.tensor_error is not None and report.tensor_error < 1e-5
     model = build()
     mem = protect(model, cfg, progress=False)
     assert [(r.pair.site, r.pair.layer, r.pair.group) for r in mem.results] == \
