@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=1000.0)
     p.add_argument("--sites", default="attn.vo,attn.qk,mlp,norm", help="comma-separated site types")
     p.add_argument("--mode", default="spectral", choices=["spectral", "axis"])
-    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--tolerance", type=float, default=None, help="verification tolerance (default: the SpecDefConfig default)")
     p.add_argument("--precision", default="refuse", choices=["refuse", "axis", "float32"])
     p.add_argument("--no-verify", action="store_true", help="skip the probe verification (two forward passes)")
     p.add_argument("--profile", action="store_true", help="print a cProfile summary of one protected load")
@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    extra = {} if args.tolerance is None else {"tolerance": args.tolerance}
     cfg = SpecDefConfig(alpha=args.alpha, sites=tuple(args.sites.split(",")), mode=args.mode, precision=args.precision,
-                        tolerance=args.tolerance)
+                        **extra)
     from hf_specdef.integrations.transformers import SpecDefQuantizationConfig
 
     spec = SpecDefQuantizationConfig(cfg, verify=not args.no_verify)
