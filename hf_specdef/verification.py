@@ -10,6 +10,7 @@ import torch
 
 from . import engine, linalg, probe
 from .engine import PairResult
+from .config import SpecDefConfig
 from .record import get_record
 
 
@@ -50,13 +51,14 @@ def verify(
     reference: torch.nn.Module,
     protected: torch.nn.Module,
     inputs: dict[str, Any] | None = None,
-    tolerance: float = 1e-4,
+    tolerance: float | None = None,
 ) -> VerifyResult:
     """Compare ``protected`` with ``reference`` on ``inputs`` (a probe batch from the config if None).
 
     ``ok`` is True when the max relative deviation ``max|out - ref| / max|ref|`` is within
-    ``tolerance`` and outputs are finite.
+    ``tolerance`` (default: :class:`SpecDefConfig`'s) and outputs are finite.
     """
+    tolerance = SpecDefConfig().tolerance if tolerance is None else tolerance
     inputs = inputs if inputs is not None else probe.probe_inputs(reference)
     ref = probe.run_probe(reference, inputs)
     moved = {k: v.to(probe.model_device(protected)) if torch.is_tensor(v) else v for k, v in inputs.items()}
