@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from . import engine, linalg, probe
-from .engine import PairResult
 from .config import SpecDefConfig
+from .engine import PairResult
 from .record import get_record
 
 
