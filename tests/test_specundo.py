@@ -91,7 +91,7 @@ def test_detection_threshold_validated() -> None:
 # --------------------------------------------------------------------------------------------
 
 def _sigma(t: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(t.double(), 2)) if t.dim() == 2 else float(t.abs().max())
+    return float(torch.linalg.matrix_norm(t.detach().double(), 2)) if t.dim() == 2 else float(t.detach().abs().max())
 
 
 @pytest.mark.parametrize("knowledge", ["blind", "recipe"])
