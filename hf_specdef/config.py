@@ -36,7 +36,8 @@ class SpecDefConfig:
         layers: ``"all"``, a list of layer indices, ``"random:N"`` (N layers drawn with ``seed``), or
             ``"cross-attention"`` (diffusion denoisers: cross-attention blocks only).
         mode: ``"spectral"`` (the paper's SpecDef: top-k singular directions) or ``"axis"`` (diagonal
-            scaling of channels; bit-exact in any float format when alpha is a power of two). Sites that
+            scaling of channels; bit-exact in float32/bfloat16 when alpha is a power of two;
+            not in float16, whose narrow range makes ``C / alpha`` subnormal). Sites that
             only admit a diagonal map (``mlp``, ``norm``, ``attn.qk`` with rotary embeddings) always use
             axis scaling.
         tolerance: largest max relative output deviation accepted by verification. Default 1e-3:

@@ -106,7 +106,7 @@ def _resolve_budget(plan: Plan, cfg: SpecDefConfig) -> None:
             f"above tolerance={cfg.tolerance:g}; the protected model would be "
             f"broken (first pair: {plan.pair.key}). Options: load/protect in float32; or "
             f"SpecDefConfig(precision='float32') to upcast the model to float32; or "
-            f"SpecDefConfig(mode='axis', alpha={pow2:g}) (a power of two is bit-exact in any float format; "
+            f"SpecDefConfig(mode='axis', alpha={pow2:g}) (a power of two is bit-exact in float32/bfloat16; "
             f"precision='axis' does this switch automatically)."
         )
     if cfg.precision == "axis":
