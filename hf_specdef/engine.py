@@ -16,7 +16,7 @@ import torch
 from . import linalg
 from .config import SpecDefConfig
 from .linalg import Deformation
-from .sites.base import Pair
+from .sites.base import Pair, TensorBlock
 
 logger = logging.getLogger("hf_specdef")
 
@@ -63,14 +63,21 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def producer_block(pair: Pair, tensors: Tensors) -> torch.Tensor:
+def producer_block(pair: Pair, tensors: Tensors,
+                   region: Callable[[TensorBlock], torch.Tensor] | None = None) -> torch.Tensor:
     """The ``d x n`` matrix whose spectrum the pair deforms: its weight producers side by side.
 
     1-D producers (norm weights) are used only when there is no weight matrix. With a single
     producer the result may be a view of the weight (no copy): read it, do not modify it.
+    ``region`` gives the slice of one producer (default: ``tensors[b.name]`` narrowed to the block);
+    the streaming path passes one that reads the slice from a checkpoint.
     """
-    mats = [b for b in pair.producers if tensors[b.name].dim() >= 2] or list(pair.producers)
-    parts = [linalg.as_rows(tensors[b.name].narrow(b.axis, b.start, b.stop - b.start), b.axis) for b in mats]
+    if region is None:
+        def region(b: TensorBlock) -> torch.Tensor:
+            return tensors[b.name].narrow(b.axis, b.start, b.stop - b.start)
+    regions = [(b, region(b)) for b in pair.producers]
+    mats = [(b, r) for b, r in regions if r.dim() >= 2] or regions
+    parts = [linalg.as_rows(r, b.axis) for b, r in mats]
     if len(parts) == 1:
         return parts[0]
     return torch.cat([p.to(parts[0].device) for p in parts], dim=1)
@@ -136,26 +143,19 @@ _EXACT_SIDE = 256  # blocks whose short side is at most this get an exact sigma_
 
 
 def sigma_max(block: torch.Tensor, iters: int = 4) -> float:
-    """Largest singular value of a block, for the report: exact when the short side is <= 256, else
+    """Largest singular value of a block, for the report: exact (to float32) when the short side is <= 256, else
     ``iters`` float32 power iterations warm-started at the largest row (a lower bound, close for the
     weight blocks here)."""
-    if min(block.shape) <= _EXACT_SIDE:
-        return float(linalg.top_singular_values(block, 1)[0])
+    if min(block.shape) <= _EXACT_SIDE:  # eigenvalues of the small float32 Gram matrix (relative error ~1e-7)
+        a = block.to(torch.promote_types(block.dtype, torch.float32))
+        gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+        return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
     a = block.float()
     v = a[a.norm(dim=1).argmax()].clone()
     for _ in range(iters):
         v = a.T @ (a @ v)
         v = v / v.norm().clamp_min(torch.finfo(a.dtype).tiny)
     return float((a @ v).norm())
-
-
-def _axis_sigma_after(block: torch.Tensor, m: Deformation, sigma_before: float) -> float:
-    """sigma_1 after an axis deformation: exact on small blocks; on large ones the max of sigma_1 of the
-    ``k`` scaled rows and ``sigma_before`` (a lower bound within a factor sqrt(2), tight when alpha >> 1)."""
-    if min(block.shape) <= _EXACT_SIDE:
-        return sigma_max(block)
-    rows = block.index_select(0, m.indices.to(block.device))
-    return max(float(linalg.top_singular_values(rows, 1)[0]), sigma_before)
 
 
 def apply_pair(pair: Pair, tensors: Tensors, m: Deformation, inverse: bool = False) -> None:
@@ -166,28 +166,58 @@ def apply_pair(pair: Pair, tensors: Tensors, m: Deformation, inverse: bool = Fal
         linalg.apply_consumer(tensors[b.name], b.axis, b.start, b.stop, m, inverse)
 
 
+def build_deformation(plan: Plan, block: torch.Tensor, cfg: SpecDefConfig) -> tuple[Deformation, float, float]:
+    """``M`` for one pair from its current producer block, and sigma_1 of the block before and after ``M``.
+
+    Spectral pairs: ``M`` from the top-k decomposition, which also gives sigma_1 (after = factor x before,
+    exact in real arithmetic). Axis pairs: sigma_1 measured (see :func:`sigma_max`; small blocks exactly,
+    before and after from one Gram matrix).
+    """
+    if not plan.axis:
+        u, s = linalg.top_left_singular(block, cfg.top_k)
+        return Deformation(block.shape[0], plan.factor, basis=u), float(s[0]), plan.factor * float(s[0])
+    m = linalg.axis_deformation(block, cfg.top_k, plan.factor, rotary_half=plan.pair.rotary)
+    if block.shape[0] <= min(block.shape[1], _EXACT_SIDE):  # d x d Gram G; after M: D G D
+        a = block.to(torch.promote_types(block.dtype, torch.float32))
+        gram = a @ a.T
+        d = torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        d[m.indices.to(d.device)] = plan.factor
+        before, after = torch.linalg.eigvalsh(torch.stack([gram, gram * d[:, None] * d[None, :]]))[:, -1]
+        return m, float(before.clamp_min(0).sqrt()), float(after.clamp_min(0).sqrt())
+    return m, (s0 := sigma_max(block)), _axis_sigma_after(block, m, s0)
+
+
+def _axis_sigma_after(block: torch.Tensor, m: Deformation, sigma_before: float) -> float:
+    """sigma_1 of ``M @ block`` for an axis ``M`` (``block`` taken before ``M``): exact on small blocks; on
+    large ones the max of sigma_1 of the ``k`` scaled rows and ``sigma_before`` (a lower bound within a factor
+    sqrt(2), tight when alpha >> 1)."""
+    if min(block.shape) <= _EXACT_SIDE:
+        after = block.clone()
+        linalg.apply_producer(after, 0, 0, block.shape[0], m)
+        return sigma_max(after)
+    rows = block.index_select(0, m.indices.to(block.device)).to(torch.promote_types(block.dtype, torch.float32))
+    return max(m.factor * float(linalg.top_singular_values(rows, 1)[0]), sigma_before)
+
+
 def deform_pair(
     plan: Plan, tensors: Tensors, cfg: SpecDefConfig, before_apply: Callable[[Deformation], None] | None = None
 ) -> PairResult:
     """Build ``M`` for one pair from its current producer block and apply it in place.
 
-    sigma_1 of the producer block is reported before and after: for spectral pairs from the
-    decomposition that built ``M`` (after = factor x before, exact in real arithmetic), for axis
-    pairs measured on the block (see :func:`sigma_max`, :func:`_axis_sigma_after`).
+    sigma_1 of the producer block is reported before and after (see :func:`build_deformation`).
     """
-    pair = plan.pair
-    block = producer_block(pair, tensors)
-    if plan.axis:
-        m = linalg.axis_deformation(block, cfg.top_k, plan.factor, rotary_half=pair.rotary)
-        s0 = sigma_max(block)
-    else:
-        u, s = linalg.top_left_singular(block, cfg.top_k)
-        m, s0 = Deformation(block.shape[0], plan.factor, basis=u), float(s[0])
+    block = producer_block(plan.pair, tensors)
+    m, s0, s1 = build_deformation(plan, block, cfg)  # before apply_pair: ``block`` may be a view of the weight
     if before_apply is not None:
         before_apply(m)
-    apply_pair(pair, tensors, m)
-    s1 = _axis_sigma_after(producer_block(pair, tensors), m, s0) if plan.axis else plan.factor * s0
-    return PairResult(pair, "axis" if plan.axis else "spectral", m, s0, s1, str(plan.dtype).replace("torch.", ""))
+    apply_pair(plan.pair, tensors, m)
+    return result_of(plan, m, s0, s1)
+
+
+def result_of(plan: Plan, m: Deformation, sigma_before: float, sigma_after: float) -> PairResult:
+    """The :class:`PairResult` of a deformed pair."""
+    return PairResult(plan.pair, "axis" if plan.axis else "spectral", m, sigma_before, sigma_after,
+                      str(plan.dtype).replace("torch.", ""))
 
 
 def deform(plans: Iterable[Plan], tensors: Tensors, cfg: SpecDefConfig) -> list[PairResult]:

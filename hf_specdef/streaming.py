@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 import os
 import shutil
@@ -61,6 +62,7 @@ from .protection import VerificationError
 from .record import check_not_protected, make_record
 from .report import ProtectionReport
 from .sites import Pair, TensorBlock, pairs_for, select_pairs
+from .tensor_ops import TensorOp, apply_ops, row_chunks
 
 logger = logging.getLogger("hf_specdef")
 
@@ -68,7 +70,8 @@ logger = logging.getLogger("hf_specdef")
 FORWARD_CHECK_MAX_BYTES = 64 << 20
 # Weight files in other formats are never copied next to protected safetensors (they would ship unprotected weights).
 UNPROTECTED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-_CHUNK = 16 << 20
+_CHUNK = 16 << 20  # bytes per write of an untouched tensor
+_STEP_CHUNK = 2 << 20  # bytes per row chunk of a tensor whose steps are applied on the way
 
 
 @dataclass
@@ -251,20 +254,7 @@ _SKETCH_COLUMNS = 4
 _SMALL = 1 << 16  # tensors up to this many entries are checked in full
 
 
-class _Op:
-    """One deformation step on one tensor block: ``producer`` side gets ``M``, consumer ``M^-1``."""
-
-    __slots__ = ("block", "m", "producer", "spectral")
-
-    def __init__(self, block: TensorBlock, result: PairResult, producer: bool) -> None:
-        self.block, self.m, self.producer, self.spectral = block, result.deformation, producer, not result.deformation.is_axis
-
-    def undo(self, t: torch.Tensor) -> None:
-        b = self.block
-        (linalg.apply_producer if self.producer else linalg.apply_consumer)(t, b.axis, b.start, b.stop, self.m, inverse=True)
-
-
-def check_tensor(name: str, deformed: torch.Tensor, original: torch.Tensor, ops: Sequence[_Op],
+def check_tensor(name: str, deformed: torch.Tensor, original: torch.Tensor, ops: Sequence[TensorOp],
                  device: torch.device) -> float:
     """Relative error between ``original`` and ``deformed`` with ``ops`` (applied in order) undone.
 
@@ -276,8 +266,7 @@ def check_tensor(name: str, deformed: torch.Tensor, original: torch.Tensor, ops:
     dt = linalg.compute_dtype(device)
     if deformed.dim() != 2 or deformed.numel() <= _SMALL or any(op.block.axis > 1 for op in ops):
         d = deformed.to(device=device, dtype=dt, copy=True)
-        for op in reversed(ops):
-            op.undo(d)
+        apply_ops(d, ops, inverse=True)
         o = original.to(device=device, dtype=dt)
         return float((d - o).norm() / o.norm().clamp_min(torch.finfo(dt).tiny))
     seed = sum(name.encode()) + deformed.shape[0]
@@ -285,13 +274,13 @@ def check_tensor(name: str, deformed: torch.Tensor, original: torch.Tensor, ops:
     w = x.T.contiguous()  # rows along the tensor's column axis
     for op in ops:  # R^-1 x: the column steps' inverses, in forward order (each step is symmetric)
         if op.block.axis == 1:
-            op.undo(w)
+            op.apply_to_slice(w, 0, 0, w.shape[0], inverse=True)
     # a spectral step makes T' x cancel ~alpha-sized terms: multiply in float64 then; axis steps are exact in float32
     mm_dtype = dt if any(op.spectral for op in ops) else torch.promote_types(deformed.dtype, torch.float32)
     y = (deformed.to(device=device, dtype=mm_dtype) @ w.T.to(mm_dtype)).to(dt)
     for op in reversed(ops):  # L^-1 y: the row steps' inverses, last first
         if op.block.axis == 0:
-            op.undo(y)
+            op.apply_to_slice(y, 0, 0, y.shape[0], inverse=True)
     ref = (original.to(device=device, dtype=mm_dtype) @ x.to(mm_dtype)).to(dt)
     return float((y - ref).norm() / ref.norm().clamp_min(torch.finfo(dt).tiny))
 
@@ -301,43 +290,74 @@ def check_tensor(name: str, deformed: torch.Tensor, original: torch.Tensor, ops:
 # ------------------------------------------------------------------------------------------
 
 class _Streamer:
-    """Runs components, writes shards in order, verifies each component once its shards are written."""
+    """Decides the pairs of each component, writes shards in order, verifies each component once its shards are written.
+
+    Deciding a pair reads only its producer blocks and records the steps (:class:`TensorOp`) of every
+    tensor it touches; nothing is deformed in memory. Writing a shard copies each tensor from the
+    memory-mapped source in row chunks, applying the tensor's recorded steps to each chunk on the way.
+    """
 
     def __init__(self, ckpt: Checkpoint, sp: StreamPlan, cfg: SpecDefConfig, device: torch.device, progress: bool,
                  verify: bool) -> None:
         self.ckpt, self.sp, self.cfg, self.device, self.progress, self.verify = ckpt, sp, cfg, device, progress, verify
         self.results: list[PairResult | None] = [None] * len(sp.pairs)
-        self.cache: dict[str, torch.Tensor] = {}
+        self.ops: dict[str, list[TensorOp]] = {}
         self.peak_cached = 0
         self.bytes_written = 0
         self.worst_error = 0.0
         self.threshold = max(cfg.tolerance, 4 * max((p.budget for p in sp.plans), default=0.0))
         self.out: dict[Path, tuple[dict[str, Any], mmap.mmap]] = {}
-        # one thread per core (at most 4): components of a shard are deformed concurrently
+        self.failed = False
+        self.buffer: torch.Tensor | None = None  # the writer thread's chunk buffer
+        # one thread per core (at most 4): components of a shard are decided concurrently
         self.workers = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
-    # -- deform ---------------------------------------------------------------------------
-    def _load(self, name: str) -> torch.Tensor:
-        t = self.ckpt.get_tensor(name)
-        if not all_finite(t):
-            raise CheckpointError(f"{self.ckpt.infos[name].file}: tensor {name!r} has NaN or inf values; "
-                                  "refusing to protect a broken checkpoint.")
-        t = t.to(self.device)
-        return t.to(self.sp.out_dtype[name]) if name in self.sp.out_dtype else t
+    def _note_cached(self, t: torch.Tensor) -> None:
+        self.peak_cached = max(self.peak_cached, t.numel() * t.element_size())
 
-    def _run_component(self, comp: list[int]) -> None:
+    def _broken(self, name: str) -> CheckpointError:
+        return CheckpointError(f"{self.ckpt.infos[name].file}: tensor {name!r} has NaN or inf values; "
+                               "refusing to protect a broken checkpoint.")
+
+    # -- decide ---------------------------------------------------------------------------
+    def _region(self, b: TensorBlock) -> torch.Tensor:
+        """The current values of a producer block: the source slice with the steps recorded so far applied
+        (a read-only view of the source when there are none)."""
+        src = self.ckpt.view(b.name).narrow(b.axis, b.start, b.stop - b.start)
+        ops = self.ops.get(b.name, [])
+        dtype = self.sp.out_dtype.get(b.name, src.dtype)
+        if not ops and dtype == src.dtype and src.device == self.device:
+            return src
+        piece = src.to(device=self.device, dtype=dtype, copy=True)
+        apply_ops(piece, ops, b.axis, b.start, b.stop)
+        self._note_cached(piece)
+        return piece
+
+    def _check_producers(self, pair: Pair) -> None:
+        """Producer weights are checked for NaN/inf only when a decision on them fails (and in full as written)."""
+        for b in pair.producers:
+            if not all_finite(self.ckpt.view(b.name)):
+                raise self._broken(b.name) from None
+
+    def _decide_component(self, comp: list[int]) -> None:
         with torch.no_grad():
-            self._deform_component(comp)
-        return_freed_memory()
-
-    def _deform_component(self, comp: list[int]) -> None:
-        for i in comp:
-            for name in self.sp.pairs[i].names():
-                if name not in self.cache:
-                    self.cache[name] = self._load(name)
-        self.peak_cached = max(self.peak_cached, sum(t.numel() * t.element_size() for t in self.cache.values()))
-        for i in comp:
-            self.results[i] = engine.deform_pair(self.sp.plans[i], self.cache, self.cfg)
+            for i in comp:
+                plan = self.sp.plans[i]
+                block = engine.producer_block(plan.pair, {}, region=self._region)
+                try:
+                    m, s0, s1 = engine.build_deformation(plan, block, self.cfg)
+                except RuntimeError:  # e.g. a decomposition failing on NaN/inf
+                    self._check_producers(plan.pair)
+                    raise
+                if not (math.isfinite(s0) and math.isfinite(s1)):
+                    self._check_producers(plan.pair)
+                    raise CheckpointError(f"pair {plan.pair.key}: sigma_1 {s0:g} -> {s1:g} is not finite.")
+                del block
+                for b in plan.pair.producers:
+                    self.ops.setdefault(b.name, []).append(TensorOp(b, m, True))
+                for b in plan.pair.consumers:
+                    self.ops.setdefault(b.name, []).append(TensorOp(b, m, False))
+                self.results[i] = engine.result_of(plan, m, s0, s1)
 
     def run(self, out_root: Path) -> list[PairResult]:
         ckpt, sp = self.ckpt, self.sp
@@ -355,47 +375,53 @@ class _Streamer:
         done = [False] * len(sp.components)
         bar = tqdm(total=ckpt.total_bytes, unit="B", unit_scale=True, desc="SpecDef protect (streaming)",
                    disable=not self.progress, leave=False)
-        # One writer thread: shard i is written and verified while the next shard's components are deformed
-        # (torch and file I/O release the GIL). At most one shard is in the writer's hands at a time.
+        # A pipeline of three stages on their own threads (torch and file I/O release the GIL): the components
+        # of shard i + 1 are decided while shard i is written and shard i - 1 verified.
         try:
-            with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="specdef-writer") as pool, \
-                    ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="specdef-deform") as workers:
-                pending: Future | None = None
-                for i, f in enumerate(ckpt.files):
-                    todo = [ci for ci in comps_of_file[i] if not done[ci]]
-                    # components are independent (disjoint tensors): deform them on the worker threads
-                    for fut in [workers.submit(self._run_component, sp.components[ci]) for ci in todo]:
+            with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="specdef-writer") as writer, \
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="specdef-verify") as checker, \
+                    ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="specdef-decide") as workers:
+                writes: list[Future] = []
+                checks: list[Future] = []
+                try:
+                    for i, f in enumerate(ckpt.files):
+                        todo = [ci for ci in comps_of_file[i] if not done[ci]]
+                        # components are independent (disjoint tensors): decide them on the worker threads
+                        for fut in [workers.submit(self._decide_component, sp.components[ci]) for ci in todo]:
+                            fut.result()
+                        for ci in todo:
+                            done[ci] = True
+                        for fut in writes[-1:] + [c for c in checks if c.done()]:
+                            fut.result()  # the writer stays at most one shard behind; errors surface early
+                        writes.append(writer.submit(self._write_shard, f, out_root / f.name, bar))
+                        checks.append(checker.submit(self._verify_shard, writes[-1], out_root, verify_at[i], release_at[i]))
+                    for fut in checks:
                         fut.result()
-                    for ci in todo:
-                        done[ci] = True
-                    modified = {n: self.cache.pop(n) for n in ckpt.keys_of(f) if n in self.cache}
-                    if pending is not None:
-                        pending.result()  # re-raises the writer's error, if any
-                    pending = pool.submit(self._write_and_verify, f, out_root, modified, verify_at[i], release_at[i], bar)
-                if pending is not None:
-                    pending.result()
+                except BaseException:
+                    self.failed = True  # queued stages return at once
+                    raise
         finally:
             for p in list(self.out):
                 self._release_out(p)
-        if self.cache:  # every modified tensor belongs to some shard
-            raise RuntimeError(f"internal error: tensors {sorted(self.cache)[:3]} were deformed but never written")
         return [r for r in self.results if r is not None]
 
-    def _write_and_verify(self, f: Path, out_root: Path, modified: dict[str, torch.Tensor], verify: list[int],
-                          release: list[int], bar: tqdm) -> None:
+    def _verify_shard(self, written: Future, out_root: Path, verify: list[int], release: list[int]) -> None:
+        """Once ``written`` is done: verify the components whose last shard it was, then let go of finished shards."""
+        written.result()
+        if self.failed:
+            return
         with torch.no_grad():
-            self._write_shard(f, out_root / f.name, modified, bar)
-            modified.clear()
-            return_freed_memory()
             if self.verify:
                 for ci in verify:
                     self._verify_component(self.sp.components[ci], out_root)
             for j in release:
                 self.ckpt.release(self.ckpt.files[j])
                 self._release_out(out_root / self.ckpt.files[j].name)
-            return_freed_memory()
+        return_freed_memory()
 
-    def _write_shard(self, src: Path, dst: Path, modified: dict[str, torch.Tensor], bar: tqdm) -> None:
+    def _write_shard(self, src: Path, dst: Path, bar: tqdm) -> None:
+        if self.failed:
+            return
         ckpt = self.ckpt
         names = ckpt.keys_of(src)
         entries = []
@@ -410,26 +436,48 @@ class _Streamer:
             writer = ShardWriter(dst, entries, ckpt.file_metadata.get(src))
             try:
                 for n in names:
-                    info = ckpt.infos[n]
-                    if n in modified:
-                        t = modified.pop(n)
-                        if not all_finite(t):
-                            raise CheckpointError(
-                                f"deforming tensor {n!r} (from {src}) overflowed its dtype {t.dtype} (inf/NaN); "
-                                "lower alpha or use precision='float32'.")
-                        writer.write(n, _tensor_bytes(t))
-                        del t
-                    elif n in self.sp.out_dtype:  # precision="float32": an untouched tensor, upcast
-                        writer.write(n, _tensor_bytes(self._load(n)))
+                    if self.failed:
+                        return
+                    if n in self.ops or n in self.sp.out_dtype:
+                        self._transform_tensor(n, writer)
                     else:  # untouched: the source bytes as they are, checked and written chunk by chunk
                         self._copy_tensor(n, writer)
-                    bar.update(info.nbytes)
+                    bar.update(ckpt.infos[n].nbytes)
             finally:
                 writer.file.close()
             writer.close()
         except OSError as e:
             raise CheckpointError(f"cannot write {dst}: {e}") from None
         self.bytes_written += dst.stat().st_size
+
+    def _transform_tensor(self, name: str, writer: ShardWriter) -> None:
+        """Write ``name`` with its recorded steps applied (and/or upcast), one row chunk at a time."""
+        src = self.ckpt.view(name)
+        src = src.reshape(1) if src.dim() == 0 else src
+        ops = self.ops.get(name, [])
+        dtype = self.sp.out_dtype.get(name, src.dtype)
+        row_bytes = max(1, src[0].numel() * src.element_size()) if src.numel() else 1
+        for begin, end in row_chunks(src.shape[0], ops, _STEP_CHUNK // row_bytes):
+            piece = self._chunk_buffer(src[begin:end].shape, dtype)
+            piece.copy_(src[begin:end])
+            apply_ops(piece, ops, 0, begin, end)
+            if not all_finite(piece):
+                if not all_finite(src[begin:end]):
+                    raise self._broken(name)
+                raise CheckpointError(f"deforming tensor {name!r} (from {self.ckpt.infos[name].file}) overflowed its "
+                                      f"dtype {dtype} (inf/NaN); lower alpha or use precision='float32'.")
+            self._note_cached(piece)
+            writer.write(name, _tensor_bytes(piece))
+            self.ckpt.drop_pages(name, begin * row_bytes, end * row_bytes)
+        if src.numel() == 0:
+            writer.write(name, b"")
+
+    def _chunk_buffer(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of ``shape`` over the writer's reused buffer (fresh memory for every chunk costs page faults)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self.buffer is None or self.buffer.numel() < nbytes:
+            self.buffer = torch.empty(max(nbytes, _STEP_CHUNK), dtype=torch.uint8, device=self.device)
+        return self.buffer[:nbytes].view(dtype).view(shape)
 
     def _copy_tensor(self, name: str, writer: ShardWriter) -> None:
         ckpt, info = self.ckpt, self.ckpt.infos[name]
@@ -441,8 +489,7 @@ class _Streamer:
             if flat is not None:
                 size = flat.element_size()
                 if not all_finite(flat[off // size:stop // size]):
-                    raise CheckpointError(f"{info.file}: tensor {name!r} has NaN or inf values; "
-                                          "refusing to protect a broken checkpoint.")
+                    raise self._broken(name)
             writer.write(name, raw[off:stop])
             ckpt.drop_pages(name, off, stop)
         if info.nbytes == 0:
@@ -477,17 +524,15 @@ class _Streamer:
                 pass
 
     def _verify_component(self, comp: list[int], out_root: Path) -> None:
-        ops: dict[str, list[_Op]] = {}
+        names: dict[str, None] = {}
         for i in comp:
             r = self.results[i]
             if not r.sigma_after > r.sigma_before:
                 raise VerificationError(f"pair {r.pair.key}: the claimed deformation is absent (sigma_1 "
                                         f"{r.sigma_before:.4g} -> {r.sigma_after:.4g}); nothing was written.")
-            for b in r.pair.producers:
-                ops.setdefault(b.name, []).append(_Op(b, r, True))
-            for b in r.pair.consumers:
-                ops.setdefault(b.name, []).append(_Op(b, r, False))
-        for name, tensor_ops in ops.items():
+            names.update(dict.fromkeys(r.pair.names()))
+        for name in names:
+            tensor_ops = self.ops[name]
             path = out_root / self.ckpt.shard_of(name).name
             err = check_tensor(name, self._out_view(path, name), self.ckpt.view(name), tensor_ops, self.device)
             self.ckpt.drop_pages(name)

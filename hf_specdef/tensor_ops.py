@@ -1,0 +1,84 @@
+"""Recorded deformation steps on one tensor, applied to any slice of it (no Hugging Face imports).
+
+In-memory protection applies each pair's ``M`` to whole tensors at once. The streaming path instead
+*records* the steps of every tensor (:class:`TensorOp`) and applies them later, one row chunk at a
+time, while the tensor is copied from the source shard to the output shard: nothing is held but a
+chunk. A step acts along one axis of the tensor, on the block ``[start, stop)`` of that axis:
+
+* a step along *another* axis than the slice's acts on each index of the slice independently, so
+  it applies to the slice as it is;
+* a step along the slice's own axis applies to the part of its block inside the slice: an axis step
+  (a diagonal ``M``) row by row, so a block may be cut anywhere; a spectral step (a dense ``M``) only
+  when its whole block lies inside the slice (:func:`row_chunks` never cuts one).
+
+Applied in the recorded order with the same :mod:`linalg` kernels, the slices come out identical to
+the in-memory result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import linalg
+from .linalg import Deformation
+from .sites.base import TensorBlock
+
+
+@dataclass(frozen=True)
+class TensorOp:
+    """One step on one tensor: the ``producer`` side of a pair gets ``M``, the consumer side ``M^-1``."""
+
+    block: TensorBlock
+    m: Deformation
+    producer: bool
+
+    @property
+    def spectral(self) -> bool:
+        return not self.m.is_axis
+
+    def apply_to_slice(self, piece: torch.Tensor, axis: int, begin: int, end: int, inverse: bool = False) -> None:
+        """Apply the step in place to ``piece`` = the tensor's indices ``[begin, end)`` along ``axis``."""
+        b = self.block
+        fn = linalg.apply_producer if self.producer else linalg.apply_consumer
+        if b.axis != axis:
+            fn(piece, b.axis, b.start, b.stop, self.m, inverse)
+            return
+        lo, hi = max(b.start, begin), min(b.stop, end)
+        if lo >= hi:
+            return  # the block lies outside this slice
+        if lo == b.start and hi == b.stop:
+            fn(piece, axis, b.start - begin, b.stop - begin, self.m, inverse)
+            return
+        if self.spectral:
+            raise ValueError(f"a slice [{begin}, {end}) cuts the spectral block [{b.start}, {b.stop}) of {b.name!r}")
+        idx = self.m.indices
+        keep = idx[(idx >= lo - b.start) & (idx < hi - b.start)] - (lo - b.start)
+        if keep.numel():
+            part = Deformation(hi - lo, self.m.factor, indices=keep)
+            fn(piece, axis, lo - begin, hi - begin, part, inverse)
+
+
+def apply_ops(piece: torch.Tensor, ops: Sequence[TensorOp], axis: int = 0, begin: int = 0, end: int | None = None,
+              inverse: bool = False) -> None:
+    """Apply ``ops`` in order (their inverses last first, with ``inverse``) to a slice of their tensor."""
+    end = piece.shape[axis] if end is None else end
+    for op in (reversed(ops) if inverse else ops):
+        op.apply_to_slice(piece, axis, begin, end, inverse)
+
+
+def row_chunks(rows: int, ops: Sequence[TensorOp], target_rows: int) -> Iterator[tuple[int, int]]:
+    """Split ``[0, rows)`` into ranges of about ``target_rows`` rows that never cut a spectral block on axis 0."""
+    spans = [(op.block.start, op.block.stop) for op in ops if op.block.axis == 0 and op.spectral]
+    begin = 0
+    while begin < rows:
+        end, grown = min(rows, begin + max(1, target_rows)), True
+        while grown:  # extend past every spectral block the cut would fall into
+            grown = False
+            for s, e in spans:
+                if s < end < e:
+                    end, grown = e, True
+        yield begin, end
+        begin = end
