@@ -33,6 +33,7 @@ import math
 import mmap
 import os
 import shutil
+import threading
 import time
 import uuid
 import warnings
@@ -62,7 +63,7 @@ from .protection import VerificationError
 from .record import check_not_protected, make_record
 from .report import ProtectionReport
 from .sites import Pair, TensorBlock, pairs_for, select_pairs
-from .tensor_ops import TensorOp, apply_ops, row_chunks
+from .tensor_ops import TensorOp, apply_ops, merge_axis_steps, row_chunks
 
 logger = logging.getLogger("hf_specdef")
 
@@ -71,7 +72,8 @@ FORWARD_CHECK_MAX_BYTES = 64 << 20
 # Weight files in other formats are never copied next to protected safetensors (they would ship unprotected weights).
 UNPROTECTED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 _CHUNK = 16 << 20  # bytes per write of an untouched tensor
-_STEP_CHUNK = 2 << 20  # bytes per row chunk of a tensor whose steps are applied on the way
+_WRITERS = 2  # shards written at the same time
+_STEP_CHUNK = 4 << 20  # bytes per row chunk of a tensor whose steps are applied on the way
 
 
 @dataclass
@@ -308,7 +310,8 @@ class _Streamer:
         self.threshold = max(cfg.tolerance, 4 * max((p.budget for p in sp.plans), default=0.0))
         self.out: dict[Path, tuple[dict[str, Any], mmap.mmap]] = {}
         self.failed = False
-        self.buffer: torch.Tensor | None = None  # the writer thread's chunk buffer
+        self.local = threading.local()  # each writer thread's chunk buffer
+        self.lock = threading.Lock()
         # one thread per core (at most 4): components of a shard are decided concurrently
         self.workers = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
@@ -376,9 +379,10 @@ class _Streamer:
         bar = tqdm(total=ckpt.total_bytes, unit="B", unit_scale=True, desc="SpecDef protect (streaming)",
                    disable=not self.progress, leave=False)
         # A pipeline of three stages on their own threads (torch and file I/O release the GIL): the components
-        # of shard i + 1 are decided while shard i is written and shard i - 1 verified.
+        # of shard i + 1 are decided while shards i and i - 1 are written (two writers: writing is the
+        # longest stage) and earlier ones verified.
         try:
-            with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="specdef-writer") as writer, \
+            with bar, ThreadPoolExecutor(max_workers=_WRITERS, thread_name_prefix="specdef-writer") as writer, \
                     ThreadPoolExecutor(max_workers=1, thread_name_prefix="specdef-verify") as checker, \
                     ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="specdef-decide") as workers:
                 writes: list[Future] = []
@@ -391,8 +395,9 @@ class _Streamer:
                             fut.result()
                         for ci in todo:
                             done[ci] = True
-                        for fut in writes[-1:] + [c for c in checks if c.done()]:
-                            fut.result()  # the writer stays at most one shard behind; errors surface early
+                        behind = writes[len(writes) - _WRITERS:len(writes) - _WRITERS + 1] if len(writes) >= _WRITERS else []
+                        for fut in behind + [c for c in checks if c.done()]:
+                            fut.result()  # at most _WRITERS shards in the writers' hands; errors surface early
                         writes.append(writer.submit(self._write_shard, f, out_root / f.name, bar))
                         checks.append(checker.submit(self._verify_shard, writes[-1], out_root, verify_at[i], release_at[i]))
                     for fut in checks:
@@ -448,13 +453,14 @@ class _Streamer:
             writer.close()
         except OSError as e:
             raise CheckpointError(f"cannot write {dst}: {e}") from None
-        self.bytes_written += dst.stat().st_size
+        with self.lock:
+            self.bytes_written += dst.stat().st_size
 
     def _transform_tensor(self, name: str, writer: ShardWriter) -> None:
         """Write ``name`` with its recorded steps applied (and/or upcast), one row chunk at a time."""
         src = self.ckpt.view(name)
         src = src.reshape(1) if src.dim() == 0 else src
-        ops = self.ops.get(name, [])
+        ops = merge_axis_steps(self.ops.get(name, []))
         dtype = self.sp.out_dtype.get(name, src.dtype)
         row_bytes = max(1, src[0].numel() * src.element_size()) if src.numel() else 1
         for begin, end in row_chunks(src.shape[0], ops, _STEP_CHUNK // row_bytes):
@@ -475,9 +481,10 @@ class _Streamer:
     def _chunk_buffer(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """A tensor of ``shape`` over the writer's reused buffer (fresh memory for every chunk costs page faults)."""
         nbytes = math.prod(shape) * dtype.itemsize
-        if self.buffer is None or self.buffer.numel() < nbytes:
-            self.buffer = torch.empty(max(nbytes, _STEP_CHUNK), dtype=torch.uint8, device=self.device)
-        return self.buffer[:nbytes].view(dtype).view(shape)
+        buffer = getattr(self.local, "buffer", None)
+        if buffer is None or buffer.numel() < nbytes:
+            buffer = self.local.buffer = torch.empty(max(nbytes, _STEP_CHUNK), dtype=torch.uint8, device=self.device)
+        return buffer[:nbytes].view(dtype).view(shape)
 
     def _copy_tensor(self, name: str, writer: ShardWriter) -> None:
         ckpt, info = self.ckpt, self.ckpt.infos[name]
@@ -532,7 +539,7 @@ class _Streamer:
                                         f"{r.sigma_before:.4g} -> {r.sigma_after:.4g}); nothing was written.")
             names.update(dict.fromkeys(r.pair.names()))
         for name in names:
-            tensor_ops = self.ops[name]
+            tensor_ops = merge_axis_steps(self.ops[name])
             path = out_root / self.ckpt.shard_of(name).name
             err = check_tensor(name, self._out_view(path, name), self.ckpt.view(name), tensor_ops, self.device)
             self.ckpt.drop_pages(name)

@@ -69,6 +69,26 @@ def apply_ops(piece: torch.Tensor, ops: Sequence[TensorOp], axis: int = 0, begin
         op.apply_to_slice(piece, axis, begin, end, inverse)
 
 
+def merge_axis_steps(ops: Sequence[TensorOp]) -> list[TensorOp]:
+    """``ops`` with each run of consecutive axis steps of the same side, axis and factor on disjoint blocks merged
+    into one step (e.g. the per-head steps of an ``attn.qk`` site): the same scaling of the same entries, in
+    the same order relative to every other step, but one call instead of one per head."""
+    merged: list[TensorOp] = []
+    for op in ops:
+        prev = merged[-1] if merged else None
+        if (prev is not None and not op.spectral and not prev.spectral and prev.producer == op.producer
+                and prev.block.axis == op.block.axis and prev.m.factor == op.m.factor
+                and (op.block.start >= prev.block.stop or op.block.stop <= prev.block.start)):
+            start, stop = min(prev.block.start, op.block.start), max(prev.block.stop, op.block.stop)
+            idx = torch.cat([prev.m.indices + (prev.block.start - start), op.m.indices.to(prev.m.indices.device)
+                             + (op.block.start - start)])
+            block = TensorBlock(op.block.name, op.block.axis, start, stop)
+            merged[-1] = TensorOp(block, Deformation(stop - start, op.m.factor, indices=torch.sort(idx).values), op.producer)
+        else:
+            merged.append(op)
+    return merged
+
+
 def row_chunks(rows: int, ops: Sequence[TensorOp], target_rows: int) -> Iterator[tuple[int, int]]:
     """Split ``[0, rows)`` into ranges of about ``target_rows`` rows that never cut a spectral block on axis 0."""
     spans = [(op.block.start, op.block.stop) for op in ops if op.block.axis == 0 and op.spectral]
