@@ -185,7 +185,7 @@ def main() -> None:
         summary["stream"]["core_sigma_max_seconds"] = statistics.median(r["sigma_max_seconds"] for r in runs["stream"])
         summary["throughput_ratio"] = summary["stream"]["throughput_mb_s"] / summary["plain"]["throughput_mb_s"]
         # the machines are shared and noisy: the ratio of each round's adjacent runs, and their median
-        summary["round_ratios"] = [p["seconds"] / s["seconds"] for p, s in zip(runs["plain"], runs["stream"])]
+        summary["round_ratios"] = [p["seconds"] / s["seconds"] for p, s in zip(runs["plain"], runs["stream"], strict=True)]
         summary["median_round_ratio"] = statistics.median(summary["round_ratios"])
         stream_tp = summary["stream"]["throughput_mb_s"]
         summary["throughput_ratio_vs_plain_read"] = stream_tp / summary["plain_read"]["throughput_mb_s"]
