@@ -1,18 +1,22 @@
 """``protect_checkpoint``: SpecDef protection of safetensors checkpoint files, shard by shard (SPEC §4, §6, §7).
 
 The pairs come from the same site registry and engine as in-memory :func:`hf_specdef.protect`
-(``pairs_for`` on the header shapes, ``engine.plan_pairs`` / ``engine.deform_pair``), so the
-deformed tensors are the ones in-memory protection computes, and the pairs are reported in the
+(``pairs_for`` on the header shapes, ``engine.plan_pairs`` / ``engine.build_deformation``), and the
+recorded steps are applied with the same kernels, so the written tensors equal the ones in-memory
+protection computes (to float64 rounding of the spectral steps), and the pairs are reported in the
 same order.
 
-Memory stays bounded independently of model size. Pairs that share a tensor form a *component*
-(in practice one layer); components are independent of each other, and within one the pairs run in
-registry order. Shards are written one after the other; before shard ``i`` is written, every
-not-yet-run component that touches it runs (components of one shard run concurrently on a few
-threads), loading its tensors from whichever shards hold them, so a pair may span shards.
-Modified tensors that belong to later shards wait until their shard is written; all other tensors
-are copied byte for byte from the memory-mapped source. A writer thread writes and verifies shard
-``i`` while the components of shard ``i + 1`` are deformed.
+Nothing but a chunk is held in memory, whatever the model size. Pairs that share a tensor form a
+*component* (in practice one layer); components are independent of each other, and within one the
+pairs run in registry order. *Deciding* a pair reads only its producer blocks (the source slice, with
+the steps recorded so far applied when there are any) and records the step of every tensor it touches
+(:class:`~hf_specdef.tensor_ops.TensorOp`); no tensor is deformed in memory. Before shard ``i`` is
+written, every component that touches it is decided, reading from whichever shards hold its tensors,
+so a pair may span shards. *Writing* a shard copies each tensor from the memory-mapped source: tensors
+without steps byte for byte, the others in row chunks with their steps applied on the way
+(:func:`~hf_specdef.tensor_ops.row_chunks` never cuts a spectral block). The stages overlap on
+threads: components are decided while two writers write the previous shards and a verifier checks
+the ones before.
 
 Reliability (SPEC §7): everything is written to a temporary folder next to the destination and
 renamed into place only after verification. Each component is verified as soon as its shards are
