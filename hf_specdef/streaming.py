@@ -260,34 +260,59 @@ _SKETCH_COLUMNS = 4
 _SMALL = 1 << 16  # tensors up to this many entries are checked in full
 
 
-def check_tensor(name: str, deformed: torch.Tensor, original: torch.Tensor, ops: Sequence[TensorOp],
-                 device: torch.device) -> float:
+def uses_sketch(shape: Sequence[int], ops: Sequence[TensorOp]) -> bool:
+    """Whether :func:`check_tensor` checks a tensor on a sketch (large matrices) rather than in full."""
+    return len(shape) == 2 and math.prod(shape) > _SMALL and all(op.block.axis <= 1 for op in ops)
+
+
+def sketch_dtype(dtype: torch.dtype, ops: Sequence[TensorOp], device: torch.device) -> torch.dtype:
+    """A spectral step makes ``T' x`` cancel ~alpha-sized terms: multiply in float64 then; axis steps are exact
+    in float32."""
+    return linalg.compute_dtype(device) if any(op.spectral for op in ops) else torch.promote_types(dtype, torch.float32)
+
+
+def sketch_columns(name: str, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The Gaussian ``X`` (``shape[1] x 4``) of a tensor's sketch, the same for every call with this name and shape."""
+    seed = sum(name.encode()) + shape[0]
+    dt = linalg.compute_dtype(device)
+    return torch.randn(shape[1], _SKETCH_COLUMNS, dtype=dt, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def sketch_reference(name: str, original: torch.Tensor, ops: Sequence[TensorOp], device: torch.device,
+                     x: torch.Tensor | None = None) -> torch.Tensor:
+    """``T X`` for the sketch check of ``original`` (or of a row chunk of it, given the full tensor's ``x``)."""
+    x = sketch_columns(name, original.shape, device) if x is None else x
+    mm = sketch_dtype(original.dtype, ops, device)
+    return (original.to(device=device, dtype=mm) @ x.to(mm)).to(x.dtype)
+
+
+def check_tensor(name: str, deformed: torch.Tensor, original: torch.Tensor | None, ops: Sequence[TensorOp],
+                 device: torch.device, reference: torch.Tensor | None = None) -> float:
     """Relative error between ``original`` and ``deformed`` with ``ops`` (applied in order) undone.
 
     Small or non-2-D tensors are undone in full in float64. Larger matrices are checked on a random
-    sketch, in two passes over the data and no copies: with ``T' = L T R`` (``L`` = the row-axis
+    sketch, in one pass over ``deformed`` and no copies: with ``T' = L T R`` (``L`` = the row-axis
     steps, ``R`` = the column-axis steps), compare ``L^-1 T' (R^-1 X)`` with ``T X`` for a Gaussian
-    ``X`` of a few columns (any wrong entry shows with probability one).
+    ``X`` of a few columns (any wrong entry shows with probability one). ``T X`` is ``reference`` when
+    given (the writer computes it from the source chunks it copies), else computed from ``original``.
     """
     dt = linalg.compute_dtype(device)
-    if deformed.dim() != 2 or deformed.numel() <= _SMALL or any(op.block.axis > 1 for op in ops):
+    if not uses_sketch(deformed.shape, ops):
         d = deformed.to(device=device, dtype=dt, copy=True)
         apply_ops(d, ops, inverse=True)
         o = original.to(device=device, dtype=dt)
         return float((d - o).norm() / o.norm().clamp_min(torch.finfo(dt).tiny))
-    seed = sum(name.encode()) + deformed.shape[0]
-    x = torch.randn(deformed.shape[1], _SKETCH_COLUMNS, dtype=dt, generator=torch.Generator().manual_seed(seed)).to(device)
+    x = sketch_columns(name, deformed.shape, device)
     w = x.T.contiguous()  # rows along the tensor's column axis
     for op in ops:  # R^-1 x: the column steps' inverses, in forward order (each step is symmetric)
         if op.block.axis == 1:
             op.apply_to_slice(w, 0, 0, w.shape[0], inverse=True)
-    # a spectral step makes T' x cancel ~alpha-sized terms: multiply in float64 then; axis steps are exact in float32
-    mm_dtype = dt if any(op.spectral for op in ops) else torch.promote_types(deformed.dtype, torch.float32)
+    mm_dtype = sketch_dtype(deformed.dtype, ops, device)
     y = (deformed.to(device=device, dtype=mm_dtype) @ w.T.to(mm_dtype)).to(dt)
     for op in reversed(ops):  # L^-1 y: the row steps' inverses, last first
         if op.block.axis == 0:
             op.apply_to_slice(y, 0, 0, y.shape[0], inverse=True)
-    ref = (original.to(device=device, dtype=mm_dtype) @ x.to(mm_dtype)).to(dt)
+    ref = sketch_reference(name, original, ops, device, x) if reference is None else reference
     return float((y - ref).norm() / ref.norm().clamp_min(torch.finfo(dt).tiny))
 
 
@@ -315,6 +340,7 @@ class _Streamer:
         self.out: dict[Path, tuple[dict[str, Any], mmap.mmap]] = {}
         self.failed = False
         self.local = threading.local()  # each writer thread's chunk buffer
+        self.references: dict[str, torch.Tensor] = {}  # sketch references T X, computed by the writers
         self.lock = threading.Lock()
         # one thread per core (at most 4): components of a shard are decided concurrently
         self.workers = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
@@ -467,20 +493,34 @@ class _Streamer:
         ops = merge_axis_steps(self.ops.get(name, []))
         dtype = self.sp.out_dtype.get(name, src.dtype)
         row_bytes = max(1, src[0].numel() * src.element_size()) if src.numel() else 1
+        sketch = self.verify and uses_sketch(src.shape, ops)
+        if sketch:  # T X for the verifier, from the chunks while they are in cache (it then reads only what was written)
+            x = sketch_columns(name, src.shape, self.device)
+            reference = torch.empty(src.shape[0], x.shape[1], dtype=x.dtype, device=self.device)
         for begin, end in row_chunks(src.shape[0], ops, _STEP_CHUNK // row_bytes):
             piece = self._chunk_buffer(src[begin:end].shape, dtype)
             piece.copy_(src[begin:end])
+            if sketch:
+                reference[begin:end] = sketch_reference(name, src[begin:end] if dtype == src.dtype else piece, ops,
+                                                        self.device, x)
             apply_ops(piece, ops, 0, begin, end)
-            if not all_finite(piece):
-                if not all_finite(src[begin:end]):
-                    raise self._broken(name)
-                raise CheckpointError(f"deforming tensor {name!r} (from {self.ckpt.infos[name].file}) overflowed its "
-                                      f"dtype {dtype} (inf/NaN); lower alpha or use precision='float32'.")
+            if not sketch and not all_finite(piece):  # (the sketch check catches NaN/inf, see _check_finite_source)
+                self._raise_not_finite(name, dtype)
             self._note_cached(piece)
             writer.write(name, _tensor_bytes(piece))
             self.ckpt.drop_pages(name, begin * row_bytes, end * row_bytes)
         if src.numel() == 0:
             writer.write(name, b"")
+        if sketch:
+            with self.lock:
+                self.references[name] = reference
+
+    def _raise_not_finite(self, name: str, dtype: torch.dtype) -> None:
+        """A deformed tensor has NaN/inf: the source's (a broken checkpoint) or an overflow of its dtype."""
+        if not all_finite(self.ckpt.view(name)):
+            raise self._broken(name)
+        raise CheckpointError(f"deforming tensor {name!r} (from {self.ckpt.infos[name].file}) overflowed its "
+                              f"dtype {dtype} (inf/NaN); lower alpha or use precision='float32'.")
 
     def _chunk_buffer(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """A tensor of ``shape`` over the writer's reused buffer (fresh memory for every chunk costs page faults)."""
@@ -545,11 +585,15 @@ class _Streamer:
         for name in names:
             tensor_ops = merge_axis_steps(self.ops[name])
             path = out_root / self.ckpt.shard_of(name).name
-            err = check_tensor(name, self._out_view(path, name), self.ckpt.view(name), tensor_ops, self.device)
+            with self.lock:
+                reference = self.references.pop(name, None)
+            err = check_tensor(name, self._out_view(path, name), self.ckpt.view(name), tensor_ops, self.device, reference)
             self.ckpt.drop_pages(name)
             infos, m = self.out[path]
             drop_mapped_range(m, infos[name].begin, infos[name].end)
             self.worst_error = max(self.worst_error, err)
+            if not math.isfinite(err):  # NaN/inf in the source or an overflow: say which
+                self._raise_not_finite(name, infos[name].torch_dtype)
             if not err <= self.threshold:
                 raise VerificationError(
                     f"{path.name}: tensor {name!r} does not hold the claimed deformation of the source (relative error "

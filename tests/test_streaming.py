@@ -431,3 +431,17 @@ def test_diffusers_pipeline_folder(tmp_path):
     with torch.no_grad():
         ra, rb = a(x, t, ehs).sample, b(x, t, ehs).sample
     assert ((rb - ra).abs().max() / ra.abs().max()).item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.o_proj.weight"])
+def test_nan_in_a_consumer_is_named_on_the_sketch_path(name, llama_src, tmp_path, monkeypatch):
+    """Transformed chunks are not scanned for NaN when verifying: the sketch check sees it and names the tensor."""
+    import hf_specdef.streaming as streaming
+
+    monkeypatch.setattr(streaming, "_SMALL", 0)
+    src = _copy(llama_src, tmp_path / "src")
+    shard = _set_nan(src, name)
+    with pytest.raises(CheckpointError, match="NaN") as info:
+        protect_checkpoint(src, tmp_path / "dst", CFG, progress=False)
+    assert name in str(info.value) and shard in str(info.value)
+    assert not (tmp_path / "dst").exists()
