@@ -23,7 +23,8 @@ renamed into place only after verification. Each component is verified as soon a
 written: the written file is parsed again (and opened with ``safetensors``), and the recorded
 deformations, undone on the written tensors, must give back the source tensors within
 ``max(tolerance, 4 x precision budget)`` -- in float64 in full for small tensors, on a random
-Gaussian sketch (two passes, no copies) for large matrices. Small models
+Gaussian sketch for large matrices (the writers compute the reference ``T X`` from the source chunks
+they copy, the verifier makes one pass over the written tensor; NaN/inf shows there too). Small models
 (``FORWARD_CHECK_MAX_BYTES``) are also loaded with stock transformers/diffusers and compared on a
 probe batch. The source is only ever read. Any failure removes the temporary folder and raises one
 error naming the file or tensor.
