@@ -176,15 +176,15 @@ def build_deformation(plan: Plan, block: torch.Tensor, cfg: SpecDefConfig) -> tu
     if not plan.axis:
         u, s = linalg.top_left_singular(block, cfg.top_k)
         return Deformation(block.shape[0], plan.factor, basis=u), float(s[0]), plan.factor * float(s[0])
-    m = linalg.axis_deformation(block, cfg.top_k, plan.factor, rotary_half=plan.pair.rotary)
+    a = block.to(torch.promote_types(block.dtype, torch.float32))  # converted once (16-bit weights), else no copy
+    m = linalg.axis_deformation(a, cfg.top_k, plan.factor, rotary_half=plan.pair.rotary)
     if block.shape[0] <= min(block.shape[1], _EXACT_SIDE):  # d x d Gram G; after M: D G D
-        a = block.to(torch.promote_types(block.dtype, torch.float32))
         gram = a @ a.T
         d = torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
         d[m.indices.to(d.device)] = plan.factor
         before, after = torch.linalg.eigvalsh(torch.stack([gram, gram * d[:, None] * d[None, :]]))[:, -1]
         return m, float(before.clamp_min(0).sqrt()), float(after.clamp_min(0).sqrt())
-    return m, (s0 := sigma_max(block)), _axis_sigma_after(block, m, s0)
+    return m, (s0 := sigma_max(a)), _axis_sigma_after(a, m, s0)
 
 
 def _axis_sigma_after(block: torch.Tensor, m: Deformation, sigma_before: float) -> float:

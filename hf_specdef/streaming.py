@@ -283,19 +283,31 @@ def sketch_reference(name: str, original: torch.Tensor, ops: Sequence[TensorOp],
                      x: torch.Tensor | None = None) -> torch.Tensor:
     """``T X`` for the sketch check of ``original`` (or of a row chunk of it, given the full tensor's ``x``)."""
     x = sketch_columns(name, original.shape, device) if x is None else x
-    mm = sketch_dtype(original.dtype, ops, device)
-    return (original.to(device=device, dtype=mm) @ x.to(mm)).to(x.dtype)
+    return _product(original, x, sketch_dtype(original.dtype, ops, device))
+
+
+def _product(t: torch.Tensor, x: torch.Tensor, mm: torch.dtype) -> torch.Tensor:
+    """``t @ x`` multiplied in ``mm`` and returned in ``x``'s dtype; ``t`` is converted 1 MB of rows at a time
+    (never a converted copy of a whole tensor)."""
+    xm = x.to(mm)
+    if t.dtype == mm and t.device == x.device:
+        return (t @ xm).to(x.dtype)
+    out = torch.empty(t.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    step = max(1, (1 << 20) // max(1, t.shape[1] * mm.itemsize))
+    for b in range(0, t.shape[0], step):
+        out[b:b + step] = t[b:b + step].to(device=x.device, dtype=mm) @ xm
+    return out
 
 
 def check_tensor(name: str, deformed: torch.Tensor, original: torch.Tensor | None, ops: Sequence[TensorOp],
-                 device: torch.device, reference: torch.Tensor | None = None) -> float:
+                 device: torch.device, sketch: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
     """Relative error between ``original`` and ``deformed`` with ``ops`` (applied in order) undone.
 
     Small or non-2-D tensors are undone in full in float64. Larger matrices are checked on a random
     sketch, in one pass over ``deformed`` and no copies: with ``T' = L T R`` (``L`` = the row-axis
     steps, ``R`` = the column-axis steps), compare ``L^-1 T' (R^-1 X)`` with ``T X`` for a Gaussian
-    ``X`` of a few columns (any wrong entry shows with probability one). ``T X`` is ``reference`` when
-    given (the writer computes it from the source chunks it copies), else computed from ``original``.
+    ``X`` of a few columns (any wrong entry shows with probability one). ``sketch`` is ``(X, T X)`` when
+    given (the writer computes ``T X`` from the source chunks it copies), else both are computed here.
     """
     dt = linalg.compute_dtype(device)
     if not uses_sketch(deformed.shape, ops):
@@ -303,17 +315,16 @@ def check_tensor(name: str, deformed: torch.Tensor, original: torch.Tensor | Non
         apply_ops(d, ops, inverse=True)
         o = original.to(device=device, dtype=dt)
         return float((d - o).norm() / o.norm().clamp_min(torch.finfo(dt).tiny))
-    x = sketch_columns(name, deformed.shape, device)
+    x = sketch_columns(name, deformed.shape, device) if sketch is None else sketch[0]
     w = x.T.contiguous()  # rows along the tensor's column axis
     for op in ops:  # R^-1 x: the column steps' inverses, in forward order (each step is symmetric)
         if op.block.axis == 1:
             op.apply_to_slice(w, 0, 0, w.shape[0], inverse=True)
-    mm_dtype = sketch_dtype(deformed.dtype, ops, device)
-    y = (deformed.to(device=device, dtype=mm_dtype) @ w.T.to(mm_dtype)).to(dt)
+    y = _product(deformed, w.T, sketch_dtype(deformed.dtype, ops, device))
     for op in reversed(ops):  # L^-1 y: the row steps' inverses, last first
         if op.block.axis == 0:
             op.apply_to_slice(y, 0, 0, y.shape[0], inverse=True)
-    ref = sketch_reference(name, original, ops, device, x) if reference is None else reference
+    ref = sketch_reference(name, original, ops, device, x) if sketch is None else sketch[1]
     return float((y - ref).norm() / ref.norm().clamp_min(torch.finfo(dt).tiny))
 
 
@@ -341,7 +352,7 @@ class _Streamer:
         self.out: dict[Path, tuple[dict[str, Any], mmap.mmap]] = {}
         self.failed = False
         self.local = threading.local()  # each writer thread's chunk buffer
-        self.references: dict[str, torch.Tensor] = {}  # sketch references T X, computed by the writers
+        self.references: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (X, T X) computed by the writers
         self.lock = threading.Lock()
         # one thread per core (at most 4): components of a shard are decided concurrently
         self.workers = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
@@ -492,6 +503,8 @@ class _Streamer:
         src = self.ckpt.view(name)
         src = src.reshape(1) if src.dim() == 0 else src
         ops = merge_axis_steps(self.ops.get(name, []))
+        if ops:
+            self.ops[name] = ops  # decided and merged once: the verifier uses the same list
         dtype = self.sp.out_dtype.get(name, src.dtype)
         row_bytes = max(1, src[0].numel() * src.element_size()) if src.numel() else 1
         sketch = self.verify and uses_sketch(src.shape, ops)
@@ -514,7 +527,7 @@ class _Streamer:
             writer.write(name, b"")
         if sketch:
             with self.lock:
-                self.references[name] = reference
+                self.references[name] = (x, reference)
 
     def _raise_not_finite(self, name: str, dtype: torch.dtype) -> None:
         """A deformed tensor has NaN/inf: the source's (a broken checkpoint) or an overflow of its dtype."""
@@ -584,11 +597,10 @@ class _Streamer:
                                         f"{r.sigma_before:.4g} -> {r.sigma_after:.4g}); nothing was written.")
             names.update(dict.fromkeys(r.pair.names()))
         for name in names:
-            tensor_ops = merge_axis_steps(self.ops[name])
             path = out_root / self.ckpt.shard_of(name).name
             with self.lock:
-                reference = self.references.pop(name, None)
-            err = check_tensor(name, self._out_view(path, name), self.ckpt.view(name), tensor_ops, self.device, reference)
+                sketch = self.references.pop(name, None)
+            err = check_tensor(name, self._out_view(path, name), self.ckpt.view(name), self.ops[name], self.device, sketch)
             self.ckpt.drop_pages(name)
             infos, m = self.out[path]
             drop_mapped_range(m, infos[name].begin, infos[name].end)
