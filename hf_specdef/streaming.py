@@ -515,8 +515,7 @@ class _Streamer:
             piece = self._chunk_buffer(src[begin:end].shape, dtype)
             piece.copy_(src[begin:end])
             if sketch:
-                reference[begin:end] = sketch_reference(name, src[begin:end] if dtype == src.dtype else piece, ops,
-                                                        self.device, x)
+                reference[begin:end] = sketch_reference(name, piece, ops, self.device, x)  # the source chunk, on device
             apply_ops(piece, ops, 0, begin, end)
             if not sketch and not all_finite(piece):  # (the sketch check catches NaN/inf, see _check_finite_source)
                 self._raise_not_finite(name, dtype)
