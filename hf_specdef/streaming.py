@@ -385,6 +385,8 @@ class _Streamer:
                 raise self._broken(b.name) from None
 
     def _decide_component(self, comp: list[int]) -> None:
+        if self.failed:
+            return
         with torch.no_grad():
             for i in comp:
                 plan = self.sp.plans[i]
@@ -417,7 +419,6 @@ class _Streamer:
             verify_at[files[-1]].append(ci)
         for j in range(len(ckpt.files)):  # a shard's mappings go once every component touching it is verified
             release_at[max([j] + [comp_files[ci][-1] for ci in comps_of_file[j]])].append(j)
-        done = [False] * len(sp.components)
         bar = tqdm(total=ckpt.total_bytes, unit="B", unit_scale=True, desc="SpecDef protect (streaming)",
                    disable=not self.progress, leave=False)
         # A pipeline of three stages on their own threads (torch and file I/O release the GIL): the components
@@ -429,14 +430,15 @@ class _Streamer:
                     ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="specdef-decide") as workers:
                 writes: list[Future] = []
                 checks: list[Future] = []
+                decided: dict[int, Future] = {}
                 try:
+                    # components are independent (disjoint tensors) and a decision holds only its records: all are
+                    # queued at once, in the order of their first shard, so the workers run ahead of the writers
+                    order = sorted(range(len(sp.components)), key=lambda ci: comp_files[ci][0])
+                    decided = {ci: workers.submit(self._decide_component, sp.components[ci]) for ci in order}
                     for i, f in enumerate(ckpt.files):
-                        todo = [ci for ci in comps_of_file[i] if not done[ci]]
-                        # components are independent (disjoint tensors): decide them on the worker threads
-                        for fut in [workers.submit(self._decide_component, sp.components[ci]) for ci in todo]:
-                            fut.result()
-                        for ci in todo:
-                            done[ci] = True
+                        for ci in comps_of_file[i]:
+                            decided[ci].result()
                         behind = writes[len(writes) - _WRITERS:len(writes) - _WRITERS + 1] if len(writes) >= _WRITERS else []
                         for fut in behind + [c for c in checks if c.done()]:
                             fut.result()  # at most _WRITERS shards in the writers' hands; errors surface early
@@ -446,6 +448,8 @@ class _Streamer:
                         fut.result()
                 except BaseException:
                     self.failed = True  # queued stages return at once
+                    for fut in decided.values():
+                        fut.cancel()
                     raise
         finally:
             for p in list(self.out):
