@@ -165,10 +165,9 @@ def _apply(t: torch.Tensor, axis: int, start: int, stop: int, m: Deformation, si
     dt = compute_dtype(t.device)
     u = m.basis.to(device=t.device, dtype=dt)
     if axis == t.dim() - 1 and t.dim() > 1:  # a block of columns: rows stay contiguous, X <- X + (f - 1) (X U) U^T
-        x = view.to(dt)
-        x2 = x.reshape(-1, x.shape[-1])
-        x2.addmm_(x2 @ u, u.T, alpha=f - 1.0)
-        view.copy_(x)
+        x = view.reshape(-1, view.shape[-1]).to(dt, copy=True)  # always a copy: updated, then written back
+        x.addmm_(x @ u, u.T, alpha=f - 1.0)
+        view.copy_(x.reshape(view.shape))
         return
     x = view.movedim(axis, 0).to(dt)  # (d, ...)
     shape = x.shape

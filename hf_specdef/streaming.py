@@ -421,9 +421,9 @@ class _Streamer:
             release_at[max([j] + [comp_files[ci][-1] for ci in comps_of_file[j]])].append(j)
         bar = tqdm(total=ckpt.total_bytes, unit="B", unit_scale=True, desc="SpecDef protect (streaming)",
                    disable=not self.progress, leave=False)
-        # A pipeline of three stages on their own threads (torch and file I/O release the GIL): the components
-        # of shard i + 1 are decided while shards i and i - 1 are written (two writers: writing is the
-        # longest stage) and earlier ones verified.
+        # A pipeline of three stages on their own threads (torch and file I/O release the GIL): components are
+        # decided ahead, two writers write shards in order (writing is the longest stage), and a verifier checks
+        # each component once its last shard is written.
         try:
             with bar, ThreadPoolExecutor(max_workers=_WRITERS, thread_name_prefix="specdef-writer") as writer, \
                     ThreadPoolExecutor(max_workers=1, thread_name_prefix="specdef-verify") as checker, \
@@ -521,7 +521,7 @@ class _Streamer:
             if sketch:
                 reference[begin:end] = sketch_reference(name, piece, ops, self.device, x)  # the source chunk, on device
             apply_ops(piece, ops, 0, begin, end)
-            if not sketch and not all_finite(piece):  # (the sketch check catches NaN/inf, see _check_finite_source)
+            if not sketch and not all_finite(piece):  # with a sketch, NaN/inf shows in _verify_component
                 self._raise_not_finite(name, dtype)
             self._note_cached(piece)
             writer.write(name, _tensor_bytes(piece))
@@ -604,7 +604,8 @@ class _Streamer:
             with self.lock:
                 sketch = self.references.pop(name, None)
             err = check_tensor(name, self._out_view(path, name), self.ckpt.view(name), self.ops[name], self.device, sketch)
-            self.ckpt.drop_pages(name)
+            if sketch is None:  # the full check read the source again
+                self.ckpt.drop_pages(name)
             infos, m = self.out[path]
             drop_mapped_range(m, infos[name].begin, infos[name].end)
             self.worst_error = max(self.worst_error, err)

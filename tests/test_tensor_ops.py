@@ -77,3 +77,14 @@ def test_inverse_undoes_and_merge_keeps_the_result():
     assert torch.equal(a, b)
     apply_ops(a, ops, inverse=True)
     torch.testing.assert_close(a, t, rtol=1e-9, atol=1e-9)  # float64, alpha=1000
+
+
+def test_column_block_step_on_a_non_contiguous_float64_view():
+    """The column-block kernel must write back even when the tensor is float64 and its rows do not merge into a view."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(3, 6, 10, dtype=torch.float64, generator=g)[:, :3, :]  # (3, 3, 10), strides (60, 10, 1)
+    m = _spectral(4, 3, factor=10.0)
+    expected = t.clone()
+    expected[..., 2:6] = expected[..., 2:6] @ m.dense(inverse=True)
+    linalg.apply_consumer(t, 2, 2, 6, m)
+    torch.testing.assert_close(t, expected, rtol=1e-12, atol=1e-12)
