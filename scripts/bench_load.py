@@ -159,15 +159,16 @@ def main(argv: list[str] | None = None) -> int:
 
         ids = torch.randint(0, args.vocab, (2, 16), generator=torch.Generator().manual_seed(0))
 
-        def load(protected: bool | str) -> dict[str, float | None]:
+        def load(kind: str) -> dict[str, float | None]:
+            """One timed load: ``plain``, ``specdef`` (protected) or ``touch`` (the floor)."""
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             gc.collect()
             sync(args.device)
             t0 = time.perf_counter()
-            kw = dict(common, specdef_config=spec) if protected is True else common
+            kw = dict(common, specdef_config=spec) if kind == "specdef" else common
             model = AutoModelForCausalLM.from_pretrained(directory, **kw)
-            if protected == "touch":  # the floor of any in-place protection: write every matrix once (no-op)
+            if kind == "touch":  # the floor of any in-place protection: write every matrix once (no-op)
                 skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
                 with torch.no_grad():
                     for p in model.parameters():
@@ -184,24 +185,23 @@ def main(argv: list[str] | None = None) -> int:
             del model
             return {"load": t1 - t0, "first_output": t2 - t0, "rss_after_load": rss, "cuda_peak": peak}
 
-        load(False)  # warm-up: file cache, lazy imports
-        load(True)
+        load("plain")  # warm-up: file cache, lazy imports
+        load("specdef")
         if args.profile:
             import cProfile
             import pstats
 
             prof = cProfile.Profile()
             prof.enable()
-            load(True)
+            load("specdef")
             prof.disable()
             pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
         breakdown = cost_breakdown(directory, common, cfg, args.device) if args.breakdown else None
         runs: dict[str, list[dict[str, float | None]]] = {"plain": [], "specdef": [], "touch": []}
-        kinds = {"plain": False, "specdef": True, "touch": "touch"}
         for i in range(args.runs):
             order = ("plain", "specdef", "touch") if i % 2 == 0 else ("touch", "specdef", "plain")
             for kind in order:
-                runs[kind].append(load(kinds[kind]))
+                runs[kind].append(load(kind))
 
     def median(kind: str, key: str) -> float | None:
         vals = [r[key] for r in runs[kind] if r[key] is not None]
