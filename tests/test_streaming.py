@@ -445,3 +445,30 @@ def test_nan_in_a_consumer_is_named_on_the_sketch_path(name, llama_src, tmp_path
         protect_checkpoint(src, tmp_path / "dst", CFG, progress=False)
     assert name in str(info.value) and shard in str(info.value)
     assert not (tmp_path / "dst").exists()
+
+
+def test_intra_op_threads_lowered_while_streaming_and_restored(llama_src, tmp_path, monkeypatch):
+    import hf_specdef.streaming as streaming
+
+    user = torch.get_num_threads()
+    torch.set_num_threads(2)  # what a 2-core machine starts with
+    try:
+        with streaming.intra_op_threads(5):  # never raised
+            assert torch.get_num_threads() == 2
+        seen = []
+        real = streaming._Streamer._write_shard
+
+        def spy(self, *args):
+            seen.append(torch.get_num_threads())
+            return real(self, *args)
+
+        monkeypatch.setattr(streaming, "cpu_count", lambda: 2)  # 2 cores for 2 + 1 + 2 stage threads: one intra-op thread
+        monkeypatch.setattr(streaming._Streamer, "_write_shard", spy)
+        protect_checkpoint(llama_src, tmp_path / "dst", CFG, progress=False)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="boom"), streaming.intra_op_threads(1):
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(user)
