@@ -169,11 +169,10 @@ def _apply(t: torch.Tensor, axis: int, start: int, stop: int, m: Deformation, si
         x.addmm_(x @ u, u.T, alpha=f - 1.0)
         view.copy_(x.reshape(view.shape))
         return
-    x = view.movedim(axis, 0).to(dt)  # (d, ...)
-    shape = x.shape
-    x2 = x.reshape(shape[0], -1)
-    x2 = x2 + (f - 1.0) * (u @ (u.T @ x2))
-    view.copy_(x2.reshape(shape).movedim(0, axis).to(t.dtype))
+    x = view.movedim(axis, 0).to(dt, copy=True, memory_format=torch.contiguous_format)  # (d, ...): updated, written back
+    x2 = x.view(x.shape[0], -1)
+    x2.addmm_(u, u.T @ x2, alpha=f - 1.0)  # X <- X + (f - 1) U (U^T X)
+    view.copy_(x.movedim(0, axis))
 
 
 def apply_producer(t: torch.Tensor, axis: int, start: int, stop: int, m: Deformation, inverse: bool = False) -> None:
