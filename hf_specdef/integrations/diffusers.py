@@ -71,7 +71,7 @@ __all__ = [
 
 DENOISER_NAMES = ("unet", "transformer")
 TEXT_ENCODER = "text_encoder"
-FINAL_NORMS = ("text_model.final_layer_norm", "final_layer_norm")  # transformers 4.x / 5.x CLIPTextModel layouts
+FINAL_NORMS = diffusers_sites.FINAL_NORMS
 _WRAPPED_FLAG = "_specdef_wrapped"
 _CLAIMS = "_specdef_claims"  # on a module: PairResults (module-local names) of the protection we did
 _PIPELINE_CLAIMS = "_specdef_pipeline_claims"  # on the denoiser: the pipeline-level PairResults (prefixed names)
@@ -228,47 +228,11 @@ def _pipeline_norm_pair(pipe: Any, dname: str, denoiser: torch.nn.Module) -> tup
     """The pipeline-level norm pair (text encoder final norm -> every to_k/to_v reading it), or the reason there is none."""
     comps = pipe.components
     te = comps.get(TEXT_ENCODER)
-    if not isinstance(te, torch.nn.Module):
-        return None, "the pipeline has no text encoder"
+    te = te if isinstance(te, torch.nn.Module) else None
     others = [n for n in ("text_encoder_2", "text_encoder_3") if comps.get(n) is not None]
-    if others:
-        return None, f"the pipeline has several text encoders ({others}); their hidden states are not the final norm's"
-    if type(te).__name__ != "CLIPTextModel":
-        return None, (f"text encoder {type(te).__name__} is not a plain CLIPTextModel (a projection head would also read "
-                      "the final norm and is not compensated)")
-    te_shapes = ParamTensors(te).shapes()
-    final = next((n for n in FINAL_NORMS if f"{n}.weight" in te_shapes), None)
-    if final is None:
-        return None, f"text encoder has no affine final layer norm (looked for {FINAL_NORMS})"
-    c = denoiser.config
-    shapes = ParamTensors(denoiser).shapes()
-    if type(denoiser).__name__ not in diffusers_sites.UNET_CLASSES + ("Transformer2DModel",):
-        return None, f"{type(denoiser).__name__} is not known to read the text encoder output directly"
-    transforming = [k for k in ("encoder_hid_dim", "cross_attention_norm") if cfg_get(c, k) is not None]
-    if cfg_get(c, "addition_embed_type") in ("text", "text_image", "image", "image_hint"):
-        transforming.append(f"addition_embed_type={c['addition_embed_type']!r}")
-    if any(n.startswith(("caption_projection.", "encoder_hid_proj.", "add_embedding.")) for n in shapes) and not transforming:
-        transforming.append("a projection of encoder_hidden_states")
-    if transforming:
-        return None, f"the denoiser transforms encoder_hidden_states before attention ({transforming})"
-    readers = diffusers_sites.cross_attention_readers(c, shapes)
-    dim = te_shapes[f"{final}.weight"][0]
-    if not readers:
-        return None, "the denoiser has no cross-attention"
-    bad = [r for r in readers if shapes[f"{r}.weight"][1] != dim]
-    if bad:
-        return None, f"{bad[0]} reads {shapes[bad[0] + '.weight'][1]} channels, the text encoder gives {dim}"
-    te_prefix, d_prefix = f"{TEXT_ENCODER}.", f"{dname}."
-    producers = (TensorBlock(f"{te_prefix}{final}.weight", 0, 0, dim),)
-    if f"{final}.bias" in te_shapes:
-        producers += (TensorBlock(f"{te_prefix}{final}.bias", 0, 0, dim),)
-    pair = Pair(
-        "norm", -1, f"{te_prefix}{final}", 0,
-        producers=producers,
-        consumers=tuple(TensorBlock(f"{d_prefix}{r}.weight", 1, 0, dim) for r in readers),
-        tags=frozenset({"cross-attention", "pipeline"}),
-    )
-    return pair, ""
+    return diffusers_sites.pipeline_norm_pair(
+        type(te).__name__ if te is not None else None, ParamTensors(te).shapes() if te is not None else {}, others,
+        type(denoiser).__name__, denoiser.config, ParamTensors(denoiser).shapes(), f"{TEXT_ENCODER}.", f"{dname}.")
 
 
 def _wants_pipeline_norm(cfg: SpecDefConfig, pipeline_norm: bool | None) -> tuple[bool, str]:

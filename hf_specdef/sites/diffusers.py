@@ -31,10 +31,11 @@ Transformers use ``num_attention_heads`` (and ``attention_head_dim`` as the head
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from .base import Pair
+from .base import Pair, TensorBlock
 from .registry import (
     ArchSpec,
     Attention,
@@ -52,6 +53,7 @@ from .registry import (
 
 __all__ = [
     "DIFFUSERS_DENOISERS", "UNET_CLASSES", "TRANSFORMER_CLASSES", "block_heads", "block_setting", "cross_attention_readers",
+    "FINAL_NORMS", "pipeline_norm_pair",
 ]
 
 UNET_CLASSES = ("UNet2DConditionModel",)
@@ -152,6 +154,58 @@ def cross_attention_readers(config: Any, shape_of: ShapeOf, prefix: str = "") ->
         for a in attns:
             readers += [f"{block}.{a}.{p}" for p in ("to_k", "to_v") if f"{prefix}{block}.{a}.{p}.weight" in shape_of]
     return readers
+
+
+FINAL_NORMS = ("text_model.final_layer_norm", "final_layer_norm")  # transformers 4.x / 5.x CLIPTextModel layouts
+
+
+def pipeline_norm_pair(
+    te_class: str | None, te_shapes: ShapeOf, other_encoders: Sequence[str], d_class: str | None, d_config: Any,
+    d_shapes: ShapeOf, te_prefix: str = "text_encoder.", d_prefix: str = "",
+) -> tuple[Pair | None, str]:
+    """The pipeline-level ``norm`` pair of a Stable-Diffusion-style pipeline, or the reason there is none.
+
+    The text encoder's final layer norm (producer, names with ``te_prefix``) scales the channels every
+    cross-attention ``to_k``/``to_v`` of the denoiser reads (consumers, names with ``d_prefix``). From
+    class names, configs and tensor shapes only, so in-memory and streaming protection decide alike.
+    """
+    if te_class is None:
+        return None, "the pipeline has no text encoder"
+    if other_encoders:
+        return None, (f"the pipeline has several text encoders ({list(other_encoders)}); their hidden states are not "
+                      "the final norm's")
+    if te_class != "CLIPTextModel":
+        return None, (f"text encoder {te_class} is not a plain CLIPTextModel (a projection head would also read "
+                      "the final norm and is not compensated)")
+    final = next((n for n in FINAL_NORMS if f"{n}.weight" in te_shapes), None)
+    if final is None:
+        return None, f"text encoder has no affine final layer norm (looked for {FINAL_NORMS})"
+    if d_class not in UNET_CLASSES + ("Transformer2DModel",):
+        return None, f"{d_class} is not known to read the text encoder output directly"
+    transforming = [k for k in ("encoder_hid_dim", "cross_attention_norm") if cfg_get(d_config, k) is not None]
+    if cfg_get(d_config, "addition_embed_type") in ("text", "text_image", "image", "image_hint"):
+        transforming.append(f"addition_embed_type={cfg_get(d_config, 'addition_embed_type')!r}")
+    if any(n.startswith(("caption_projection.", "encoder_hid_proj.", "add_embedding.")) for n in d_shapes) and not transforming:
+        transforming.append("a projection of encoder_hidden_states")
+    if transforming:
+        return None, f"the denoiser transforms encoder_hidden_states before attention ({transforming})"
+    readers = cross_attention_readers(d_config, d_shapes)
+    dim = te_shapes[f"{final}.weight"][0]
+    if not readers:
+        return None, "the denoiser has no cross-attention"
+    bad = [r for r in readers if d_shapes[f"{r}.weight"][1] != dim]
+    if bad:
+        return None, f"{bad[0]} reads {d_shapes[bad[0] + '.weight'][1]} channels, the text encoder gives {dim}"
+    producers = (TensorBlock(f"{te_prefix}{final}.weight", 0, 0, dim),)
+    if f"{final}.bias" in te_shapes:
+        producers += (TensorBlock(f"{te_prefix}{final}.bias", 0, 0, dim),)
+    pair = Pair(
+        "norm", -1, f"{te_prefix}{final}", 0,
+        producers=producers,
+        consumers=tuple(TensorBlock(f"{d_prefix}{r}.weight", 1, 0, dim) for r in readers),
+        tags=frozenset({"cross-attention", "pipeline"}),
+    )
+    return pair, ""
 
 
 def _attention(name: str, tags: frozenset[str]) -> Attention:
