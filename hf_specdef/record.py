@@ -35,6 +35,34 @@ def make_record(cfg: SpecDefConfig, results: Sequence[Any], deviation: float | N
     return rec
 
 
+def component_record(cfg: SpecDefConfig, local: Sequence[Any], pipeline: Sequence[Any], prefix: str,
+                     deviation: float | None) -> dict[str, Any] | None:
+    """Record of one pipeline component: its own pairs ``local`` (names relative to it) plus, when ``pipeline``
+    holds cross-component pairs (names prefixed by component, e.g. ``"unet."``), a ``"pipeline"`` entry with the
+    modules of this component (``prefix``) they touch."""
+    rec = make_record(cfg, local, deviation)
+    if rec is None or not pipeline:
+        return rec
+
+    def modules(hot: bool) -> list[str]:
+        mods = {m for r in pipeline for m in (r.pair.hot_modules if hot else r.pair.cold_modules)}
+        return sorted(m[len(prefix):] for m in mods if m.startswith(prefix))
+
+    rec["pipeline"] = {
+        "note": "pipeline-level norm site: the text encoder's final norm is folded into every cross-attention "
+                "to_k/to_v of the denoiser; only the composed pipeline keeps its function",
+        "num_pairs": len(pipeline),
+        "hot_modules": modules(hot=True),
+        "cold_modules": modules(hot=False),
+    }
+    if cfg.record == "full":
+        rec["pipeline"]["pairs"] = [r.to_dict(full=True) for r in pipeline]
+    rec["hot_modules"] = sorted(set(rec["hot_modules"]) | set(rec["pipeline"]["hot_modules"]))
+    if not local:
+        rec["sites"] = []
+    return rec
+
+
 def _config(obj: Any) -> Any:
     return getattr(obj, "config", None)
 

@@ -50,7 +50,7 @@ from .. import engine, probe
 from ..config import CONFIG_KEY, SpecDefConfig
 from ..engine import PairResult
 from ..protection import Backup, ParamTensors, _check_materialized, _upcast, deform_verified, model_pairs
-from ..record import check_not_protected, get_record, make_record, set_record
+from ..record import check_not_protected, component_record, get_record, set_record
 from ..report import ProtectionReport
 from ..sites import NoSitesError, Pair, TensorBlock
 from ..sites import diffusers as diffusers_sites
@@ -423,29 +423,10 @@ def _write_records(used: dict[str, torch.nn.Module], dname: str, cfg: SpecDefCon
                  if "pipeline" not in r.pair.tags and r.pair.producers[0].name.startswith(prefix)]
         if cfg.record == "none":
             continue
-        rec = make_record(cfg if name == dname else te_cfg, local, deviation)
-        if pipe_results:
-            rec["pipeline"] = {
-                "note": "pipeline-level norm site: the text encoder's final norm is folded into every cross-attention "
-                        "to_k/to_v of the denoiser; only the composed pipeline keeps its function",
-                "num_pairs": len(pipe_results),
-                "hot_modules": _local_modules(pipe_results, prefix, hot=True),
-                "cold_modules": _local_modules(pipe_results, prefix, hot=False),
-            }
-            if cfg.record == "full":
-                rec["pipeline"]["pairs"] = [r.to_dict(full=True) for r in pipe_results]
-            rec["hot_modules"] = sorted(set(rec["hot_modules"]) | set(rec["pipeline"]["hot_modules"]))
-            if not local:
-                rec["sites"] = []
-        set_record(module, rec)
+        set_record(module, component_record(cfg if name == dname else te_cfg, local, pipe_results, prefix, deviation))
         module.__dict__[_CLAIMS] = (get_record(module), local)  # valid while this very record is on the model
     if pipe_results:
         used[dname].__dict__[_PIPELINE_CLAIMS] = pipe_results
-
-
-def _local_modules(results: list[PairResult], prefix: str, hot: bool) -> list[str]:
-    mods = {m for r in results for m in (r.pair.hot_modules if hot else r.pair.cold_modules)}
-    return sorted(m[len(prefix):] for m in mods if m.startswith(prefix))
 
 
 def protect_pipeline(
