@@ -16,7 +16,10 @@ so a pair may span shards. *Writing* a shard copies each tensor from the memory-
 without steps byte for byte, the others in row chunks with their steps applied on the way
 (:func:`~hf_specdef.tensor_ops.row_chunks` never cuts a spectral block). The stages overlap on
 threads: components are decided while two writers write the previous shards and a verifier checks
-the ones before.
+the ones before. In a diffusers pipeline folder the pipeline-level ``norm`` pair
+(:mod:`~hf_specdef.pipeline_fold`) is decided first and its steps are recorded on the denoiser's
+``to_k``/``to_v`` before the denoiser's own pairs; the text encoder is then streamed with its final norm's
+steps, and small pipelines get a forward check of text encoder and denoiser together.
 
 Reliability (SPEC §7): everything is written to a temporary folder next to the destination and
 renamed into place only after verification. Each component is verified as soon as its shards are
@@ -65,8 +68,9 @@ from .checkpoint import (
 )
 from .config import CONFIG_KEY, SpecDefConfig
 from .engine import PairResult, Plan
+from .pipeline_fold import TEXT_ENCODER, Fold, plan_fold
 from .protection import VerificationError
-from .record import check_not_protected, make_record
+from .record import check_not_protected, component_record, make_record
 from .report import ProtectionReport
 from .sites import Pair, TensorBlock, pairs_for, select_pairs
 from .tensor_ops import TensorOp, apply_ops, merge_axis_steps, row_chunks
@@ -367,10 +371,13 @@ class _Streamer:
     """
 
     def __init__(self, ckpt: Checkpoint, sp: StreamPlan, cfg: SpecDefConfig, device: torch.device, progress: bool,
-                 verify: bool) -> None:
+                 verify: bool, initial_ops: Mapping[str, Sequence[TensorOp]] | None = None) -> None:
         self.ckpt, self.sp, self.cfg, self.device, self.progress, self.verify = ckpt, sp, cfg, device, progress, verify
         self.results: list[PairResult | None] = [None] * len(sp.pairs)
-        self.ops: dict[str, list[TensorOp]] = {}
+        # steps decided before this checkpoint's own pairs (the pipeline-level pair): applied first, verified too
+        self.ops: dict[str, list[TensorOp]] = {n: list(ops) for n, ops in (initial_ops or {}).items()}
+        self.initial = list(self.ops)
+        self.verified: set[str] = set()
         self.peak_cached = 0
         self.bytes_written = 0
         self.worst_error = 0.0
@@ -474,6 +481,11 @@ class _Streamer:
                         checks.append(checker.submit(self._verify_shard, writes[-1], out_root, verify_at[i], release_at[i]))
                     for fut in checks:
                         fut.result()
+                    if self.verify:  # tensors with steps from before this checkpoint's own pairs, not checked yet
+                        with torch.no_grad():
+                            for name in self.initial:
+                                if name not in self.verified:
+                                    self._verify_tensor(name, out_root)
                 except BaseException:
                     self.failed = True  # queued stages return at once
                     for fut in decided.values():
@@ -630,21 +642,26 @@ class _Streamer:
                                         f"{r.sigma_before:.4g} -> {r.sigma_after:.4g}); nothing was written.")
             names.update(dict.fromkeys(r.pair.names()))
         for name in names:
-            path = out_root / self.ckpt.shard_of(name).name
-            with self.lock:
-                sketch = self.references.pop(name, None)
-            err = check_tensor(name, self._out_view(path, name), self.ckpt.view(name), self.ops[name], self.device, sketch)
-            if sketch is None:  # the full check read the source again
-                self.ckpt.drop_pages(name)
-            infos, m = self.out[path]
-            drop_mapped_range(m, infos[name].begin, infos[name].end)
-            self.worst_error = max(self.worst_error, err)
-            if not math.isfinite(err):  # NaN/inf in the source or an overflow: say which
-                self._raise_not_finite(name, infos[name].torch_dtype)
-            if not err <= self.threshold:
-                raise VerificationError(
-                    f"{path.name}: tensor {name!r} does not hold the claimed deformation of the source (relative error "
-                    f"{err:.3g} after undoing it > {self.threshold:.3g}); nothing was written.")
+            self._verify_tensor(name, out_root)
+
+    def _verify_tensor(self, name: str, out_root: Path) -> None:
+        """The written ``name`` with its recorded steps undone must give back the source tensor."""
+        path = out_root / self.ckpt.shard_of(name).name
+        with self.lock:
+            sketch = self.references.pop(name, None)
+        err = check_tensor(name, self._out_view(path, name), self.ckpt.view(name), self.ops[name], self.device, sketch)
+        if sketch is None:  # the full check read the source again
+            self.ckpt.drop_pages(name)
+        infos, m = self.out[path]
+        drop_mapped_range(m, infos[name].begin, infos[name].end)
+        self.worst_error = max(self.worst_error, err)
+        self.verified.add(name)
+        if not math.isfinite(err):  # NaN/inf in the source or an overflow: say which
+            self._raise_not_finite(name, infos[name].torch_dtype)
+        if not err <= self.threshold:
+            raise VerificationError(
+                f"{path.name}: tensor {name!r} does not hold the claimed deformation of the source (relative error "
+                f"{err:.3g} after undoing it > {self.threshold:.3g}); nothing was written.")
 
 
 def check_written_index(ckpt: Checkpoint, out_root: Path) -> None:
@@ -724,13 +741,15 @@ def _make_tmp(dst: Path) -> Path:
     return tmp
 
 
-def _copy_others(src: Path, tmp: Path, ckpt: Checkpoint) -> list[str]:
-    """Copy every file of ``src`` except the checkpoint's shards, index and config; returns notes."""
-    skip = {p.resolve() for p in ckpt.files} | {(ckpt.root / CONFIG_NAME).resolve()}
-    if ckpt.index_path is not None:
-        skip.add(ckpt.index_path.resolve())
+def _copy_others(src: Path, tmp: Path, ckpts: Sequence[Checkpoint]) -> list[str]:
+    """Copy every file of ``src`` except the shards, indexes and configs of ``ckpts`` (written by the caller); returns notes."""
+    skip = set()
+    for ckpt in ckpts:
+        skip |= {p.resolve() for p in ckpt.files} | {(ckpt.root / CONFIG_NAME).resolve()}
+        if ckpt.index_path is not None:
+            skip.add(ckpt.index_path.resolve())
     notes = []
-    root_real = ckpt.root.resolve()
+    roots = {ckpt.root.resolve() for ckpt in ckpts}
     for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
         d = Path(dirpath)
         dirnames[:] = [x for x in dirnames if not x.startswith(".specdef-tmp")]
@@ -739,7 +758,7 @@ def _copy_others(src: Path, tmp: Path, ckpt: Checkpoint) -> list[str]:
             if p.resolve() in skip:
                 continue
             rel = p.relative_to(src)
-            if p.parent.resolve() == root_real and fn.endswith(UNPROTECTED_WEIGHT_SUFFIXES + (".safetensors",)):
+            if p.parent.resolve() in roots and fn.endswith(UNPROTECTED_WEIGHT_SUFFIXES + (".safetensors",)):
                 notes.append(f"not copied: {rel} (weights outside the protected checkpoint would ship unprotected)")
                 continue
             target = tmp / rel
@@ -786,6 +805,52 @@ def _write_config(ckpt: Checkpoint, out_root: Path, record: dict[str, Any] | Non
     _write_json(out_root / CONFIG_NAME, config)
 
 
+def _write_records(ckpt: Checkpoint, out_root: Path, fold: Fold | None, cfg: SpecDefConfig, own: list[PairResult],
+                   deviation: float | None, upcast: bool, tmp: Path, src: Path) -> None:
+    """config.json of the protected checkpoint (and, with the pipeline-level pair, of the text encoder) with records."""
+    if fold is None:
+        _write_config(ckpt, out_root, make_record(cfg, own, deviation), upcast)
+        return
+    pipeline = [fold.result]
+    _write_config(ckpt, out_root, component_record(cfg, own, pipeline, f"{ckpt.component}.", deviation), upcast)
+    te_cfg = cfg.replace(layers="all") if cfg.layers == "cross-attention" else cfg  # as in-memory
+    te_record = component_record(te_cfg, [], pipeline, f"{TEXT_ENCODER}.", deviation)
+    _write_config(fold.text_encoder, tmp / fold.text_encoder.root.relative_to(src), te_record, False)
+
+
+def forward_check_pipeline(src: Path, tmp: Path, component: str, cfg: SpecDefConfig) -> tuple[float | None, str]:
+    """Text encoder then denoiser, from the source and from the written folders (float32), on one probe batch."""
+    try:
+        import diffusers
+        import transformers
+
+        from . import probe
+        from .integrations.diffusers import _composed_output, _text_ids
+    except ImportError as e:
+        return None, f"forward check skipped: {e}"
+    outs = []
+    for root in (src, tmp):
+        te_dir = root / TEXT_ENCODER
+        te_cls = getattr(transformers, (_read_json(te_dir / CONFIG_NAME).get("architectures") or ["CLIPTextModel"])[0])
+        d_cls = getattr(diffusers, _read_json(root / component / CONFIG_NAME)["_class_name"])
+        comps = {TEXT_ENCODER: te_cls.from_pretrained(str(te_dir), dtype=torch.float32),
+                 component: d_cls.from_pretrained(str(root / component), torch_dtype=torch.float32)}
+        inputs = probe.probe_inputs(comps[component], cfg.seed)
+        ids = _text_ids(comps[TEXT_ENCODER], cfg.seed, inputs["encoder_hidden_states"].shape[0])
+        outs.append(_composed_output(comps, component, inputs, ids).double())
+    ref, got = outs
+    dev = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    if not dev <= cfg.tolerance:
+        raise VerificationError(
+            f"the protected pipeline's outputs (text encoder -> {component}) deviate by {dev:.3g} (max relative) from the "
+            f"source's > tolerance={cfg.tolerance:g}; nothing was written.")
+    return dev, f"forward check (text encoder -> {component}, float32): max relative deviation {dev:.2e}"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def _commit(tmp: Path, dst: Path, overwrite: bool) -> None:
     if dst.exists():
         if not overwrite:
@@ -822,6 +887,7 @@ def protect_checkpoint(
     force: bool = False,
     progress: bool = True,
     verify: bool = True,
+    pipeline_norm: bool | None = None,
 ) -> CheckpointReport:
     """Protect a safetensors checkpoint folder into ``dst_dir``, streaming shard by shard.
 
@@ -837,6 +903,10 @@ def protect_checkpoint(
         progress: show progress bars.
         verify: re-read and check what was written before the rename (see the module docstring);
             without it the written files are not checked (not recommended).
+        pipeline_norm: for a pipeline folder, fold the text encoder's final norm into every cross-attention
+            ``to_k``/``to_v`` of the denoiser (the pipeline-level ``norm`` site, as in-memory ``protect(pipe)``
+            does): ``None`` (default) where it applies, ``True`` to require it, ``False`` to skip it. The
+            written text encoder is then correct only inside the pipeline.
 
     Returns:
         A :class:`CheckpointReport` (per pair: site, layer, sigma_1 before/after; the tensor-check
@@ -856,38 +926,61 @@ def protect_checkpoint(
         check_not_protected(ckpt.config, force)
         sp = plan_checkpoint(ckpt, cfg)
         notes = list(sp.notes)
+        fold = None
         if ckpt.component:
-            notes.append(f"diffusers pipeline: protected component {ckpt.component!r}; other components copied unchanged "
-                         "(pipeline-level sites spanning components are not applied by streaming)")
+            fold, why = plan_fold(ckpt.root.parent, ckpt, cfg, pipeline_norm=pipeline_norm, force=force, device=dev)
+            notes.append(f"diffusers pipeline: protected component {ckpt.component!r}" + (
+                "; the text encoder's final norm folded into every cross-attention to_k/to_v (pipeline-level norm "
+                "site: the written text encoder is correct only inside the pipeline)" if fold else f"; {why}")
+                + "; other components copied unchanged")
         if sp.out_dtype:
             notes.append(f"precision='float32': {len(sp.out_dtype)} tensors stored in float32 (config dtype set to float32)")
         tmp = _make_tmp(dst)
         try:
-            notes += _copy_others(src, tmp, ckpt)
+            notes += _copy_others(src, tmp, [ckpt] + ([fold.text_encoder] if fold else []))
             out_root = tmp / ckpt.root.relative_to(src) if ckpt.root != src else tmp
             out_root.mkdir(parents=True, exist_ok=True)
-            streamer = _Streamer(ckpt, sp, cfg, dev, progress, verify)
-            results = streamer.run(out_root)
+            streamer = _Streamer(ckpt, sp, cfg, dev, progress, verify, fold.denoiser_ops if fold else None)
+            streamers = [streamer]
+            own = streamer.run(out_root)
             _write_index(ckpt, out_root, sp)
-            _write_config(ckpt, out_root, make_record(cfg, results, None), bool(sp.out_dtype))
+            if fold:  # the text encoder: every tensor copied, its final norm with the pair's steps
+                te_root = tmp / fold.text_encoder.root.relative_to(src)
+                te_root.mkdir(parents=True, exist_ok=True)
+                te_sp = StreamPlan([], [], [], {}, [], [])
+                streamers.append(_Streamer(fold.text_encoder, te_sp, cfg, dev, progress, verify, fold.te_ops))
+                streamers[-1].run(te_root)
+                _write_index(fold.text_encoder, te_root, te_sp)
+            results = ([fold.result] if fold else []) + own
+            _write_records(ckpt, out_root, fold, cfg, own, None, bool(sp.out_dtype), tmp, src)
             tensor_error = deviation = None
             if verify:
                 check_written_index(ckpt, out_root)
-                tensor_error = streamer.worst_error
+                if fold:
+                    check_written_index(fold.text_encoder, te_root)
+                tensor_error = max(s.worst_error for s in streamers)
                 notes.append(f"tensor check: the {len(results)} deformations undone on the written files match the "
                              f"source, max relative error {tensor_error:.2e}")
-                if ckpt.total_bytes <= FORWARD_CHECK_MAX_BYTES and ckpt.config:
-                    deviation, note = forward_check(ckpt.root, out_root, ckpt.config, cfg.tolerance)
+                size = ckpt.total_bytes + (fold.text_encoder.total_bytes if fold else 0)
+                if size <= FORWARD_CHECK_MAX_BYTES and ckpt.config:
+                    if fold:
+                        deviation, note = forward_check_pipeline(src, tmp, ckpt.component, cfg)
+                    else:
+                        deviation, note = forward_check(ckpt.root, out_root, ckpt.config, cfg.tolerance)
                     notes.append(note)
-            _write_config(ckpt, out_root, make_record(cfg, results, deviation), bool(sp.out_dtype))
+            _write_records(ckpt, out_root, fold, cfg, own, deviation, bool(sp.out_dtype), tmp, src)
             _commit(tmp, dst, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            if fold:
+                fold.text_encoder.close()
     report = CheckpointReport(
         cfg, results, deviation, sp.skipped, notes, time.perf_counter() - start,
         source=str(src), destination=str(dst), component=ckpt.component, device=str(dev), shards=len(ckpt.files),
-        bytes_written=streamer.bytes_written, peak_cached_bytes=streamer.peak_cached, tensor_error=tensor_error,
+        bytes_written=sum(s.bytes_written for s in streamers), peak_cached_bytes=max(s.peak_cached for s in streamers),
+        tensor_error=tensor_error,
     )
     logger.info("hf-specdef protected %d pairs of %s into %s (%.1fs)", len(results), src, dst, report.seconds)
     return report

@@ -415,7 +415,11 @@ def test_diffusers_pipeline_dry_run(tmp_path):
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "text-to-image"
     assert card.data.base_model == "me/tiny-sd" and "specdef" in card.data.tags
     assert f"{res.max_relative_deviation:.2e}" in card.text and "undo the deformation by reparameterization" in card.text
-    assert "| protected components | unet |" in card.text and "DiffusionPipeline.from_pretrained" in card.text
+    # streaming folds the text encoder's final norm into the unet's cross-attention (the pipeline-level site)
+    assert "| protected components | text_encoder, unet |" in card.text and "DiffusionPipeline.from_pretrained" in card.text
+    assert "| pipeline-level site | pipeline-level norm site: the text encoder's final norm is folded" in card.text
+    te = next(c for c in res.checks if c.component == "text_encoder")  # its function is the pipeline's (end to end)
+    assert te.ok and te.max_relative_deviation == res.pipeline_check.max_relative_deviation
     stock = _run(["-c", STOCK_PIPE_SCRIPT, str(out), str(tmp_path / "ref.npy")], {}, tmp_path)
     assert stock.returncode == 0, stock.stderr[-3000:]
     _, maxabs, cls = next(x for x in stock.stdout.splitlines() if x.startswith("MAXABS")).split()

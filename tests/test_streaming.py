@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_bert, tiny_clip_text, tiny_gpt2, tiny_llama
@@ -22,7 +23,7 @@ from hf_specdef.checkpoint import CheckpointError, open_checkpoint
 from hf_specdef.engine import PrecisionBudgetError
 from hf_specdef.protection import VerificationError
 from hf_specdef.record import AlreadyProtectedError
-from hf_specdef.sites import NoSitesError, lookup
+from hf_specdef.sites import NoSitesError
 
 CFG = SpecDefConfig(alpha=1000.0)  # default sites, spectral (attn.vo) + axis (qk/mlp/norm)
 
@@ -393,44 +394,100 @@ def test_cuda_device_matches_cpu(llama_src, tmp_path):
 # Diffusers pipeline folder: the denoiser is protected, the rest copied
 # --------------------------------------------------------------------------------------------
 
-def test_diffusers_pipeline_folder(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
-    if lookup(None, "UNet2DConditionModel") is None:
-        pytest.skip("the diffusers site registry is not installed in this build")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8,
-    ).eval()
-    src = tmp_path / "pipe"
-    unet.save_pretrained(str(src / "unet"))
-    tiny_clip_text().save_pretrained(str(src / "text_encoder"))
-    (src / "scheduler").mkdir()
-    (src / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDIMScheduler"}')
-    (src / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "scheduler": ["diffusers", "DDIMScheduler"]}))
+def _tiny_pipeline_folder(tmp_path: Path):
+    """A tiny Stable-Diffusion pipeline (the one of test_diffusers), saved as a pipeline folder."""
+    pytest.importorskip("diffusers")
+    from test_diffusers import tiny_pipeline
+
+    pipe = tiny_pipeline(tmp_path)
+    pipe.save_pretrained(tmp_path / "src")
+    return pipe, tmp_path / "src"
+
+
+def test_pipeline_folder_streams_like_in_memory_with_the_pipeline_site(tmp_path):
+    from test_diffusers import generate, stock_generate
+
+    pipe, src = _tiny_pipeline_folder(tmp_path)
+    reference = generate(pipe)
     before = _hashes(src)
-    cfg = SpecDefConfig(alpha=1024.0, mode="axis")
-    report = protect_checkpoint(src, tmp_path / "dst", cfg, progress=False)
+    cfg = SpecDefConfig(alpha=1000.0)
+    dst = tmp_path / "dst"
+    report = protect_checkpoint(src, dst, cfg, progress=False)
     assert _hashes(src) == before
-    assert report.component == "unet" and report.results
-    after = _hashes(tmp_path / "dst")
-    assert set(after) == set(before)
+    assert report.component == "unet" and report.deviation is not None and report.deviation <= 1e-4  # composed check
+    assert "pipeline" in report.results[0].pair.tags
+    assert sum("pipeline" in r.pair.tags for r in report.results) == 1
+
+    # the same tensors and records as in-memory protect(pipe) + save_pretrained
+    mem_report = protect(pipe, cfg, progress=False)
+    assert mem_report.results[0].pair == report.results[0].pair and len(mem_report.results) == len(report.results)
+    pipe.save_pretrained(tmp_path / "mem")
+    for comp in ("unet", "text_encoder"):
+        streamed, in_memory = _all_tensors(dst / comp), _all_tensors(tmp_path / "mem" / comp)
+        assert streamed.keys() == in_memory.keys()
+        for name, t in streamed.items():
+            torch.testing.assert_close(t, in_memory[name], atol=1e-6, rtol=0)
+        rec = json.loads((dst / comp / "config.json").read_text())["specdef"]
+        mem_rec = json.loads((tmp_path / "mem" / comp / "config.json").read_text())["specdef"]
+        assert rec["pipeline"]["num_pairs"] == 1
+        assert {k: rec[k] for k in ("sites", "num_pairs", "hot_modules", "pipeline")} == \
+            {k: mem_rec[k] for k in ("sites", "num_pairs", "hot_modules", "pipeline")}
+    te_src = _all_tensors(src / "text_encoder")
+    te_changed = {n for n, t in _all_tensors(dst / "text_encoder").items() if not torch.equal(t, te_src[n])}
+    assert te_changed and all("final_layer_norm" in n for n in te_changed)
+    after = _hashes(dst)
     for k in before:
-        if k.startswith(("text_encoder/", "scheduler/", "model_index")):
+        if k.startswith(("scheduler/", "vae/", "tokenizer/", "model_index")):
             assert after[k] == before[k], k
-    assert after["unet/diffusion_pytorch_model.safetensors"] != before["unet/diffusion_pytorch_model.safetensors"]
-    assert "specdef" in json.loads((tmp_path / "dst" / "unet" / "config.json").read_text())
-    # a stock diffusers load gives the same outputs
-    a = diffusers.UNet2DConditionModel.from_pretrained(str(src / "unet")).eval()
-    b = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / "dst" / "unet")).eval()
-    g = torch.Generator().manual_seed(0)
-    x, t, ehs = torch.randn(1, 4, 8, 8, generator=g), torch.tensor([10]), torch.randn(1, 5, 32, generator=g)
-    with torch.no_grad():
-        ra, rb = a(x, t, ehs).sample, b(x, t, ehs).sample
-    assert ((rb - ra).abs().max() / ra.abs().max()).item() <= 1e-4
+
+    # stock diffusers, in a fresh interpreter without hf_specdef, generates the same images
+    (stock,) = stock_generate(tmp_path, dst)
+    assert np.abs(stock - reference).max() <= 1e-4
+
+
+def test_pipeline_site_options_and_a_broken_fold(tmp_path, monkeypatch):
+    import hf_specdef.streaming as streaming
+
+    _, src = _tiny_pipeline_folder(tmp_path)
+    before = _hashes(src)
+    cfg = SpecDefConfig(alpha=1000.0)
+
+    # pipeline_norm=False: the text encoder is copied as it is and the denoiser alone keeps its function
+    report = protect_checkpoint(src, tmp_path / "off", cfg, pipeline_norm=False, progress=False)
+    assert not any("pipeline" in r.pair.tags for r in report.results)
+    assert any("disabled (pipeline_norm=False)" in n for n in report.notes)
+    after = _hashes(tmp_path / "off")
+    assert all(after[k] == before[k] for k in before if k.startswith("text_encoder/"))
+    assert report.deviation is not None and report.deviation <= 1e-4  # the denoiser-only forward check
+
+    # a text encoder that already carries a protection record is not folded again (unless force=True)
+    src2 = tmp_path / "src2"
+    shutil.copytree(src, src2)
+    te_config = json.loads((src2 / "text_encoder" / "config.json").read_text())
+    (src2 / "text_encoder" / "config.json").write_text(json.dumps({**te_config, "specdef": {"num_pairs": 0}}))
+    report = protect_checkpoint(src2, tmp_path / "again", cfg, progress=False)
+    assert not any("pipeline" in r.pair.tags for r in report.results)
+    assert any("already carries a protection record" in n for n in report.notes)
+
+    # pipeline_norm=True where the site does not apply: one clear error, no output
+    with pytest.raises(ValueError, match="pipeline_norm=True.*'norm' is not among cfg.sites"):
+        protect_checkpoint(src, tmp_path / "req", SpecDefConfig(alpha=1000.0, sites=("attn.vo",)), pipeline_norm=True,
+                           progress=False)
+    assert not (tmp_path / "req").exists()
+
+    # a fold whose text-encoder half is lost: each tensor holds its recorded steps, but the composed check fails
+    real = streaming.plan_fold
+
+    def broken(*args, **kwargs):
+        fold, why = real(*args, **kwargs)
+        fold.te_ops = {}
+        return fold, why
+
+    monkeypatch.setattr(streaming, "plan_fold", broken)
+    with pytest.raises(VerificationError, match="text encoder -> unet"):
+        protect_checkpoint(src, tmp_path / "broken", cfg, progress=False)
+    assert not (tmp_path / "broken").exists() and not list(tmp_path.glob(".broken*"))
+    assert _hashes(src) == before
 
 
 @pytest.mark.parametrize("name", ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.o_proj.weight"])

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip re-reading and checking the written files (not recommended)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    parser.add_argument("--pipeline-norm", dest="pipeline_norm", action=argparse.BooleanOptionalAction, default=None,
+                        help="pipeline folders: fold the text encoder's final norm into every cross-attention to_k/to_v "
+                             "(default: where it applies; --pipeline-norm requires it, --no-pipeline-norm skips it)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -35,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from ..streaming import protect_checkpoint
 
     report = protect_checkpoint(args.src, args.dst, config_from_args(args), device=args.device, overwrite=args.overwrite,
-                                force=args.force, progress=args.progress, verify=args.verify)
+                                force=args.force, progress=args.progress, verify=args.verify,
+                                pipeline_norm=args.pipeline_norm)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     return 0

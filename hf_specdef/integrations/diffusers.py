@@ -235,17 +235,6 @@ def _pipeline_norm_pair(pipe: Any, dname: str, denoiser: torch.nn.Module) -> tup
         type(denoiser).__name__, denoiser.config, ParamTensors(denoiser).shapes(), f"{TEXT_ENCODER}.", f"{dname}.")
 
 
-def _wants_pipeline_norm(cfg: SpecDefConfig, pipeline_norm: bool | None) -> tuple[bool, str]:
-    if pipeline_norm is False:
-        return False, "pipeline-level norm site: disabled (pipeline_norm=False)"
-    if "norm" not in cfg.sites:
-        return False, "pipeline-level norm site: 'norm' is not among cfg.sites"
-    if cfg.layers not in ("all", "cross-attention"):
-        return False, (f"pipeline-level norm site: layers={cfg.layers!r} selects some blocks, but the text encoder's final "
-                       "norm feeds every block's cross-attention (use layers='all' or 'cross-attention')")
-    return True, ""
-
-
 # --------------------------------------------------------------------------------------------
 # Protection of a pipeline (or one denoiser) with an exact backup
 # --------------------------------------------------------------------------------------------
@@ -344,7 +333,7 @@ def _apply(
     skipped: list[str] = []
     pipe_pair = None
     if pipe is not None:
-        wanted, why = _wants_pipeline_norm(cfg, pipeline_norm)
+        wanted, why = diffusers_sites.wants_pipeline_norm(cfg, pipeline_norm)
         if wanted:
             pipe_pair, why = _pipeline_norm_pair(pipe, dname, denoiser)
             if pipe_pair is None:

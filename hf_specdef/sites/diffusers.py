@@ -53,7 +53,7 @@ from .registry import (
 
 __all__ = [
     "DIFFUSERS_DENOISERS", "UNET_CLASSES", "TRANSFORMER_CLASSES", "block_heads", "block_setting", "cross_attention_readers",
-    "FINAL_NORMS", "pipeline_norm_pair",
+    "FINAL_NORMS", "pipeline_norm_pair", "wants_pipeline_norm",
 ]
 
 UNET_CLASSES = ("UNet2DConditionModel",)
@@ -157,6 +157,18 @@ def cross_attention_readers(config: Any, shape_of: ShapeOf, prefix: str = "") ->
 
 
 FINAL_NORMS = ("text_model.final_layer_norm", "final_layer_norm")  # transformers 4.x / 5.x CLIPTextModel layouts
+
+
+def wants_pipeline_norm(cfg: Any, pipeline_norm: bool | None) -> tuple[bool, str]:
+    """Whether ``cfg`` (a ``SpecDefConfig``) asks for the pipeline-level norm site; the reason when it does not."""
+    if pipeline_norm is False:
+        return False, "pipeline-level norm site: disabled (pipeline_norm=False)"
+    if "norm" not in cfg.sites:
+        return False, "pipeline-level norm site: 'norm' is not among cfg.sites"
+    if cfg.layers not in ("all", "cross-attention"):
+        return False, (f"pipeline-level norm site: layers={cfg.layers!r} selects some blocks, but the text encoder's final "
+                       "norm feeds every block's cross-attention (use layers='all' or 'cross-attention')")
+    return True, ""
 
 
 def pipeline_norm_pair(
