@@ -438,6 +438,9 @@ class _Streamer:
                 for b in plan.pair.consumers:
                     self.ops.setdefault(b.name, []).append(TensorOp(b, m, False))
                 self.results[i] = engine.result_of(plan, m, s0, s1)
+            # the deciders run ahead of the writers: the producer pages they read need not stay mapped until then
+            for name in {b.name for i in comp for b in self.sp.pairs[i].producers}:
+                self.ckpt.drop_pages(name)
 
     def run(self, out_root: Path) -> list[PairResult]:
         ckpt, sp = self.ckpt, self.sp
