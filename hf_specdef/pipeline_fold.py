@@ -20,7 +20,7 @@ import torch
 
 from . import engine
 from .checkpoint import PIPELINE_INDEX, Checkpoint, CheckpointError, _load_json
-from .config import SpecDefConfig
+from .config import CONFIG_KEY, SpecDefConfig
 from .engine import PairResult
 from .sites import Pair, TensorBlock
 from .sites.diffusers import pipeline_norm_pair, wants_pipeline_norm
@@ -28,6 +28,15 @@ from .tensor_ops import TensorOp
 
 TEXT_ENCODER = "text_encoder"
 _OTHER_ENCODERS = ("text_encoder_2", "text_encoder_3")
+
+
+class _Skip(Exception):
+    """The site does not apply (the reason is the message)."""
+
+
+def text_encoder_config(cfg: SpecDefConfig) -> SpecDefConfig:
+    """The text encoder's record config: it has no cross-attention, so ``layers="cross-attention"`` means all layers."""
+    return cfg.replace(layers="all") if cfg.layers == "cross-attention" else cfg
 
 
 @dataclass
@@ -91,7 +100,7 @@ def _plan(root: Path, denoiser: Checkpoint, cfg: SpecDefConfig, pipeline_norm: b
     if pair is None:
         return None, f"pipeline-level norm site: {why}"
     try:
-        if te.config.get("specdef") and not force:
+        if te.config.get(CONFIG_KEY) and not force:
             raise _Skip("the text encoder already carries a protection record (force=True folds anyway)")
         dtypes = {f"{te_prefix}{n}": dt for n, dt in te.dtypes().items()} | denoiser.dtypes()
         plan = engine.plan_pairs([pair], {n: torch.empty(0, dtype=dtypes[n]) for n in pair.names()}, cfg)[0]
@@ -119,7 +128,3 @@ def _plan(root: Path, denoiser: Checkpoint, cfg: SpecDefConfig, pipeline_norm: b
     te_ops = {b.name[len(te_prefix):]: [TensorOp(_local(b, te_prefix), m, True)] for b in pair.producers}
     d_ops = {b.name: [TensorOp(b, m, False)] for b in pair.consumers}
     return Fold(te, result, te_ops, d_ops), ""
-
-
-class _Skip(Exception):
-    """The site does not apply (the reason is the message)."""

@@ -62,13 +62,14 @@ from .checkpoint import (
     TORCH_TO_ST,
     Checkpoint,
     CheckpointError,
+    _load_json,
     drop_mapped_range,
     open_checkpoint,
     read_header,
 )
 from .config import CONFIG_KEY, SpecDefConfig
 from .engine import PairResult, Plan
-from .pipeline_fold import TEXT_ENCODER, Fold, plan_fold
+from .pipeline_fold import TEXT_ENCODER, Fold, plan_fold, text_encoder_config
 from .protection import VerificationError
 from .record import check_not_protected, component_record, make_record
 from .report import ProtectionReport
@@ -816,8 +817,7 @@ def _write_records(ckpt: Checkpoint, out_root: Path, fold: Fold | None, cfg: Spe
         return
     pipeline = [fold.result]
     _write_config(ckpt, out_root, component_record(cfg, own, pipeline, f"{ckpt.component}.", deviation), upcast)
-    te_cfg = cfg.replace(layers="all") if cfg.layers == "cross-attention" else cfg  # as in-memory
-    te_record = component_record(te_cfg, [], pipeline, f"{TEXT_ENCODER}.", deviation)
+    te_record = component_record(text_encoder_config(cfg), [], pipeline, f"{TEXT_ENCODER}.", deviation)
     _write_config(fold.text_encoder, tmp / fold.text_encoder.root.relative_to(src), te_record, False)
 
 
@@ -834,8 +834,8 @@ def forward_check_pipeline(src: Path, tmp: Path, component: str, cfg: SpecDefCon
     outs = []
     for root in (src, tmp):
         te_dir = root / TEXT_ENCODER
-        te_cls = getattr(transformers, (_read_json(te_dir / CONFIG_NAME).get("architectures") or ["CLIPTextModel"])[0])
-        d_cls = getattr(diffusers, _read_json(root / component / CONFIG_NAME)["_class_name"])
+        te_cls = getattr(transformers, (_load_json(te_dir / CONFIG_NAME).get("architectures") or ["CLIPTextModel"])[0])
+        d_cls = getattr(diffusers, _load_json(root / component / CONFIG_NAME)["_class_name"])
         comps = {TEXT_ENCODER: te_cls.from_pretrained(str(te_dir), dtype=torch.float32),
                  component: d_cls.from_pretrained(str(root / component), torch_dtype=torch.float32)}
         inputs = probe.probe_inputs(comps[component], cfg.seed)
@@ -848,10 +848,6 @@ def forward_check_pipeline(src: Path, tmp: Path, component: str, cfg: SpecDefCon
             f"the protected pipeline's outputs (text encoder -> {component}) deviate by {dev:.3g} (max relative) from the "
             f"source's > tolerance={cfg.tolerance:g}; nothing was written.")
     return dev, f"forward check (text encoder -> {component}, float32): max relative deviation {dev:.2e}"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def _commit(tmp: Path, dst: Path, overwrite: bool) -> None:

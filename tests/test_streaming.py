@@ -460,6 +460,13 @@ def test_pipeline_site_options_and_a_broken_fold(tmp_path, monkeypatch):
     assert all(after[k] == before[k] for k in before if k.startswith("text_encoder/"))
     assert report.deviation is not None and report.deviation <= 1e-4  # the denoiser-only forward check
 
+    # the same from the command line
+    from hf_specdef.cli import main
+
+    assert main(["protect", str(src), str(tmp_path / "cli"), "--alpha", "1000", "--no-pipeline-norm", "--no-progress",
+                 "--json"]) == 0
+    assert _hashes(tmp_path / "cli") == after
+
     # a text encoder that already carries a protection record is not folded again (unless force=True)
     src2 = tmp_path / "src2"
     shutil.copytree(src, src2)

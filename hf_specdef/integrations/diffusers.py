@@ -49,6 +49,7 @@ from diffusers import DiffusionPipeline, ModelMixin
 from .. import engine, probe
 from ..config import CONFIG_KEY, SpecDefConfig
 from ..engine import PairResult
+from ..pipeline_fold import text_encoder_config
 from ..protection import Backup, ParamTensors, _check_materialized, _upcast, deform_verified, model_pairs
 from ..record import check_not_protected, component_record, get_record, set_record
 from ..report import ProtectionReport
@@ -277,11 +278,6 @@ def _restore_config(module: torch.nn.Module, state: Any) -> None:
         setattr(module.config, CONFIG_KEY, state)
 
 
-def _te_config(cfg: SpecDefConfig) -> SpecDefConfig:
-    """The text encoder has no cross-attention: ``layers="cross-attention"`` means all of its layers."""
-    return cfg.replace(layers="all") if cfg.layers == "cross-attention" else cfg
-
-
 @torch.no_grad()
 def _composed_output(
     comps: dict[str, torch.nn.Module], dname: str, inputs: dict[str, Any], ids: torch.Tensor | None
@@ -357,7 +353,7 @@ def _apply(
     d_pairs, d_skipped = model_pairs(denoiser, cfg, tensors.parts[dname])
     skipped += [f"{dname}: {s}" for s in d_skipped]
     pairs = ([pipe_pair] if pipe_pair is not None else []) + [_prefix_pair(p, f"{dname}.") for p in d_pairs]
-    te_cfg = _te_config(cfg)
+    te_cfg = text_encoder_config(cfg)
     if text_encoder:
         t_pairs, t_skipped = model_pairs(te, te_cfg, tensors.parts[TEXT_ENCODER])
         skipped += [f"{TEXT_ENCODER}: {s}" for s in t_skipped]
