@@ -907,6 +907,9 @@ def protect_checkpoint(
             does): ``None`` (default) where it applies, ``True`` to require it, ``False`` to skip it. The
             written text encoder is then correct only inside the pipeline.
 
+    The stages run on threads of their own; while they run, torch's intra-op thread count is lowered to
+    the cores per stage thread (process-wide, restored afterwards) so that they do not oversubscribe the CPU.
+
     Returns:
         A :class:`CheckpointReport` (per pair: site, layer, sigma_1 before/after; the tensor-check
         error; the forward-check deviation for small models).
