@@ -79,6 +79,7 @@ def worker(kind: str, src: Path, dst: Path, opts: dict) -> dict:
 
     reset = _reset_peak()
     rss0 = _status("VmRSS")
+    cpu0 = os.times()
     start = time.perf_counter()
     if kind in ("plain", "plain_read"):
         dst.mkdir(parents=True)
@@ -115,7 +116,9 @@ def worker(kind: str, src: Path, dst: Path, opts: dict) -> dict:
         extra = {"pairs": len(rep.results), "peak_cached_bytes": rep.peak_cached_bytes, "tensor_error": rep.tensor_error,
                  "sigma_max_seconds": spent[0]}
     seconds = time.perf_counter() - start
-    return {"kind": kind, "seconds": seconds, "rss_start": rss0, "peak_rss": _status("VmHWM"), "peak_reset": reset, **extra}
+    cpu1 = os.times()  # all threads of this process: user (torch, Python) and system (page cache copies, faults)
+    return {"kind": kind, "seconds": seconds, "user": cpu1.user - cpu0.user, "sys": cpu1.system - cpu0.system,
+            "rss_start": rss0, "peak_rss": _status("VmHWM"), "peak_reset": reset, **extra}
 
 
 def main() -> None:
@@ -179,6 +182,8 @@ def main() -> None:
                 "median_seconds": sec, "throughput_mb_s": total / 1e6 / sec,
                 "peak_rss_above_start_mb": max(r["peak_rss"] - r["rss_start"] for r in rs) / 1e6,
                 "peak_reset": all(r["peak_reset"] for r in rs),
+                "median_user_seconds": statistics.median(r["user"] for r in rs),
+                "median_sys_seconds": statistics.median(r["sys"] for r in rs),
             }
         summary["stream"]["peak_cached_mb"] = max(r["peak_cached_bytes"] for r in runs["stream"]) / 1e6
         summary["stream"]["pairs"] = runs["stream"][0]["pairs"]
@@ -200,6 +205,10 @@ def main() -> None:
                   f"peak RSS +{s['peak_rss_above_start_mb']:.0f} MB ({summary['stream_peak_in_shards']:.2f} shards; "
                   f"cached tensors {s['peak_cached_mb']:.0f} MB; {s['pairs']} pairs; core engine.sigma_max "
                   f"{s['core_sigma_max_seconds']:.2f}s summed over threads)")
+            for kind in ("plain", "stream"):
+                k = summary[kind]
+                print(f"{kind:>6} CPU: user {k['median_user_seconds']:.2f}s + system {k['median_sys_seconds']:.2f}s "
+                      f"(medians; all threads)")
             r = summary["plain_read"]
             print(f"plain  read+save: {r['median_seconds']:.2f}s  {r['throughput_mb_s']:.0f} MB/s  "
                   f"peak RSS +{r['peak_rss_above_start_mb']:.0f} MB (tensors read into memory first)")
