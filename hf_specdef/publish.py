@@ -421,13 +421,14 @@ def verify_folder(src: Path, dst: Path, info: SourceInfo, cfg: SpecDefConfig, re
             continue  # an untouched component (VAE, a text encoder not asked for): covered by the pipeline run
         fold = (record or {}).get("pipeline") if info.is_pipeline else None
         folded = set(fold.get("hot_modules", [])) | set(fold.get("cold_modules", [])) if fold else set()
-        ref = _load(src / name if name else src, kind, class_name)
         prot = _load(dst / name if name else dst, kind, class_name)
-        if fold and composed is not None:
+        if fold and composed is not None:  # no standalone comparison: the original is not loaded
             dtype, dev, ok = composed.dtype, composed.max_relative_deviation, composed.ok
         else:
+            ref = _load(src / name if name else src, kind, class_name)
             res = verify(ref, prot, _probe(ref), tolerance=cfg.tolerance)
             dtype, dev, ok = res.dtype, res.max_relative_deviation, bool(res.ok)
+            del ref
         missing, ins = check_claims(prot, claimed, inspection_threshold(cfg.alpha))
         if fold:  # a folded norm is a vector, which the spectral inspector does not look at: matrices are held to claims
             own = [c for c in claimed or [] if c not in folded]
@@ -439,7 +440,7 @@ def verify_folder(src: Path, dst: Path, info: SourceInfo, cfg: SpecDefConfig, re
         ))
         logger.info("hf-specdef publish: verified %s: deviation %s (%s), %d/%d matrices deformed",
                     name or class_name, _fmt(dev), dtype, len(ins.deformed), len(ins.findings))
-        del ref, prot
+        del prot
     if not checks:
         raise PublishError(f"no protected component found in {dst}: the protection wrote no record and named no "
                            "modules, so there is nothing to verify (use record='minimal' or 'full')")

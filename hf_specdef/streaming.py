@@ -668,6 +668,19 @@ class _Streamer:
                 f"{err:.3g} after undoing it > {self.threshold:.3g}); nothing was written.")
 
 
+def _stream(ckpt: Checkpoint, sp: StreamPlan, out_root: Path, cfg: SpecDefConfig, device: torch.device, progress: bool,
+            verify: bool, initial_ops: Mapping[str, Sequence[TensorOp]] | None) -> tuple[_Streamer, list[PairResult]]:
+    """Write ``ckpt``'s shards and index into ``out_root`` with the steps of ``sp`` (and ``initial_ops``) applied;
+    with ``verify``, every deformed tensor and the written headers/index are checked."""
+    out_root.mkdir(parents=True, exist_ok=True)
+    streamer = _Streamer(ckpt, sp, cfg, device, progress, verify, initial_ops)
+    results = streamer.run(out_root)
+    _write_index(ckpt, out_root, sp)
+    if verify:
+        check_written_index(ckpt, out_root)
+    return streamer, results
+
+
 def check_written_index(ckpt: Checkpoint, out_root: Path) -> None:
     """The written folder opens as a checkpoint (headers, index) with the source's tensor names and shapes."""
     with open_checkpoint(out_root) as out:
@@ -809,16 +822,16 @@ def _write_config(ckpt: Checkpoint, out_root: Path, record: dict[str, Any] | Non
     _write_json(out_root / CONFIG_NAME, config)
 
 
-def _write_records(ckpt: Checkpoint, out_root: Path, fold: Fold | None, cfg: SpecDefConfig, own: list[PairResult],
-                   deviation: float | None, upcast: bool, tmp: Path, src: Path) -> None:
+def _write_records(ckpt: Checkpoint, out_root: Path, fold: Fold | None, te_root: Path | None, cfg: SpecDefConfig,
+                   own: list[PairResult], deviation: float | None, upcast: bool) -> None:
     """config.json of the protected checkpoint (and, with the pipeline-level pair, of the text encoder) with records."""
-    if fold is None:
+    if fold is None or te_root is None:
         _write_config(ckpt, out_root, make_record(cfg, own, deviation), upcast)
         return
     pipeline = [fold.result]
     _write_config(ckpt, out_root, component_record(cfg, own, pipeline, f"{ckpt.component}.", deviation), upcast)
     te_record = component_record(text_encoder_config(cfg), [], pipeline, f"{TEXT_ENCODER}.", deviation)
-    _write_config(fold.text_encoder, tmp / fold.text_encoder.root.relative_to(src), te_record, False)
+    _write_config(fold.text_encoder, te_root, te_record, False)
 
 
 def forward_check_pipeline(src: Path, tmp: Path, component: str, cfg: SpecDefConfig) -> tuple[float | None, str]:
@@ -941,25 +954,16 @@ def protect_checkpoint(
         try:
             notes += _copy_others(src, tmp, [ckpt] + ([fold.text_encoder] if fold else []))
             out_root = tmp / ckpt.root.relative_to(src) if ckpt.root != src else tmp
-            out_root.mkdir(parents=True, exist_ok=True)
-            streamer = _Streamer(ckpt, sp, cfg, dev, progress, verify, fold.denoiser_ops if fold else None)
-            streamers = [streamer]
-            own = streamer.run(out_root)
-            _write_index(ckpt, out_root, sp)
+            streamer, own = _stream(ckpt, sp, out_root, cfg, dev, progress, verify, fold.denoiser_ops if fold else None)
+            streamers, te_root = [streamer], None
             if fold:  # the text encoder: every tensor copied, its final norm with the pair's steps
                 te_root = tmp / fold.text_encoder.root.relative_to(src)
-                te_root.mkdir(parents=True, exist_ok=True)
-                te_sp = StreamPlan([], [], [], {}, [], [])
-                streamers.append(_Streamer(fold.text_encoder, te_sp, cfg, dev, progress, verify, fold.te_ops))
-                streamers[-1].run(te_root)
-                _write_index(fold.text_encoder, te_root, te_sp)
+                streamers.append(_stream(fold.text_encoder, StreamPlan([], [], [], {}, [], []), te_root, cfg, dev,
+                                         progress, verify, fold.te_ops)[0])
             results = ([fold.result] if fold else []) + own
-            _write_records(ckpt, out_root, fold, cfg, own, None, bool(sp.out_dtype), tmp, src)
+            _write_records(ckpt, out_root, fold, te_root, cfg, own, None, bool(sp.out_dtype))
             tensor_error = deviation = None
             if verify:
-                check_written_index(ckpt, out_root)
-                if fold:
-                    check_written_index(fold.text_encoder, te_root)
                 tensor_error = max(s.worst_error for s in streamers)
                 notes.append(f"tensor check: the {len(results)} deformations undone on the written files match the "
                              f"source, max relative error {tensor_error:.2e}")
@@ -970,7 +974,7 @@ def protect_checkpoint(
                     else:
                         deviation, note = forward_check(ckpt.root, out_root, ckpt.config, cfg.tolerance)
                     notes.append(note)
-            _write_records(ckpt, out_root, fold, cfg, own, deviation, bool(sp.out_dtype), tmp, src)
+            _write_records(ckpt, out_root, fold, te_root, cfg, own, deviation, bool(sp.out_dtype))
             _commit(tmp, dst, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
