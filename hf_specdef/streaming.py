@@ -310,11 +310,12 @@ def sketch_columns(name: str, shape: Sequence[int], device: torch.device) -> tor
     return torch.randn(shape[1], _SKETCH_COLUMNS, dtype=dt, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def sketch_reference(name: str, original: torch.Tensor, ops: Sequence[TensorOp], device: torch.device,
-                     x: torch.Tensor | None = None) -> torch.Tensor:
-    """``T X`` for the sketch check of ``original`` (or of a row chunk of it, given the full tensor's ``x``)."""
+def sketch_reference(name: str, original: torch.Tensor, device: torch.device, x: torch.Tensor | None = None) -> torch.Tensor:
+    """``T X`` for the sketch check of ``original`` (or of a row chunk of it, given the full tensor's ``x``).
+
+    Multiplied in float32 at least: unlike ``T' X``, it sums no alpha-sized terms that cancel."""
     x = sketch_columns(name, original.shape, device) if x is None else x
-    return _product(original, x, sketch_dtype(original.dtype, ops, device))
+    return _product(original, x, torch.promote_types(original.dtype, torch.float32))
 
 
 def _product(t: torch.Tensor, x: torch.Tensor, mm: torch.dtype) -> torch.Tensor:
@@ -355,7 +356,7 @@ def check_tensor(name: str, deformed: torch.Tensor, original: torch.Tensor | Non
     for op in reversed(ops):  # L^-1 y: the row steps' inverses, last first
         if op.block.axis == 0:
             op.apply_to_slice(y, 0, 0, y.shape[0], inverse=True)
-    ref = sketch_reference(name, original, ops, device, x) if sketch is None else sketch[1]
+    ref = sketch_reference(name, original, device, x) if sketch is None else sketch[1]
     return float((y - ref).norm() / ref.norm().clamp_min(torch.finfo(dt).tiny))
 
 
@@ -563,7 +564,7 @@ class _Streamer:
             piece = self._chunk_buffer(src[begin:end].shape, dtype)
             piece.copy_(src[begin:end])
             if sketch:
-                reference[begin:end] = sketch_reference(name, piece, ops, self.device, x)  # the source chunk, on device
+                reference[begin:end] = sketch_reference(name, piece, self.device, x)  # the source chunk, on device
             apply_ops(piece, ops, 0, begin, end)
             if not sketch and not all_finite(piece):  # with a sketch, NaN/inf shows in _verify_component
                 self._raise_not_finite(name, dtype)

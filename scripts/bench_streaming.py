@@ -1,7 +1,8 @@
 """Benchmark: streaming ``protect_checkpoint`` vs a plain shard-by-shard safetensors load + save (SPEC §6).
 
 A Llama checkpoint of a few hundred MB is built from a config (random weights) and saved in shards
-with ``max_shard_size``. Then, interleaved and each in a fresh process (so peak RSS is its own):
+with ``max_shard_size``. Then, interleaved (the order rotated every round, so that no kind always runs
+right after another) and each in a fresh process (so peak RSS is its own):
 
 * ``plain``: for every shard, ``safetensors.torch.load_file`` + ``save_file`` (and copy the small files);
   note that ``load_file`` memory-maps lazily, so this is essentially a file copy;
@@ -162,7 +163,8 @@ def main() -> None:
         opts = json.dumps({"cfg": cfg, "device": args.device})
         runs: dict[str, list[dict]] = {"plain": [], "plain_read": [], "stream": []}
         for i in range(args.repeats):
-            for kind in runs:  # interleaved
+            kinds = list(runs)
+            for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:  # interleaved, the order rotated every round
                 dst = root / f"{kind}-{i}"
                 os.sync()  # flush the previous run's writes so that neither run pays for the other's
                 out = subprocess.run([sys.executable, __file__, "--worker", kind, str(src), str(dst), "--opts", opts],
