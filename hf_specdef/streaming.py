@@ -10,24 +10,25 @@ Nothing but a chunk is held in memory, whatever the model size. Pairs that share
 *component* (in practice one layer); components are independent of each other, and within one the
 pairs run in registry order. *Deciding* a pair reads only its producer blocks (the source slice, with
 the steps recorded so far applied when there are any) and records the step of every tensor it touches
-(:class:`~hf_specdef.tensor_ops.TensorOp`); no tensor is deformed in memory. Before shard ``i`` is
-written, every component that touches it is decided, reading from whichever shards hold its tensors,
-so a pair may span shards. *Writing* a shard copies each tensor from the memory-mapped source: tensors
-without steps byte for byte, the others in row chunks with their steps applied on the way
-(:func:`~hf_specdef.tensor_ops.row_chunks` never cuts a spectral block). The stages overlap on
-threads: components are decided while two writers write the previous shards and a verifier checks
-the ones before. In a diffusers pipeline folder the pipeline-level ``norm`` pair
+(:class:`~hf_specdef.tensor_ops.TensorOp`); no tensor is deformed in memory. *Writing* a shard copies
+each tensor from the memory-mapped source: tensors without steps byte for byte, the others in row
+chunks with their steps applied on the way (:func:`~hf_specdef.tensor_ops.row_chunks` never cuts a
+spectral block). Shards are written in parallel, one per thread (as many threads as cores, at most
+4); the thread that first reaches a tensor of an undecided component decides it, reading from
+whichever shards hold its tensors (so a pair may span shards), and another thread that needs it
+waits for that decision. In a diffusers pipeline folder the pipeline-level ``norm`` pair
 (:mod:`~hf_specdef.pipeline_fold`) is decided first and its steps are recorded on the denoiser's
 ``to_k``/``to_v`` before the denoiser's own pairs; the text encoder is then streamed with its final norm's
 steps, and small pipelines get a forward check of text encoder and denoiser together.
 
 Reliability (SPEC §7): everything is written to a temporary folder next to the destination and
-renamed into place only after verification. Each component is verified as soon as its shards are
-written: the written file is parsed again (and opened with ``safetensors``), and the recorded
+renamed into place only after verification. Each deformed tensor is verified right after it is
+written, while its bytes are still in cache: the written file is parsed again (and, once complete,
+opened with ``safetensors``), and the recorded
 deformations, undone on the written tensors, must give back the source tensors within
 ``max(tolerance, 4 x precision budget)`` -- in float64 in full for small tensors, on a random
-Gaussian sketch for large matrices (the writers compute the reference ``T X`` from the source chunks
-they copy, the verifier makes one pass over the written tensor; NaN/inf shows there too). Small models
+Gaussian sketch for large matrices (the writer computes the reference ``T X`` from the source chunks
+it copies, then makes one pass over the written tensor; NaN/inf shows there too). Small models
 (``FORWARD_CHECK_MAX_BYTES``) are also loaded with stock transformers/diffusers and compared on a
 probe batch. The source is only ever read. Any failure removes the temporary folder and raises one
 error naming the file or tensor.
@@ -46,7 +47,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,6 @@ FORWARD_CHECK_MAX_BYTES = 64 << 20
 # Weight files in other formats are never copied next to protected safetensors (they would ship unprotected weights).
 UNPROTECTED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 _CHUNK = 16 << 20  # bytes per write of an untouched tensor
-_WRITERS = 2  # shards written at the same time
 _STEP_CHUNK = 2 << 20  # bytes per row chunk of a tensor whose steps are applied on the way (fits a core's L2 cache)
 
 
@@ -203,6 +203,8 @@ class ShardWriter:
         self.path, self.total, self.pos, self.written = path, offset, 0, 0
         self.file = open(path, "wb")  # noqa: SIM115 - closed in close()
         self.file.write(len(raw).to_bytes(8, "little") + raw)
+        # sized in full up front: what is written can be mapped and read back (verified) while the rest follows
+        self.file.truncate(8 + len(raw) + offset)
 
     def write(self, name: str, data: Any) -> None:
         """Append (part of) the bytes of the current tensor ``name``."""
@@ -365,7 +367,8 @@ def check_tensor(name: str, deformed: torch.Tensor, original: torch.Tensor | Non
 # ------------------------------------------------------------------------------------------
 
 class _Streamer:
-    """Decides the pairs of each component, writes shards in order, verifies each component once its shards are written.
+    """Writes the shards in parallel, deciding each component when a writer first needs it, verifying each tensor
+    right after it is written.
 
     Deciding a pair reads only its producer blocks and records the steps (:class:`TensorOp`) of every
     tensor it touches; nothing is deformed in memory. Writing a shard copies each tensor from the
@@ -378,19 +381,20 @@ class _Streamer:
         self.results: list[PairResult | None] = [None] * len(sp.pairs)
         # steps decided before this checkpoint's own pairs (the pipeline-level pair): applied first, verified too
         self.ops: dict[str, list[TensorOp]] = {n: list(ops) for n, ops in (initial_ops or {}).items()}
-        self.initial = list(self.ops)
-        self.verified: set[str] = set()
         self.peak_cached = 0
         self.bytes_written = 0
         self.worst_error = 0.0
         self.threshold = max(cfg.tolerance, 4 * max((p.budget for p in sp.plans), default=0.0))
         self.out: dict[Path, tuple[dict[str, Any], mmap.mmap]] = {}
         self.failed = False
+        self.error: BaseException | None = None  # the first error of a writer (the one reported)
         self.local = threading.local()  # each writer thread's chunk buffer
         self.references: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (X, T X) computed by the writers
         self.lock = threading.Lock()
-        # one thread per core (at most 4): components of a shard are decided concurrently
-        self.workers = max(1, min(4, cpu_count()))
+        self.comp_of = {n: ci for ci, comp in enumerate(sp.components) for i in comp for n in sp.pairs[i].names()}
+        self.decisions: dict[int, Future] = {}  # component -> its decision, made by the first writer that needs it
+        # one thread per core, at most 4 (each holds one chunk and one component's decision)
+        self.threads = max(1, min(4, cpu_count(), len(ckpt.files)))
 
     def _note_cached(self, t: torch.Tensor) -> None:
         self.peak_cached = max(self.peak_cached, t.numel() * t.element_size())
@@ -439,85 +443,69 @@ class _Streamer:
                     self.ops.setdefault(b.name, []).append(TensorOp(b, m, True))
                 for b in plan.pair.consumers:
                     self.ops.setdefault(b.name, []).append(TensorOp(b, m, False))
+                if not s1 > s0:
+                    raise VerificationError(f"pair {plan.pair.key}: the claimed deformation is absent (sigma_1 "
+                                            f"{s0:.4g} -> {s1:.4g}); nothing was written.")
                 self.results[i] = engine.result_of(plan, m, s0, s1)
-            # the deciders run ahead of the writers: the producer pages they read need not stay mapped until then
+            # producers may sit in a shard another thread writes later: their pages need not stay mapped until then
             for name in {b.name for i in comp for b in self.sp.pairs[i].producers}:
                 self.ckpt.drop_pages(name)
 
-    def run(self, out_root: Path) -> list[PairResult]:
-        ckpt, sp = self.ckpt, self.sp
-        pos = {f: i for i, f in enumerate(ckpt.files)}
-        comp_files = [sorted({pos[ckpt.shard_of(n)] for i in comp for n in sp.pairs[i].names()}) for comp in sp.components]
-        comps_of_file: list[list[int]] = [[] for _ in ckpt.files]
-        verify_at: list[list[int]] = [[] for _ in ckpt.files]
-        release_at: list[list[int]] = [[] for _ in ckpt.files]
-        for ci, files in enumerate(comp_files):
-            for j in files:
-                comps_of_file[j].append(ci)
-            verify_at[files[-1]].append(ci)
-        for j in range(len(ckpt.files)):  # a shard's mappings go once every component touching it is verified
-            release_at[max([j] + [comp_files[ci][-1] for ci in comps_of_file[j]])].append(j)
-        bar = tqdm(total=ckpt.total_bytes, unit="B", unit_scale=True, desc="SpecDef protect (streaming)",
-                   disable=not self.progress, leave=False)
-        # A pipeline of three stages on their own threads (torch and file I/O release the GIL): components are
-        # decided ahead, two writers write shards in order (writing is the longest stage), and a verifier checks
-        # each component once its last shard is written.
-        threads = _WRITERS + 1 + self.workers  # the stages' threads share the cores with torch's intra-op threads
+    def _decided(self, name: str) -> None:
+        """Make sure the component touching ``name`` (if any) is decided: here, or by the thread already deciding it."""
+        ci = self.comp_of.get(name)
+        if ci is None:
+            return
+        with self.lock:
+            fut = self.decisions.get(ci)
+            mine = fut is None
+            if mine:
+                fut = self.decisions[ci] = Future()
+        if not mine:
+            fut.result()
+            return
         try:
-            with bar, intra_op_threads(cpu_count() // threads), \
-                    ThreadPoolExecutor(max_workers=_WRITERS, thread_name_prefix="specdef-writer") as writer, \
-                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="specdef-verify") as checker, \
-                    ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="specdef-decide") as workers:
-                writes: list[Future] = []
-                checks: list[Future] = []
-                decided: dict[int, Future] = {}
+            self._decide_component(self.sp.components[ci])
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        fut.set_result(None)
+
+    def run(self, out_root: Path) -> list[PairResult]:
+        bar = tqdm(total=self.ckpt.total_bytes, unit="B", unit_scale=True, desc="SpecDef protect (streaming)",
+                   disable=not self.progress, leave=False)
+        # Shards on threads of their own (torch and file I/O release the GIL), each deciding, writing and verifying;
+        # few threads that never wait on each other's stages keep the cores busy with little hand-over of the GIL.
+        try:
+            with bar, intra_op_threads(cpu_count() // self.threads), \
+                    ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="specdef-shard") as pool:
+                writes = [pool.submit(self._write_shard, f, out_root / f.name, bar) for f in self.ckpt.files]
                 try:
-                    # components are independent (disjoint tensors) and a decision holds only its records: all are
-                    # queued at once, in the order of their first shard, so the workers run ahead of the writers
-                    order = sorted(range(len(sp.components)), key=lambda ci: comp_files[ci][0])
-                    decided = {ci: workers.submit(self._decide_component, sp.components[ci]) for ci in order}
-                    for i, f in enumerate(ckpt.files):
-                        for ci in comps_of_file[i]:
-                            decided[ci].result()
-                        behind = writes[len(writes) - _WRITERS:len(writes) - _WRITERS + 1] if len(writes) >= _WRITERS else []
-                        for fut in behind + [c for c in checks if c.done()]:
-                            fut.result()  # at most _WRITERS shards in the writers' hands; errors surface early
-                        writes.append(writer.submit(self._write_shard, f, out_root / f.name, bar))
-                        checks.append(checker.submit(self._verify_shard, writes[-1], out_root, verify_at[i], release_at[i]))
-                    for fut in checks:
+                    wait(writes, return_when=FIRST_EXCEPTION)
+                    if self.error is not None:  # the first error (a later one may follow from it)
+                        raise self.error
+                    for fut in writes:
                         fut.result()
-                    if self.verify:  # tensors with steps from before this checkpoint's own pairs, not checked yet
-                        with torch.no_grad():
-                            for name in self.initial:
-                                if name not in self.verified:
-                                    self._verify_tensor(name, out_root)
                 except BaseException:
-                    self.failed = True  # queued stages return at once
-                    for fut in decided.values():
-                        fut.cancel()
+                    self.failed = True  # queued shards return at once
                     raise
         finally:
             for p in list(self.out):
                 self._release_out(p)
         return [r for r in self.results if r is not None]
 
-    def _verify_shard(self, written: Future, out_root: Path, verify: list[int], release: list[int]) -> None:
-        """Once ``written`` is done: verify the components whose last shard it was, then let go of finished shards."""
-        written.result()
-        if self.failed:
-            return
-        with torch.no_grad():
-            if self.verify:
-                for ci in verify:
-                    self._verify_component(self.sp.components[ci], out_root)
-            for j in release:
-                self.ckpt.release(self.ckpt.files[j])
-                self._release_out(out_root / self.ckpt.files[j].name)
-        return_freed_memory()
-
     def _write_shard(self, src: Path, dst: Path, bar: tqdm) -> None:
         if self.failed:
             return
+        try:
+            self._write_and_verify(src, dst, bar)
+        except BaseException as e:
+            with self.lock:
+                self.error = self.error or e
+            self.failed = True  # the other writers stop at their next tensor
+            raise
+
+    def _write_and_verify(self, src: Path, dst: Path, bar: tqdm) -> None:
         ckpt = self.ckpt
         names = ckpt.keys_of(src)
         entries = []
@@ -531,19 +519,30 @@ class _Streamer:
         try:
             writer = ShardWriter(dst, entries, ckpt.file_metadata.get(src))
             try:
-                for n in names:
-                    if self.failed:
-                        return
-                    if n in self.ops or n in self.sp.out_dtype:
-                        self._transform_tensor(n, writer)
-                    else:  # untouched: the source bytes as they are, checked and written chunk by chunk
-                        self._copy_tensor(n, writer)
-                    bar.update(ckpt.infos[n].nbytes)
+                with torch.no_grad():
+                    for n in names:
+                        if self.failed:
+                            return
+                        self._decided(n)  # its steps are all recorded
+                        if n in self.ops or n in self.sp.out_dtype:
+                            self._transform_tensor(n, writer)
+                            if self.verify and n in self.ops:
+                                writer.file.flush()
+                                self._verify_tensor(n, dst)
+                        else:  # untouched: the source bytes as they are, checked and written chunk by chunk
+                            self._copy_tensor(n, writer)
+                        bar.update(ckpt.infos[n].nbytes)
             finally:
                 writer.file.close()
+                self._release_out(dst)
             writer.close()
         except OSError as e:
             raise CheckpointError(f"cannot write {dst}: {e}") from None
+        if self.verify:
+            self._check_reader(dst)
+        # every component touching this shard is decided (the loop above saw to each): its mapping can go
+        ckpt.release(src)
+        return_freed_memory()
         with self.lock:
             self.bytes_written += dst.stat().st_size
 
@@ -566,7 +565,7 @@ class _Streamer:
             if sketch:
                 reference[begin:end] = sketch_reference(name, piece, self.device, x)  # the source chunk, on device
             apply_ops(piece, ops, 0, begin, end)
-            if not sketch and not all_finite(piece):  # with a sketch, NaN/inf shows in _verify_component
+            if not sketch and not all_finite(piece):  # with a sketch, NaN/inf shows in _verify_tensor
                 self._raise_not_finite(name, dtype)
             self._note_cached(piece)
             writer.write(name, _tensor_bytes(piece))
@@ -612,13 +611,9 @@ class _Streamer:
 
     # -- verify ---------------------------------------------------------------------------
     def _out_view(self, path: Path, name: str) -> torch.Tensor:
+        """A read-only view of tensor ``name`` in the shard being written at ``path`` (sized in full up front)."""
         if path not in self.out:
-            from safetensors import safe_open
-
             infos, _ = read_header(path)  # our own parser: offsets and sizes
-            with safe_open(str(path), framework="pt") as f:  # and the reference reader accepts the file
-                if set(f.keys()) != set(infos):
-                    raise VerificationError(f"{path}: safetensors reads other tensors than were written")
             with open(path, "rb") as fh:
                 self.out[path] = (infos, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
         infos, m = self.out[path]
@@ -638,20 +633,18 @@ class _Streamer:
             except BufferError:
                 pass
 
-    def _verify_component(self, comp: list[int], out_root: Path) -> None:
-        names: dict[str, None] = {}
-        for i in comp:
-            r = self.results[i]
-            if not r.sigma_after > r.sigma_before:
-                raise VerificationError(f"pair {r.pair.key}: the claimed deformation is absent (sigma_1 "
-                                        f"{r.sigma_before:.4g} -> {r.sigma_after:.4g}); nothing was written.")
-            names.update(dict.fromkeys(r.pair.names()))
-        for name in names:
-            self._verify_tensor(name, out_root)
+    @staticmethod
+    def _check_reader(path: Path) -> None:
+        """The reference reader accepts the written shard and reads the tensors our own parser does."""
+        from safetensors import safe_open
 
-    def _verify_tensor(self, name: str, out_root: Path) -> None:
-        """The written ``name`` with its recorded steps undone must give back the source tensor."""
-        path = out_root / self.ckpt.shard_of(name).name
+        infos, _ = read_header(path)
+        with safe_open(str(path), framework="pt") as f:
+            if set(f.keys()) != set(infos):
+                raise VerificationError(f"{path}: safetensors reads other tensors than were written")
+
+    def _verify_tensor(self, name: str, path: Path) -> None:
+        """The written ``name`` (in the shard ``path``) with its recorded steps undone must give back the source tensor."""
         with self.lock:
             sketch = self.references.pop(name, None)
         err = check_tensor(name, self._out_view(path, name), self.ckpt.view(name), self.ops[name], self.device, sketch)
@@ -659,8 +652,8 @@ class _Streamer:
             self.ckpt.drop_pages(name)
         infos, m = self.out[path]
         drop_mapped_range(m, infos[name].begin, infos[name].end)
-        self.worst_error = max(self.worst_error, err)
-        self.verified.add(name)
+        with self.lock:
+            self.worst_error = max(self.worst_error, err)
         if not math.isfinite(err):  # NaN/inf in the source or an overflow: say which
             self._raise_not_finite(name, infos[name].torch_dtype)
         if not err <= self.threshold:
@@ -921,8 +914,9 @@ def protect_checkpoint(
             does): ``None`` (default) where it applies, ``True`` to require it, ``False`` to skip it. The
             written text encoder is then correct only inside the pipeline.
 
-    The stages run on threads of their own; while they run, torch's intra-op thread count is lowered to
-    the cores per stage thread (process-wide, restored afterwards) so that they do not oversubscribe the CPU.
+    Shards are written in parallel on threads of their own; while they run, torch's intra-op thread count
+    is lowered to the cores per thread (process-wide, restored afterwards) so that they do not oversubscribe
+    the CPU.
 
     Returns:
         A :class:`CheckpointReport` (per pair: site, layer, sigma_1 before/after; the tensor-check

@@ -526,7 +526,7 @@ def test_intra_op_threads_lowered_while_streaming_and_restored(llama_src, tmp_pa
             seen.append(torch.get_num_threads())
             return real(self, *args)
 
-        monkeypatch.setattr(streaming, "cpu_count", lambda: 2)  # 2 cores for 2 + 1 + 2 stage threads: one intra-op thread
+        monkeypatch.setattr(streaming, "cpu_count", lambda: 2)  # 2 cores for 2 shard threads: one intra-op thread each
         monkeypatch.setattr(streaming._Streamer, "_write_shard", spy)
         protect_checkpoint(llama_src, tmp_path / "dst", CFG, progress=False)
         assert seen and set(seen) == {1}
