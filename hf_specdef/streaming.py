@@ -552,11 +552,11 @@ class _Streamer:
         src = src.reshape(1) if src.dim() == 0 else src
         ops = merge_axis_steps(self.ops.get(name, []))
         if ops:
-            self.ops[name] = ops  # decided and merged once: the verifier uses the same list
+            self.ops[name] = ops  # decided and merged once: the check after the write uses the same list
         dtype = self.sp.out_dtype.get(name, src.dtype)
         row_bytes = max(1, src[0].numel() * src.element_size()) if src.numel() else 1
         sketch = self.verify and uses_sketch(src.shape, ops)
-        if sketch:  # T X for the verifier, from the chunks while they are in cache (it then reads only what was written)
+        if sketch:  # T X for the check after the write, from the chunks while they are in cache
             x = sketch_columns(name, src.shape, self.device)
             reference = torch.empty(src.shape[0], x.shape[1], dtype=x.dtype, device=self.device)
         for begin, end in row_chunks(src.shape[0], ops, _STEP_CHUNK // row_bytes):
