@@ -266,6 +266,22 @@ def test_verification_catches_a_wrong_write(llama_src, tmp_path, monkeypatch, co
     assert not (tmp_path / "dst").exists() and not list(tmp_path.glob(".dst*"))
 
 
+def test_a_deformation_that_does_not_inflate_sigma_is_refused(llama_src, tmp_path, monkeypatch):
+    """A decision whose M leaves sigma_1 where it was (here: faked) stops the run before its tensors are written."""
+    import hf_specdef.streaming as streaming
+
+    real = streaming.engine.build_deformation
+
+    def flat(plan, block, cfg):
+        m, s0, _ = real(plan, block, cfg)
+        return m, s0, s0
+
+    monkeypatch.setattr(streaming.engine, "build_deformation", flat)
+    with pytest.raises(VerificationError, match="claimed deformation is absent"):
+        protect_checkpoint(llama_src, tmp_path / "dst", CFG, progress=False)
+    assert not (tmp_path / "dst").exists() and not list(tmp_path.glob(".dst*"))
+
+
 @pytest.mark.parametrize("cfg", [CFG, SpecDefConfig(mode="axis", alpha=1000.0)], ids=["spectral", "axis-non-pow2"])
 def test_sketch_check_passes_a_correct_write(llama_src, tmp_path, monkeypatch, cfg):
     import hf_specdef.streaming as streaming
