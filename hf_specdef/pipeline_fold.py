@@ -22,6 +22,7 @@ from . import engine
 from .checkpoint import PIPELINE_INDEX, Checkpoint, CheckpointError, _load_json
 from .config import CONFIG_KEY, SpecDefConfig
 from .engine import PairResult
+from .protection import require_inflated
 from .sites import Pair, TensorBlock
 from .sites.diffusers import pipeline_norm_pair, wants_pipeline_norm
 from .tensor_ops import TensorOp
@@ -117,9 +118,7 @@ def _plan(root: Path, denoiser: Checkpoint, cfg: SpecDefConfig, pipeline_norm: b
             raise CheckpointError(f"{te.root}: the text encoder's final norm {pair.block[len(te_prefix):]!r} has NaN "
                                   "or inf values; refusing to protect a broken checkpoint.")
         m, s0, s1 = engine.build_deformation(plan, block, cfg)
-        if not s1 > s0:  # also false for NaN
-            raise CheckpointError(f"pipeline-level pair {pair.key}: sigma_1 {s0:g} -> {s1:g} is not inflated; nothing "
-                                  "was written.")
+        require_inflated(f"pipeline-level {pair.key}", s0, s1)
     except _Skip as e:
         te.close()
         return None, f"pipeline-level norm site: {e}"

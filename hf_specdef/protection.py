@@ -27,6 +27,13 @@ class VerificationError(ValueError):
     """The protected model's outputs deviate beyond the tolerance; nothing was changed."""
 
 
+def require_inflated(key: str, sigma_before: float, sigma_after: float) -> None:
+    """Refuse a decided deformation that does not inflate sigma_1 of its block (also refuses NaN)."""
+    if not sigma_after > sigma_before:
+        raise VerificationError(f"pair {key}: the claimed deformation is absent (sigma_1 {sigma_before:.4g} -> "
+                                f"{sigma_after:.4g}); nothing was written.")
+
+
 class ParamTensors(MutableMapping[str, torch.Tensor]):
     """``name -> parameter.data`` of a module, looked up live (so dtype changes are seen)."""
 

@@ -71,7 +71,7 @@ from .checkpoint import (
 from .config import CONFIG_KEY, SpecDefConfig
 from .engine import PairResult, Plan
 from .pipeline_fold import TEXT_ENCODER, Fold, plan_fold, text_encoder_config
-from .protection import VerificationError
+from .protection import VerificationError, require_inflated
 from .record import check_not_protected, component_record, make_record
 from .report import ProtectionReport
 from .sites import Pair, TensorBlock, pairs_for, select_pairs
@@ -389,7 +389,6 @@ class _Streamer:
         self.failed = False
         self.error: BaseException | None = None  # the first error of a writer (the one reported)
         self.local = threading.local()  # each writer thread's chunk buffer
-        self.references: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (X, T X) computed by the writers
         self.lock = threading.Lock()
         self.comp_of = {n: ci for ci, comp in enumerate(sp.components) for i in comp for n in sp.pairs[i].names()}
         self.decisions: dict[int, Future] = {}  # component -> its decision, made by the first writer that needs it
@@ -443,9 +442,7 @@ class _Streamer:
                     self.ops.setdefault(b.name, []).append(TensorOp(b, m, True))
                 for b in plan.pair.consumers:
                     self.ops.setdefault(b.name, []).append(TensorOp(b, m, False))
-                if not s1 > s0:
-                    raise VerificationError(f"pair {plan.pair.key}: the claimed deformation is absent (sigma_1 "
-                                            f"{s0:.4g} -> {s1:.4g}); nothing was written.")
+                require_inflated(plan.pair.key, s0, s1)
                 self.results[i] = engine.result_of(plan, m, s0, s1)
             # producers may sit in a shard another thread writes later: their pages need not stay mapped until then
             for name in {b.name for i in comp for b in self.sp.pairs[i].producers}:
@@ -525,10 +522,10 @@ class _Streamer:
                             return
                         self._decided(n)  # its steps are all recorded
                         if n in self.ops or n in self.sp.out_dtype:
-                            self._transform_tensor(n, writer)
+                            sketch = self._transform_tensor(n, writer)
                             if self.verify and n in self.ops:
                                 writer.file.flush()
-                                self._verify_tensor(n, dst)
+                                self._verify_tensor(n, dst, sketch)
                         else:  # untouched: the source bytes as they are, checked and written chunk by chunk
                             self._copy_tensor(n, writer)
                         bar.update(ckpt.infos[n].nbytes)
@@ -546,8 +543,10 @@ class _Streamer:
         with self.lock:
             self.bytes_written += dst.stat().st_size
 
-    def _transform_tensor(self, name: str, writer: ShardWriter) -> None:
-        """Write ``name`` with its recorded steps applied (and/or upcast), one row chunk at a time."""
+    def _transform_tensor(self, name: str, writer: ShardWriter) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Write ``name`` with its recorded steps applied (and/or upcast), one row chunk at a time.
+
+        Returns the sketch ``(X, T X)`` of the source for the check after the write, when it uses one."""
         src = self.ckpt.view(name)
         src = src.reshape(1) if src.dim() == 0 else src
         ops = merge_axis_steps(self.ops.get(name, []))
@@ -572,9 +571,7 @@ class _Streamer:
             self.ckpt.drop_pages(name, begin * row_bytes, end * row_bytes)
         if src.numel() == 0:
             writer.write(name, b"")
-        if sketch:
-            with self.lock:
-                self.references[name] = (x, reference)
+        return (x, reference) if sketch else None
 
     def _raise_not_finite(self, name: str, dtype: torch.dtype) -> None:
         """A deformed tensor has NaN/inf: the source's (a broken checkpoint) or an overflow of its dtype."""
@@ -643,10 +640,9 @@ class _Streamer:
             if set(f.keys()) != set(infos):
                 raise VerificationError(f"{path}: safetensors reads other tensors than were written")
 
-    def _verify_tensor(self, name: str, path: Path) -> None:
-        """The written ``name`` (in the shard ``path``) with its recorded steps undone must give back the source tensor."""
-        with self.lock:
-            sketch = self.references.pop(name, None)
+    def _verify_tensor(self, name: str, path: Path, sketch: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """The written ``name`` (in the shard ``path``) with its recorded steps undone must give back the source tensor
+        (``sketch``: the writer's ``(X, T X)``, else computed from the source)."""
         err = check_tensor(name, self._out_view(path, name), self.ckpt.view(name), self.ops[name], self.device, sketch)
         if sketch is None:  # the full check read the source again
             self.ckpt.drop_pages(name)
