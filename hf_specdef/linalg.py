@@ -13,6 +13,7 @@ where the device has no float64) on the tensor's own device and cast back.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,25 @@ class Deformation:
 def compute_dtype(device: torch.device) -> torch.dtype:
     """float64 where the device supports it (MPS does not), else float32."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+_SOLVERS_LOADED: set[str] = set()
+_SOLVERS_LOCK = threading.Lock()
+
+
+def load_solvers(device: torch.device | str) -> None:
+    """Load the ``torch.linalg`` backend of ``device`` now, from the calling thread (once per device type).
+
+    PyTorch loads its CUDA solvers lazily on the first ``torch.linalg`` call, and that first call is not
+    thread-safe: two threads making it at once fail with "lazy wrapper should be called at most once"
+    (pytorch/pytorch#90613). Call this before starting threads that use ``torch.linalg`` on ``device``.
+    """
+    device = torch.device(device)
+    with _SOLVERS_LOCK:
+        if device.type in _SOLVERS_LOADED:
+            return
+        torch.linalg.eigvalsh(torch.eye(2, device=device, dtype=torch.float32))
+        _SOLVERS_LOADED.add(device.type)
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:

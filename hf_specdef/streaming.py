@@ -473,6 +473,7 @@ class _Streamer:
                    disable=not self.progress, leave=False)
         # Shards on threads of their own (torch and file I/O release the GIL), each deciding, writing and verifying;
         # few threads that never wait on each other's stages keep the cores busy with little hand-over of the GIL.
+        linalg.load_solvers(self.device)  # before the threads: the first linalg call is not thread-safe on CUDA
         try:
             with bar, intra_op_threads(cpu_count() // self.threads), \
                     ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="specdef-shard") as pool:

@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-verify", action="store_true", help="skip the two probe forward passes")
+    ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators of one protect")
     args = ap.parse_args()
     t_build, t_protect = [], []
     for _ in range(args.runs):
@@ -46,6 +47,21 @@ def main() -> None:
     print(f"{n_params / 1e6:.0f}M params on {args.device}: build {out['build_s']:.2f}s, protect {out['protect_s']:.2f}s "
           f"({len(report.results)} pairs, deviation {report.deviation}) -> ratio {out['ratio_protect_over_build']:.2f}")
     print(json.dumps(out))
+    if args.profile:
+        profile_once(args)
+
+
+def profile_once(args: argparse.Namespace) -> None:
+    """torch.profiler's operator table of one ``protect`` (host time, and device time on CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build(args.device)
+    cuda = torch.device(args.device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        protect(model, SpecDefConfig(), verify=not args.no_verify, progress=False)
+    for key in ["self_cpu_time_total"] + (["self_device_time_total"] if cuda else []):
+        print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=40))
 
 
 if __name__ == "__main__":

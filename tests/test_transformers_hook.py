@@ -42,7 +42,7 @@ def checkpoint(original, tmp_path_factory):
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
-        return model(input_ids=IDS).logits.to(torch.float64)
+        return model(input_ids=IDS.to(model.device)).logits.to(device="cpu", dtype=torch.float64)
 
 
 def v_head_sigmas(state: dict[str, torch.Tensor], layer: int) -> list[float]:
