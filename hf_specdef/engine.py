@@ -149,7 +149,7 @@ def sigma_max(block: torch.Tensor, iters: int = 4) -> float:
     if min(block.shape) <= _EXACT_SIDE:  # eigenvalues of the small float32 Gram matrix (relative error ~1e-7)
         a = block.to(torch.promote_types(block.dtype, torch.float32))
         gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
-        return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
+        return float(linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
     a = block.float()
     v = a[a.norm(dim=1).argmax()].clone()
     for _ in range(iters):
@@ -182,7 +182,7 @@ def build_deformation(plan: Plan, block: torch.Tensor, cfg: SpecDefConfig) -> tu
         gram = a @ a.T
         d = torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
         d[m.indices.to(d.device)] = plan.factor
-        before, after = torch.linalg.eigvalsh(torch.stack([gram, gram * d[:, None] * d[None, :]]))[:, -1]
+        before, after = linalg.eigvalsh(torch.stack([gram, gram * d[:, None] * d[None, :]]))[:, -1]
         return m, float(before.clamp_min(0).sqrt()), float(after.clamp_min(0).sqrt())
     return m, (s0 := sigma_max(a)), _axis_sigma_after(a, m, s0)
 

@@ -119,7 +119,7 @@ def block_evidence(t: torch.Tensor, b: Any, pair: Pair) -> dict[str, float]:
     ev["block_row_high"], ev["block_row_low"] = _ratio(norms.max(), med), _ratio(med, norms.min())
     d = rows.shape[0]
     if not pair.axis_only and 1 < d <= 1024 and rows.shape[1] >= d:
-        s = torch.linalg.eigvalsh(rows @ rows.T).clamp_min(0).sqrt().flip(0)
+        s = linalg.eigvalsh(rows @ rows.T).clamp_min(0).sqrt().flip(0)
         gaps = s[:-1] / s[1:].clamp_min(torch.finfo(s.dtype).tiny)
         half = max(1, d // 2)
         ev["block_top_gap"], ev["block_bottom_gap"] = float(gaps[:half].max()), float(gaps[half:].max() if d > 2 else 1.0)

@@ -64,6 +64,18 @@ def test_block_and_gram_paths_agree_with_svd():
     assert torch.allclose(u.T @ u, torch.eye(2, dtype=torch.float64), atol=1e-8)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("side", [64, 300])  # solved on the host, and on the device
+def test_eigh_on_cuda_matches_and_stays_on_device(side):
+    a = _rand(side, side + 7, seed=6).cuda()
+    g = torch.stack([a @ a.T, 2 * a @ a.T])
+    w, v = linalg.eigh(g)
+    assert w.device == v.device == g.device
+    torch.testing.assert_close(linalg.eigvalsh(g), w)
+    torch.testing.assert_close(w.cpu(), torch.linalg.eigvalsh(g.cpu()), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(v @ torch.diag_embed(w) @ v.mT, g, rtol=1e-9, atol=1e-8)
+
+
 def test_budget():
     assert linalg.spectral_budget(False, 1000, torch.bfloat16) > 1
     assert linalg.spectral_budget(False, 1000, torch.float32) < 1e-4
