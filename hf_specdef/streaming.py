@@ -119,10 +119,14 @@ def _fmt(x: float | None) -> str:
 
 
 def pick_device(device: torch.device | str | None) -> torch.device:
-    """``device`` as a ``torch.device``; ``None`` picks CUDA when available, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``device`` as a ``torch.device``; ``None`` is the CPU, also where CUDA is available.
+
+    Streaming is a copy with light arithmetic on every chunk: with ``device="cuda"`` each deformed chunk
+    goes to the GPU and back, and the run pays CUDA's start-up. On an H200 machine (16 cores), the
+    402 MB benchmark (``scripts/bench_streaming.py``) ran at 0.67 of a plain copy's throughput on its
+    CPU and at 0.13 with ``device="cuda"``.
+    """
+    return torch.device("cpu" if device is None else device)
 
 
 # ------------------------------------------------------------------------------------------
@@ -900,7 +904,7 @@ def protect_checkpoint(
             (``transformer`` or ``unet``) is protected and every other component copied.
         dst_dir: the output folder; written to a temporary sibling and renamed into place at the end.
         cfg: the protection (default ``SpecDefConfig()``).
-        device: where deformations are computed (``None``: CUDA when available, else CPU).
+        device: where deformations are computed and checked (``None``: the CPU; see :func:`pick_device`).
         overwrite: replace an existing ``dst_dir`` (only after everything succeeded).
         force: protect a checkpoint that already carries a protection record.
         progress: show progress bars.

@@ -24,6 +24,7 @@ from hf_specdef.engine import PrecisionBudgetError
 from hf_specdef.protection import VerificationError
 from hf_specdef.record import AlreadyProtectedError
 from hf_specdef.sites import NoSitesError
+from hf_specdef.streaming import pick_device
 
 CFG = SpecDefConfig(alpha=1000.0)  # default sites, spectral (attn.vo) + axis (qk/mlp/norm)
 
@@ -396,10 +397,15 @@ def test_other_weight_formats_are_not_copied(tmp_path):
     assert any("pytorch_model.bin" in n for n in report.notes)
 
 
+def test_default_device_is_the_cpu_even_with_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device(None) == torch.device("cpu") and pick_device("cuda:1") == torch.device("cuda:1")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_device_matches_cpu(llama_src, tmp_path):
     cpu = protect_checkpoint(llama_src, tmp_path / "cpu", CFG, device="cpu", progress=False)
-    gpu = protect_checkpoint(llama_src, tmp_path / "gpu", CFG, progress=False)  # None: picks cuda
+    gpu = protect_checkpoint(llama_src, tmp_path / "gpu", CFG, device="cuda", progress=False)
     assert gpu.device.startswith("cuda") and cpu.device == "cpu"
     a, b = _all_tensors(tmp_path / "cpu"), _all_tensors(tmp_path / "gpu")
     for n in a:
