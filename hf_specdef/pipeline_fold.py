@@ -24,7 +24,7 @@ from .config import CONFIG_KEY, SpecDefConfig
 from .engine import PairResult
 from .protection import require_inflated
 from .sites import Pair, TensorBlock
-from .sites.diffusers import pipeline_norm_pair, wants_pipeline_norm
+from .sites.diffusers import pipeline_norm_pair, pipeline_norm_refused, wants_pipeline_norm
 from .tensor_ops import TensorOp
 
 TEXT_ENCODER = "text_encoder"
@@ -87,7 +87,7 @@ def plan_fold(pipeline_root: Path, denoiser: Checkpoint, cfg: SpecDefConfig, *, 
     """
     fold, why = _plan(pipeline_root, denoiser, cfg, pipeline_norm, force, device)
     if fold is None and pipeline_norm:
-        raise ValueError(f"pipeline_norm=True but the pipeline-level norm site does not apply: {why}.")
+        raise pipeline_norm_refused(why)
     return fold, why
 
 

@@ -836,7 +836,7 @@ def forward_check_pipeline(src: Path, tmp: Path, component: str, cfg: SpecDefCon
         import transformers
 
         from . import probe
-        from .integrations.diffusers import _composed_output, _text_ids
+        from .integrations.diffusers import composed_output, text_ids
     except ImportError as e:
         return None, f"forward check skipped: {e}"
     outs = []
@@ -847,8 +847,8 @@ def forward_check_pipeline(src: Path, tmp: Path, component: str, cfg: SpecDefCon
         comps = {TEXT_ENCODER: te_cls.from_pretrained(str(te_dir), dtype=torch.float32),
                  component: d_cls.from_pretrained(str(root / component), torch_dtype=torch.float32)}
         inputs = probe.probe_inputs(comps[component], cfg.seed)
-        ids = _text_ids(comps[TEXT_ENCODER], cfg.seed, inputs["encoder_hidden_states"].shape[0])
-        outs.append(_composed_output(comps, component, inputs, ids).double())
+        ids = text_ids(comps[TEXT_ENCODER], cfg.seed, inputs["encoder_hidden_states"].shape[0])
+        outs.append(composed_output(comps, component, inputs, ids).double())
     ref, got = outs
     dev = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
     if not dev <= cfg.tolerance:

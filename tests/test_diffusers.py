@@ -358,8 +358,9 @@ def test_pipeline_norm_options(tmp_path):
     assert not any("pipeline" in r.pair.tags for r in report.results)
     assert any("pipeline-level norm site" in s for s in report.skipped)
     pipe = tiny_pipeline(tmp_path)
-    with pytest.raises(ValueError, match="pipeline_norm=True"):
+    with pytest.raises(ValueError, match="pipeline_norm=True.*'norm' is not among cfg.sites") as err:
         protect(pipe, SpecDefConfig(alpha=ALPHA, sites=("attn.vo",)), pipeline_norm=True, progress=False)
+    assert str(err.value).count("pipeline-level norm site") == 1, err.value  # the reason is not prefixed twice
     # the tiny CLIP text encoder alone sits at ~1e-4 at alpha=1000 (fp32 budget), so alpha=100 here
     report = protect(pipe, SpecDefConfig(alpha=100.0), pipeline_norm=False, text_encoder=True, progress=False)
     assert any(r.pair.block.startswith("text_encoder.") for r in report.results)

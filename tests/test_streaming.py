@@ -499,9 +499,10 @@ def test_pipeline_site_options_and_a_broken_fold(tmp_path, monkeypatch):
     assert any("already carries a protection record" in n for n in report.notes)
 
     # pipeline_norm=True where the site does not apply: one clear error, no output
-    with pytest.raises(ValueError, match="pipeline_norm=True.*'norm' is not among cfg.sites"):
+    with pytest.raises(ValueError, match="pipeline_norm=True.*'norm' is not among cfg.sites") as err:
         protect_checkpoint(src, tmp_path / "req", SpecDefConfig(alpha=1000.0, sites=("attn.vo",)), pipeline_norm=True,
                            progress=False)
+    assert str(err.value).count("pipeline-level norm site") == 1, err.value
     assert not (tmp_path / "req").exists()
 
     # a fold whose text-encoder half is lost: each tensor holds its recorded steps, but the composed check fails

@@ -279,7 +279,7 @@ def _restore_config(module: torch.nn.Module, state: Any) -> None:
 
 
 @torch.no_grad()
-def _composed_output(
+def composed_output(
     comps: dict[str, torch.nn.Module], dname: str, inputs: dict[str, Any], ids: torch.Tensor | None
 ) -> torch.Tensor:
     """Denoiser output on ``inputs``; with ``ids``, ``encoder_hidden_states`` comes from the text encoder."""
@@ -292,7 +292,8 @@ def _composed_output(
     return probe.run_probe(denoiser, inputs)
 
 
-def _text_ids(te: torch.nn.Module, seed: int, batch: int) -> torch.Tensor:
+def text_ids(te: torch.nn.Module, seed: int, batch: int) -> torch.Tensor:
+    """Probe token ids for the text encoder ``te`` (``batch`` rows of up to 16, from ``seed``), on its device."""
     c = te.config
     seq = min(16, getattr(c, "max_position_embeddings", 16) or 16)
     g = torch.Generator().manual_seed(seed + 1)
@@ -335,7 +336,7 @@ def _apply(
             if pipe_pair is None:
                 why = f"pipeline-level norm site: {why}"
         if why and pipeline_norm:
-            raise ValueError(f"pipeline_norm=True but the pipeline-level norm site does not apply: {why}.")
+            raise diffusers_sites.pipeline_norm_refused(why)
         if why:
             skipped.append(why)
     if pipe_pair is not None and get_record(te) and not force:
@@ -377,12 +378,12 @@ def _apply(
         if pipe_pair is not None:
             if "encoder_hidden_states" not in inputs:
                 raise ValueError("verification of the pipeline-level norm site needs probe inputs with encoder_hidden_states.")
-            composed_ids = _text_ids(te, cfg.seed, inputs["encoder_hidden_states"].shape[0])
+            composed_ids = text_ids(te, cfg.seed, inputs["encoder_hidden_states"].shape[0])
         elif text_encoder:  # the text encoder alone is function-preserving: check it on its own
-            te_ids = _text_ids(te, cfg.seed, 2)
+            te_ids = text_ids(te, cfg.seed, 2)
 
         def run() -> list[torch.Tensor]:
-            outs = [_composed_output(used, dname, inputs, composed_ids)]
+            outs = [composed_output(used, dname, inputs, composed_ids)]
             return outs + ([probe.run_probe(te, {"input_ids": te_ids})] if te_ids is not None else [])
 
     configs = {n: _save_config(m) for n, m in used.items()}

@@ -159,6 +159,13 @@ def cross_attention_readers(config: Any, shape_of: ShapeOf, prefix: str = "") ->
 FINAL_NORMS = ("text_model.final_layer_norm", "final_layer_norm")  # transformers 4.x / 5.x CLIPTextModel layouts
 
 
+def pipeline_norm_refused(why: str) -> ValueError:
+    """The error for ``pipeline_norm=True`` where the pipeline-level norm site does not apply (``why`` as in the
+    skipped list, prefix and all)."""
+    return ValueError(f"pipeline_norm=True but the pipeline-level norm site does not apply: "
+                      f"{why.removeprefix('pipeline-level norm site: ')}.")
+
+
 def wants_pipeline_norm(cfg: Any, pipeline_norm: bool | None) -> tuple[bool, str]:
     """Whether ``cfg`` (a ``SpecDefConfig``) asks for the pipeline-level norm site; the reason when it does not."""
     if pipeline_norm is False:
