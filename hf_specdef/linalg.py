@@ -92,9 +92,11 @@ def load_solvers(device: torch.device | str) -> None:
 
 
 # Symmetric eigenproblems up to this side go to the CPU when the matrix sits on an accelerator. On an H200,
-# torch.linalg.eigh/eigvalsh of 64 x 64 Gram matrices took ~0.8 ms of host time per call (cuSOLVER's many small
-# launches and its result check; 40% of in-memory protect's time, torch.profiler), where LAPACK needs ~0.1 ms.
-_HOST_EIG_SIDE = 256
+# torch.linalg.eigh/eigvalsh of the 64 x 64 Gram matrices of a 125M Llama took ~0.8 ms of host time per call
+# (cuSOLVER's many small launches and its result check; 40% of in-memory protect's time, torch.profiler). LAPACK
+# on one core of a shared VM takes 0.29 ms at 64, 1.2 ms at 128 and 5.4 ms at 256 (float64 eigh): it wins only
+# on the small side.
+_HOST_EIG_SIDE = 96
 
 
 def eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,7 +65,7 @@ def test_block_and_gram_paths_agree_with_svd():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("side", [64, 300])  # solved on the host, and on the device
+@pytest.mark.parametrize("side", [64, 200])  # solved on the host, and on the device
 def test_eigh_on_cuda_matches_and_stays_on_device(side):
     a = _rand(side, side + 7, seed=6).cuda()
     g = torch.stack([a @ a.T, 2 * a @ a.T])
