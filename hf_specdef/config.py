@@ -16,7 +16,10 @@ PRECISION_POLICIES: tuple[str, ...] = ("refuse", "axis", "float32")
 RECORD_LEVELS: tuple[str, ...] = ("minimal", "full", "none")
 DEFAULT_SITES: tuple[str, ...] = ("attn.vo", "attn.qk", "mlp", "norm")
 _RANDOM_LAYERS = re.compile(r"^random:(\d+)$")
-CONFIG_KEY = "specdef"  # name of the protection record in a saved config.json
+CONFIG_KEY = "specdef"  # name of the protection record in a saved transformers config.json
+# ... and in a diffusers config.json: diffusers warns about every unexpected public key (printing its value, the whole
+# record) but passes "_" keys over silently, and keeps them in model.config and on save
+DIFFUSERS_CONFIG_KEY = "_specdef"
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:

@@ -20,9 +20,10 @@ import torch
 
 from . import engine
 from .checkpoint import PIPELINE_INDEX, Checkpoint, CheckpointError, _load_json
-from .config import CONFIG_KEY, SpecDefConfig
+from .config import SpecDefConfig
 from .engine import PairResult
 from .protection import require_inflated
+from .record import get_record
 from .sites import Pair, TensorBlock
 from .sites.diffusers import pipeline_norm_pair, pipeline_norm_refused, wants_pipeline_norm
 from .tensor_ops import TensorOp
@@ -101,7 +102,7 @@ def _plan(root: Path, denoiser: Checkpoint, cfg: SpecDefConfig, pipeline_norm: b
     if pair is None:
         return None, f"pipeline-level norm site: {why}"
     try:
-        if te.config.get(CONFIG_KEY) and not force:
+        if get_record(te.config) and not force:
             raise _Skip("the text encoder already carries a protection record (force=True folds anyway)")
         dtypes = {f"{te_prefix}{n}": dt for n, dt in te.dtypes().items()} | denoiser.dtypes()
         plan = engine.plan_pairs([pair], {n: torch.empty(0, dtype=dtypes[n]) for n in pair.names()}, cfg)[0]

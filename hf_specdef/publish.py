@@ -38,7 +38,8 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import CONFIG_KEY, SpecDefConfig
+from .config import SpecDefConfig
+from .record import get_record
 
 logger = logging.getLogger("hf_specdef")
 
@@ -345,7 +346,7 @@ def _components(info: SourceInfo, folder: Path) -> list[tuple[str, str, str]]:
 
 def _record_of(folder: Path) -> dict[str, Any] | None:
     conf = folder / "config.json"
-    return _read_json(conf).get(CONFIG_KEY) if conf.is_file() else None
+    return get_record(_read_json(conf)) if conf.is_file() else None
 
 
 def _report_hot_modules(report: Any, component: str) -> list[str] | None:

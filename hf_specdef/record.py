@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import __version__
-from .config import CONFIG_KEY, SpecDefConfig
+from .config import CONFIG_KEY, DIFFUSERS_CONFIG_KEY, SpecDefConfig
 
 RECORD_FORMAT = "hf-specdef/1"
 
@@ -67,20 +67,28 @@ def _config(obj: Any) -> Any:
     return getattr(obj, "config", None)
 
 
+def record_key(config: Mapping[str, Any]) -> str:
+    """The key of the record in a config.json dict: ``"_specdef"`` for a diffusers model, else ``"specdef"``."""
+    return DIFFUSERS_CONFIG_KEY if "_class_name" in config or "_diffusers_version" in config else CONFIG_KEY
+
+
 def get_record(model_or_config: Any) -> dict[str, Any] | None:
-    """The record on a transformers/diffusers model or config (object or dict), if any."""
+    """The record on a transformers/diffusers model or config (object or dict), if any (under either key)."""
     cfg = _config(model_or_config) if hasattr(model_or_config, "config") else model_or_config
     if cfg is None:
         return None
-    if isinstance(cfg, dict):
-        return cfg.get(CONFIG_KEY)
+    if isinstance(cfg, Mapping):
+        return cfg.get(CONFIG_KEY) or cfg.get(DIFFUSERS_CONFIG_KEY)
     return getattr(cfg, CONFIG_KEY, None)
 
 
 def set_record(model: Any, record: dict[str, Any] | None) -> None:
     """Store ``record`` in the model's config so that ``save_pretrained`` writes it to config.json."""
-    if hasattr(model, "register_to_config"):  # diffusers ModelMixin: FrozenDict config
-        model.register_to_config(**{CONFIG_KEY: record})
+    if hasattr(model, "register_to_config"):  # diffusers ModelMixin: FrozenDict config, private key
+        internal = model._internal_dict
+        if CONFIG_KEY in internal:  # a record under the public key (written by hand or by an earlier version): replaced
+            model._internal_dict = type(internal)({k: v for k, v in internal.items() if k != CONFIG_KEY})
+        model.register_to_config(**{DIFFUSERS_CONFIG_KEY: record})
     else:
         setattr(model.config, CONFIG_KEY, record)
 

@@ -68,11 +68,11 @@ from .checkpoint import (
     open_checkpoint,
     read_header,
 )
-from .config import CONFIG_KEY, SpecDefConfig
+from .config import CONFIG_KEY, DIFFUSERS_CONFIG_KEY, SpecDefConfig
 from .engine import PairResult, Plan
 from .pipeline_fold import TEXT_ENCODER, Fold, plan_fold, text_encoder_config
 from .protection import VerificationError, require_inflated
-from .record import check_not_protected, component_record, make_record
+from .record import check_not_protected, component_record, make_record, record_key
 from .report import ProtectionReport
 from .sites import Pair, TensorBlock, pairs_for, select_pairs
 from .tensor_ops import TensorOp, apply_ops, merge_axis_steps, row_chunks
@@ -808,8 +808,9 @@ def _write_config(ckpt: Checkpoint, out_root: Path, record: dict[str, Any] | Non
     if not config and record is None:
         return
     config.pop(CONFIG_KEY, None)
+    config.pop(DIFFUSERS_CONFIG_KEY, None)
     if record is not None:
-        config[CONFIG_KEY] = record
+        config[record_key(config)] = record
     if upcast:  # stock loaders use the config dtype ("auto"): keep the float32 tensors in float32
         for key in ("dtype", "torch_dtype"):
             if key in config:

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from . import engine
-from .config import CONFIG_KEY
 from .detection import DEFAULT_THRESHOLD, DetectionReport, SiteEstimate, detect_deformations, model_tensors
 from .linalg import Deformation
 from .record import get_record
@@ -45,8 +44,9 @@ def load_recipe(recipe: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]
             raise ValueError(f"recipe {recipe!r} is neither a record dict nor an existing JSON file / model directory.")
         with open(path, encoding="utf-8") as f:
             rec = json.load(f)
-    if CONFIG_KEY in rec and isinstance(rec[CONFIG_KEY], Mapping):
-        rec = dict(rec[CONFIG_KEY])
+    inner = get_record(rec)  # a config.json: its record
+    if isinstance(inner, Mapping):
+        rec = dict(inner)
     return rec
 
 
@@ -54,7 +54,7 @@ def recipe_sites(record: Mapping[str, Any] | None) -> list[SiteEstimate]:
     """The exact deformations of a ``record="full"`` protection record, in protection order."""
     if not record:
         raise ValueError("knowledge='recipe' needs a protection record, but the model has none (no 'specdef' key in its "
-                         "config); pass recipe=<record dict | JSON path> or use knowledge='blind'.")
+                         "config; '_specdef' in diffusers); pass recipe=<record dict | JSON path> or use knowledge='blind'.")
     if "pairs" not in record:
         raise ValueError(f"the protection record has detail {record.get('config', {}).get('record', 'minimal')!r}: "
                          "it names the sites but not the directions, so it cannot rebuild M exactly. Use a record "

@@ -512,7 +512,7 @@ def _check_by_inspection(model: torch.nn.Module, rec: dict[str, Any], where: str
         raise DeformationCheckError(
             f"{where}: the protection record claims {len(hot)} hot modules but {len(missing)} show no deformation "
             f"(e.g. {missing[:3]}); refusing to write a 'protected' model that is not (SPEC §7). Re-protect it with "
-            "hf_specdef.protect(model, cfg, force=True) or remove the 'specdef' record from its config."
+            "hf_specdef.protect(model, cfg, force=True) or remove the '_specdef' record from its config."
         )
 
 
