@@ -77,13 +77,15 @@ _SOLVERS_LOCK = threading.Lock()
 
 
 def load_solvers(device: torch.device | str) -> None:
-    """Load the ``torch.linalg`` backend of ``device`` now, from the calling thread (once per device type).
+    """Load the ``torch.linalg`` backend of an accelerator now, from the calling thread (once per device type).
 
     PyTorch loads its CUDA solvers lazily on the first ``torch.linalg`` call, and that first call is not
     thread-safe: two threads making it at once fail with "lazy wrapper should be called at most once"
     (pytorch/pytorch#90613). Call this before starting threads that use ``torch.linalg`` on ``device``.
     """
     device = torch.device(device)
+    if device.type == "cpu":  # LAPACK is linked in, nothing is loaded lazily (and its first call is thread-safe)
+        return
     with _SOLVERS_LOCK:
         if device.type in _SOLVERS_LOADED:
             return
