@@ -63,7 +63,6 @@ from .checkpoint import (
     TORCH_TO_ST,
     Checkpoint,
     CheckpointError,
-    _load_json,
     drop_mapped_range,
     open_checkpoint,
     read_header,
@@ -830,28 +829,13 @@ def _write_records(ckpt: Checkpoint, out_root: Path, fold: Fold | None, te_root:
     _write_config(fold.text_encoder, te_root, te_record, False)
 
 
-def forward_check_pipeline(src: Path, tmp: Path, component: str, cfg: SpecDefConfig) -> tuple[float | None, str]:
+def forward_check_pipeline(src: Path, tmp: Path, component: str, cfg: SpecDefConfig) -> tuple[float, str]:
     """Text encoder then denoiser, from the source and from the written folders (float32), on one probe batch."""
-    try:
-        import diffusers
-        import transformers
+    from . import probe
+    from .stock import composed_pipeline_output
 
-        from . import probe
-        from .integrations.diffusers import composed_output, text_ids
-    except ImportError as e:
-        return None, f"forward check skipped: {e}"
-    outs = []
-    for root in (src, tmp):
-        te_dir = root / TEXT_ENCODER
-        te_cls = getattr(transformers, (_load_json(te_dir / CONFIG_NAME).get("architectures") or ["CLIPTextModel"])[0])
-        d_cls = getattr(diffusers, _load_json(root / component / CONFIG_NAME)["_class_name"])
-        comps = {TEXT_ENCODER: te_cls.from_pretrained(str(te_dir), dtype=torch.float32),
-                 component: d_cls.from_pretrained(str(root / component), torch_dtype=torch.float32)}
-        inputs = probe.probe_inputs(comps[component], cfg.seed)
-        ids = text_ids(comps[TEXT_ENCODER], cfg.seed, inputs["encoder_hidden_states"].shape[0])
-        outs.append(composed_output(comps, component, inputs, ids).double())
-    ref, got = outs
-    dev = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    ref, got = (composed_pipeline_output(root, component, cfg.seed)[0] for root in (src, tmp))
+    dev = probe.max_relative_deviation(ref, got)
     if not dev <= cfg.tolerance:
         raise VerificationError(
             f"the protected pipeline's outputs (text encoder -> {component}) deviate by {dev:.3g} (max relative) from the "

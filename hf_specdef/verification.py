@@ -23,13 +23,21 @@ class VerifyResult:
     dtype: str
     budget: float | None
     ok: bool
+    compared: str = "model"  # or the composed function of a pipeline, e.g. "text_encoder -> unet"
+
+    @classmethod
+    def of(cls, deviation: float, tolerance: float, protected: torch.nn.Module, compared: str = "model") -> VerifyResult:
+        """The result for ``deviation``, with the dtype and precision budget of the ``protected`` model."""
+        dtype = str(storage_dtype(protected)).replace("torch.", "")
+        return cls(deviation, tolerance, dtype, budget_for(protected), deviation <= tolerance, compared)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def __str__(self) -> str:
         status = "OK" if self.ok else "FAILED"
-        return (f"verify {status}: max relative deviation {self.max_relative_deviation:.3e} "
+        what = "" if self.compared == "model" else f" of {self.compared}"
+        return (f"verify {status}: max relative deviation{what} {self.max_relative_deviation:.3e} "
                 f"(tolerance {self.tolerance:g}, dtype {self.dtype}, expected budget {self.budget})")
 
 
@@ -62,9 +70,7 @@ def verify(
     inputs = inputs if inputs is not None else probe.probe_inputs(reference)
     ref = probe.run_probe(reference, inputs)
     moved = {k: v.to(probe.model_device(protected)) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    dev = probe.max_relative_deviation(ref, probe.run_probe(protected, moved))
-    dtype = storage_dtype(protected)
-    return VerifyResult(dev, tolerance, str(dtype).replace("torch.", ""), budget_for(protected), dev <= tolerance)
+    return VerifyResult.of(probe.max_relative_deviation(ref, probe.run_probe(protected, moved)), tolerance, protected)
 
 
 class DeformationCheckError(ValueError):

@@ -467,6 +467,18 @@ def test_pipeline_folder_streams_like_in_memory_with_the_pipeline_site(tmp_path)
     (stock,) = stock_generate(tmp_path, dst)
     assert np.abs(stock - reference).max() <= 1e-4
 
+    # `hf-specdef verify` compares pipeline folders end to end (text encoder -> unet); the unet alone is not kept
+    def cli_verify(a: Path, b: Path, *flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "hf_specdef", "verify", str(a), str(b), *flags],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    composed = cli_verify(src, dst, "--json")
+    assert composed.returncode == 0, composed.stderr[-2000:]
+    result = json.loads(composed.stdout)
+    assert result["ok"] and result["compared"] == "text_encoder -> unet" and result["max_relative_deviation"] <= 1e-4
+    alone = cli_verify(src / "unet", dst / "unet")
+    assert alone.returncode == 1 and "verify the two pipeline folders" in alone.stdout, alone.stdout
+
 
 def test_pipeline_site_options_and_a_broken_fold(tmp_path, monkeypatch):
     import hf_specdef.streaming as streaming

@@ -2,7 +2,9 @@
 
 Both folders are loaded with the stock transformers class named by ``architectures`` in their
 config.json (diffusers models: the class named by ``_class_name``), in float32, and compared on a
-deterministic probe batch (:func:`hf_specdef.verify`).
+deterministic probe batch (:func:`hf_specdef.verify`). Two pipeline folders with a text encoder are
+compared end to end, text encoder then denoiser: with the pipeline-level norm site folded, only that
+composed function is kept (the denoiser alone is not).
 
 Example::
 
@@ -40,30 +42,10 @@ def model_folder(path: str) -> Path:
     return p
 
 
-def load_stock(path: Path) -> Any:
-    """Load a model folder with the stock class its config names, in float32."""
-    import torch
-
-    config = json.loads((path / "config.json").read_text())
-    if config.get("_class_name"):
-        import diffusers
-
-        cls, key = getattr(diffusers, config["_class_name"], None), "torch_dtype"
-        name = config["_class_name"]
-    else:
-        import transformers
-
-        archs = config.get("architectures") or []
-        name = archs[0] if archs else None
-        cls, key = (getattr(transformers, name, None) if name else transformers.AutoModel), "dtype"
-    if cls is None:
-        raise ValueError(f"{path}: class {name!r} from config.json is not in the installed transformers/diffusers.")
-    return cls.from_pretrained(str(path), **{key: torch.float32})
-
-
 def run(args: argparse.Namespace) -> int:
     """Compare the two checkpoints; exit code 0 only when the deviation is within the tolerance."""
     from ..record import get_record
+    from ..stock import load_stock
     from ..verification import verify
 
     if args.tolerance is None:
@@ -73,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.tolerance > 0:
         raise ValueError(f"--tolerance {args.tolerance:g}: use a number > 0 (e.g. 1e-4).")
     original, protected = model_folder(args.original), model_folder(args.protected)
-    ref, prot = load_stock(original), load_stock(protected)
-    result = verify(ref, prot, tolerance=args.tolerance)
+    if _composed(args.original, original) and _composed(args.protected, protected):
+        result, prot = verify_composed(original, protected, args.tolerance)
+    else:
+        prot = load_stock(protected)
+        result = verify(load_stock(original), prot, tolerance=args.tolerance)
     record = get_record(prot)
     if args.json:
         print(json.dumps(result.to_dict() | {"protected_record": bool(record)}, indent=2))
@@ -82,4 +67,28 @@ def run(args: argparse.Namespace) -> int:
         print(result)
         if not record:
             print("note: the protected folder carries no SpecDef protection record")
+        elif record.get("pipeline") and result.compared == "model":
+            print("note: this denoiser shares a pipeline-level pair with its text encoder: only text encoder -> denoiser "
+                  "keeps the function; verify the two pipeline folders instead")
     return 0 if result.ok else 1
+
+
+def _composed(given: str, model: Path) -> bool:
+    """Whether ``given`` is a pipeline folder (``model`` its denoiser) with a text encoder."""
+    from ..stock import has_text_encoder
+
+    return model.parent == Path(given) and has_text_encoder(model.parent)
+
+
+def verify_composed(original: Path, protected: Path, tolerance: float) -> tuple[Any, Any]:
+    """Compare two pipelines' denoisers fed by their own text encoders; the result and the protected denoiser."""
+    from .. import probe
+    from ..config import SpecDefConfig
+    from ..stock import composed_pipeline_output
+    from ..verification import VerifyResult
+
+    seed = SpecDefConfig().seed
+    ref, _ = composed_pipeline_output(original.parent, original.name, seed)
+    got, denoiser = composed_pipeline_output(protected.parent, protected.name, seed)
+    deviation = probe.max_relative_deviation(ref, got)
+    return VerifyResult.of(deviation, tolerance, denoiser, f"text_encoder -> {protected.name}"), denoiser
