@@ -35,7 +35,7 @@ def load_stock(path: Path) -> Any:
 
 
 def has_text_encoder(root: Path) -> bool:
-    """Whether the pipeline folder ``root`` has a text encoder component with weights and a config."""
+    """Whether the pipeline folder ``root`` has a text encoder component (its config.json)."""
     return (Path(root) / TEXT_ENCODER / "config.json").is_file()
 
 

@@ -16,7 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..verification import VerifyResult
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +85,7 @@ def _composed(given: str, model: Path) -> bool:
     return model.parent == Path(given) and has_text_encoder(model.parent)
 
 
-def verify_composed(original: Path, protected: Path, tolerance: float) -> tuple[Any, Any]:
+def verify_composed(original: Path, protected: Path, tolerance: float) -> tuple[VerifyResult, torch.nn.Module]:
     """Compare two pipelines' denoisers fed by their own text encoders; the result and the protected denoiser."""
     from .. import probe
     from ..config import SpecDefConfig
