@@ -101,10 +101,15 @@ def load_solvers(device: torch.device | str) -> None:
 _HOST_EIG_SIDE = 96
 
 
+def _on_host(a: torch.Tensor) -> bool:
+    """Whether the symmetric eigenproblem ``a`` (on an accelerator, and small) is better solved on the CPU."""
+    return a.device.type != "cpu" and a.shape[-1] <= _HOST_EIG_SIDE
+
+
 def eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.linalg.eigh`` of a (batch of) symmetric matrix, solved on the CPU when small (see
     ``_HOST_EIG_SIDE``); the results are on ``a``'s device."""
-    if a.device.type == "cpu" or a.shape[-1] > _HOST_EIG_SIDE:
+    if not _on_host(a):
         return torch.linalg.eigh(a)
     w, v = torch.linalg.eigh(a.cpu())
     return w.to(a.device), v.to(a.device)
@@ -112,7 +117,7 @@ def eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def eigvalsh(a: torch.Tensor) -> torch.Tensor:
     """``torch.linalg.eigvalsh``, solved on the CPU when small (see :func:`eigh`); ascending, on ``a``'s device."""
-    if a.device.type == "cpu" or a.shape[-1] > _HOST_EIG_SIDE:
+    if not _on_host(a):
         return torch.linalg.eigvalsh(a)
     return torch.linalg.eigvalsh(a.cpu()).to(a.device)
 

@@ -25,11 +25,8 @@ from .engine import PairResult
 from .protection import require_inflated
 from .record import get_record
 from .sites import Pair, TensorBlock
-from .sites.diffusers import pipeline_norm_pair, pipeline_norm_refused, wants_pipeline_norm
+from .sites.diffusers import OTHER_ENCODERS, TEXT_ENCODER, pipeline_norm_pair, pipeline_norm_refused, wants_pipeline_norm
 from .tensor_ops import TensorOp
-
-TEXT_ENCODER = "text_encoder"
-_OTHER_ENCODERS = ("text_encoder_2", "text_encoder_3")
 
 
 class _Skip(Exception):
@@ -71,7 +68,7 @@ def find_fold_pair(pipeline_root: Path, denoiser: Checkpoint, te_prefix: str) ->
         te = Checkpoint(te_dir)
     except CheckpointError as e:
         return None, None, f"the text encoder has no readable safetensors checkpoint ({e})"
-    others = [n for n in _OTHER_ENCODERS if _component_present(index, n)]
+    others = [n for n in OTHER_ENCODERS if _component_present(index, n)]
     pair, why = pipeline_norm_pair(te.class_name, te.shapes(), others, denoiser.class_name, denoiser.config,
                                    denoiser.shapes(), te_prefix, "")
     if pair is None:

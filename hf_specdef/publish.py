@@ -303,7 +303,7 @@ def _load(path: Path, kind: str, class_name: str) -> Any:
         return cls.from_pretrained(path, dtype="auto").eval()
     import diffusers
 
-    with _quiet_diffusers():  # stock diffusers warns at length about the (ignored) `specdef` config key
+    with _quiet_diffusers():  # stock diffusers' warnings (deprecated scheduler settings, keys it ignores) are not ours
         if kind == "diffusers-pipeline":
             pipe = diffusers.DiffusionPipeline.from_pretrained(path)
             if hasattr(pipe, "set_progress_bar_config"):

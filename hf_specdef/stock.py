@@ -7,30 +7,43 @@ only the composed function, text encoder then denoiser; :func:`composed_pipeline
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-TEXT_ENCODER = "text_encoder"
+from .sites.diffusers import TEXT_ENCODER
 
 
-def load_stock(path: Path) -> Any:
-    """Load a model folder with the stock transformers/diffusers class its config.json names, in float32."""
-    config = json.loads((Path(path) / "config.json").read_text())
+def stock_class(config: Mapping[str, Any]) -> Any | None:
+    """The class a config.json names (diffusers ``_class_name``, else transformers ``architectures[0]``), or
+    ``None`` when it names none that the installed library has."""
     if config.get("_class_name"):
         import diffusers
 
-        name = config["_class_name"]
-        cls, key = getattr(diffusers, name, None), "torch_dtype"
-    else:
+        return getattr(diffusers, config["_class_name"], None)
+    archs = config.get("architectures") or []
+    if not archs:
+        return None
+    import transformers
+
+    return getattr(transformers, archs[0], None)
+
+
+def load_stock(path: Path) -> Any:
+    """Load a model folder with the stock class its config.json names (transformers ``AutoModel`` when it names
+    none), in float32."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    cls = stock_class(config)
+    if cls is None:
+        name = config.get("_class_name") or (config.get("architectures") or [None])[0]
+        if name is not None:
+            raise ValueError(f"{path}: class {name!r} from config.json is not in the installed transformers/diffusers.")
         import transformers
 
-        archs = config.get("architectures") or []
-        name = archs[0] if archs else None
-        cls, key = (getattr(transformers, name, None) if name else transformers.AutoModel), "dtype"
-    if cls is None:
-        raise ValueError(f"{path}: class {name!r} from config.json is not in the installed transformers/diffusers.")
+        cls = transformers.AutoModel
+    key = "torch_dtype" if config.get("_class_name") else "dtype"
     return cls.from_pretrained(str(path), **{key: torch.float32})
 
 

@@ -686,32 +686,15 @@ def check_written_index(ckpt: Checkpoint, out_root: Path) -> None:
                 raise VerificationError(f"{info.file}: tensor {n!r} has shape {info.shape}, source {ckpt.infos[n].shape}")
 
 
-def _model_class(config: Mapping[str, Any]) -> Any | None:
-    if config.get("_class_name"):
-        try:
-            import diffusers
-
-            return getattr(diffusers, config["_class_name"], None)
-        except ImportError:
-            return None
-    archs = config.get("architectures") or []
-    if not archs:
-        return None
-    import transformers
-
-    return getattr(transformers, archs[0], None)
-
-
 def forward_check(src_root: Path, out_root: Path, config: Mapping[str, Any], tolerance: float) -> tuple[float | None, str]:
     """Load both checkpoints with the stock class (float32) and compare outputs on a probe batch."""
+    from .stock import load_stock, stock_class
     from .verification import verify
 
-    cls = _model_class(config)
+    cls = stock_class(config)
     if cls is None:
         return None, "forward check skipped: model class not found in transformers/diffusers"
-    key = "torch_dtype" if config.get("_class_name") else "dtype"
-    ref = cls.from_pretrained(str(src_root), **{key: torch.float32})
-    prot = cls.from_pretrained(str(out_root), **{key: torch.float32})
+    ref, prot = load_stock(src_root), load_stock(out_root)
     try:
         res = verify(ref, prot, tolerance=tolerance)
     except ValueError as e:  # no probe for this model kind

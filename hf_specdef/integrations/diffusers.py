@@ -71,7 +71,7 @@ __all__ = [
 ]
 
 DENOISER_NAMES = ("unet", "transformer")
-TEXT_ENCODER = "text_encoder"
+TEXT_ENCODER = diffusers_sites.TEXT_ENCODER
 FINAL_NORMS = diffusers_sites.FINAL_NORMS
 _WRAPPED_FLAG = "_specdef_wrapped"
 _CLAIMS = "_specdef_claims"  # on a module: PairResults (module-local names) of the protection we did
@@ -230,7 +230,7 @@ def _pipeline_norm_pair(pipe: Any, dname: str, denoiser: torch.nn.Module) -> tup
     comps = pipe.components
     te = comps.get(TEXT_ENCODER)
     te = te if isinstance(te, torch.nn.Module) else None
-    others = [n for n in ("text_encoder_2", "text_encoder_3") if comps.get(n) is not None]
+    others = [n for n in diffusers_sites.OTHER_ENCODERS if comps.get(n) is not None]
     return diffusers_sites.pipeline_norm_pair(
         type(te).__name__ if te is not None else None, ParamTensors(te).shapes() if te is not None else {}, others,
         type(denoiser).__name__, denoiser.config, ParamTensors(denoiser).shapes(), f"{TEXT_ENCODER}.", f"{dname}.")

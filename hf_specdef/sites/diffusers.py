@@ -53,7 +53,8 @@ from .registry import (
 
 __all__ = [
     "DIFFUSERS_DENOISERS", "UNET_CLASSES", "TRANSFORMER_CLASSES", "block_heads", "block_setting", "cross_attention_readers",
-    "FINAL_NORMS", "pipeline_norm_pair", "wants_pipeline_norm",
+    "FINAL_NORMS", "OTHER_ENCODERS", "TEXT_ENCODER", "pipeline_norm_pair", "pipeline_norm_refused",
+    "wants_pipeline_norm",
 ]
 
 UNET_CLASSES = ("UNet2DConditionModel",)
@@ -157,6 +158,8 @@ def cross_attention_readers(config: Any, shape_of: ShapeOf, prefix: str = "") ->
 
 
 FINAL_NORMS = ("text_model.final_layer_norm", "final_layer_norm")  # transformers 4.x / 5.x CLIPTextModel layouts
+TEXT_ENCODER = "text_encoder"  # the pipeline component whose final norm the pipeline-level pair folds
+OTHER_ENCODERS = ("text_encoder_2", "text_encoder_3")  # with any of these, the site does not apply
 
 
 def pipeline_norm_refused(why: str) -> ValueError:
