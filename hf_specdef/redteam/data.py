@@ -7,8 +7,9 @@ so the attack data are the same on every machine (earlier versions read the lice
 and the benchmark's figures moved with the environment).
 
 Text is tokenized once with the model's tokenizer and cut into non-overlapping windows of ``seq_len`` tokens; every
-``eval_every``-th window is held out (an interleaved split, so both halves have the same mix of texts) and a fixed
-set of held-out windows is the evaluation batch.
+``holdout_every``-th window is held out (an interleaved split, so both halves have the same mix of texts); held-out
+windows that also occur among the training windows (license boilerplate repeats) are dropped, and a fixed set of
+the rest, spread over the corpus, is the evaluation batch.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def build_attack_data(tokenizer: Any, source: Any = None, *, seq_len: int = 64, 
     windows = ids[: len(ids) // seq_len * seq_len].view(-1, seq_len)
     held = torch.arange(len(windows)) % holdout_every == holdout_every - 1
     train, pool = windows[~held], windows[held]
+    seen = {tuple(w.tolist()) for w in train}  # boilerplate repeats across licenses: hold out only unseen windows
+    pool = pool[[tuple(w.tolist()) not in seen for w in pool]]
     need = eval_windows * holdout_every + min_train_windows
     if len(train) < min_train_windows or len(pool) < eval_windows:
         raise AttackDataError(

@@ -98,7 +98,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{st['batch_size']}; budget {st['budget']} steps; learning rates searched on a grid of {st['per_decade']} "
         f"per decade around each optimum; seeds {st['seeds']}; {results['environment']['device']}.", "",
         f"Target per attack: the held-out loss L0 minus {st['fraction']:g} x the gain the unprotected model makes in "
-        f"{st['reference_steps']} steps at its best learning rate. A protected run that never reaches it counts as "
+        f"{st['reference_steps']} steps at its best learning rate (1 x: the loss it reaches in those steps). "
+        f"A protected run that never reaches it counts as "
         f"{st['budget'] + 1} steps (slowdown shown as a lower bound, `>=`).", "",
     ]
     for name, v in results["variants"].items():

@@ -152,7 +152,14 @@ def training_arguments(attack: Attack, lr: float, seed: int, budget: int, batch_
         warmup_steps=attack.warmup, max_grad_norm=attack.clip, bf16=attack.bf16, weight_decay=0.0, seed=seed,
         data_seed=seed, report_to="none", save_strategy="no", logging_strategy="no", eval_strategy="no",
         disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
+        use_cpu=not has_accelerator(),  # on a machine without one, DDP over processes needs accelerate's CPU mode
     )
+
+
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU (or other accelerator) that the Trainer would use."""
+    probe = getattr(torch, "accelerator", None)
+    return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
 
 
 @dataclass
