@@ -95,8 +95,8 @@ def _ratio(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def matrix_evidence(w: torch.Tensor) -> tuple[list[float], dict[str, float]]:
-    """Top singular values and outlier evidence of one 2-D weight."""
-    a = w.detach().to(linalg.compute_dtype(w.device))
+    """Top singular values and outlier evidence of one weight (2-D, or 3-D fused experts stacked along the rows)."""
+    a = w.detach().reshape(-1, w.shape[-1]).to(linalg.compute_dtype(w.device))
     s = linalg.top_singular_values(a, min(_TOP, min(a.shape)))
     ev = {}
     if s.numel() > 1:
@@ -135,12 +135,13 @@ def inspect_tensors(
     trainable: set[str] | None = None,
 ) -> InspectionReport:
     """Inspect tensors given by name (``get(name)``): the shared core of model and file inspection."""
-    weights = [n for n, s in shapes.items() if len(s) == 2 and n.endswith("weight")]
-    findings = {n: TensorFinding(n, tuple(shapes[n]), int(torch.Size(shapes[n]).numel())) for n in weights}
     try:
         pairs = pairs_for(config or {}, shapes, SpecDefConfig(), class_name)
     except NoSitesError:
         pairs = []
+    experts = {b.name for p in pairs for b in p.producers + p.consumers if len(shapes[b.name]) == 3}  # fused MoE
+    weights = [n for n, s in shapes.items() if (len(s) == 2 and n.endswith("weight")) or n in experts]
+    findings = {n: TensorFinding(n, tuple(shapes[n]), int(torch.Size(shapes[n]).numel())) for n in weights}
     for name, f in findings.items():
         f.top_singular_values, f.evidence = matrix_evidence(get(name))
         f.outlier_ratio = f.evidence.get("top_gap", 1.0)

@@ -18,7 +18,7 @@ from .engine import PairResult, Plan
 from .linalg import Deformation
 from .record import check_not_protected, make_record, set_record
 from .report import ProtectionReport
-from .sites import NoSitesError, Pair, pairs_for, select_pairs
+from .sites import NoSitesError, Pair, drop_inexact, pairs_for, select_pairs
 
 logger = logging.getLogger("hf_specdef")
 
@@ -89,8 +89,9 @@ def tied_parameter_names(model: torch.nn.Module) -> set[str]:
 def model_pairs(model: torch.nn.Module, cfg: SpecDefConfig, tensors: ParamTensors) -> tuple[list[Pair], list[str]]:
     """The selected pairs of a model, minus those that touch tied weights (reported as skipped)."""
     all_pairs = pairs_for(getattr(model, "config", {}), tensors.shapes(), cfg, type(model).__name__)
-    pairs = select_pairs(all_pairs, cfg)
+    pairs, inexact = drop_inexact(select_pairs(all_pairs, cfg), lambda n: tensors[n].dtype)
     skipped = [f"site type {s!r}: this architecture has none" for s in cfg.sites if s not in {p.site for p in all_pairs}]
+    skipped += inexact
     tied = tied_parameter_names(model)
     keep = [p for p in pairs if not tied.intersection(p.names())]
     for p in pairs:
@@ -99,7 +100,7 @@ def model_pairs(model: torch.nn.Module, cfg: SpecDefConfig, tensors: ParamTensor
     for s in skipped:
         logger.info("hf-specdef skipped %s", s)
     if not keep:
-        raise NoSitesError(f"every selected pair touches tied/shared weights and was skipped: {skipped}")
+        raise NoSitesError(f"every selected pair touches tied/shared weights or cannot be exact, and was skipped: {skipped}")
     return keep, skipped
 
 

@@ -1,0 +1,36 @@
+"""Tiny models of the architectures of issue 19, built from configs (no Hub downloads), as transformers' own tests do.
+
+Norm weights and biases are randomised (as after training) so that norm folds are not trivial.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+
+
+def _finish(model: torch.nn.Module, offset_norms: bool = False) -> torch.nn.Module:
+    """Randomise every norm weight (around 1, or around 0 for ``1 + w`` norms) and bias."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1 and name.endswith("bias"):
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def tiny_qwen3(seed: int = 0) -> torch.nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    return _finish(Qwen3ForCausalLM(Qwen3Config(**COMMON, intermediate_size=96, num_key_value_heads=2, head_dim=16)))
+
+
+TINY_ARCHS: dict[str, Callable[..., torch.nn.Module]] = {
+    "qwen3": tiny_qwen3,
+}
