@@ -31,6 +31,32 @@ def tiny_qwen3(seed: int = 0) -> torch.nn.Module:
     return _finish(Qwen3ForCausalLM(Qwen3Config(**COMMON, intermediate_size=96, num_key_value_heads=2, head_dim=16)))
 
 
+def tiny_gemma(seed: int = 0) -> torch.nn.Module:
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(seed)
+    return _finish(GemmaForCausalLM(GemmaConfig(**COMMON, intermediate_size=96, num_key_value_heads=2, head_dim=16)))
+
+
+def tiny_gemma2(seed: int = 0) -> torch.nn.Module:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    return _finish(Gemma2ForCausalLM(Gemma2Config(**COMMON, intermediate_size=96, num_key_value_heads=2, head_dim=16,
+                                                  sliding_window=8, query_pre_attn_scalar=16)))
+
+
+def tiny_gemma3(seed: int = 0) -> torch.nn.Module:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    return _finish(Gemma3ForCausalLM(Gemma3TextConfig(**COMMON, intermediate_size=96, num_key_value_heads=2, head_dim=16,
+                                                      sliding_window=8, query_pre_attn_scalar=16)))
+
+
 TINY_ARCHS: dict[str, Callable[..., torch.nn.Module]] = {
     "qwen3": tiny_qwen3,
+    "gemma": tiny_gemma,
+    "gemma2": tiny_gemma2,
+    "gemma3_text": tiny_gemma3,
 }

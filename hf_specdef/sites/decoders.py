@@ -6,11 +6,20 @@ Each entry says where its pairs are and, in its comment, which sites it cannot h
   the projection). Those norms divide out any scaling of q/k rows, so ``attn.qk`` on the projections is not
   exact; instead it scales the *norm weights'* rotary pairs ``(i, i + d/2)``: ``alpha`` on ``q_norm``,
   ``1/alpha`` on ``k_norm``. The weight is shared by every head, so there is one ``attn.qk`` pair per layer.
+* **Gemma / Gemma 2 / Gemma 3 text** (``gemma``, ``gemma2``, ``gemma3_text``): RMSNorm computes
+  ``x_hat * (1 + w)``, so the ``norm`` fold scales ``1 + w`` (stored ``w' = alpha (1 + w) - 1``). That is exact
+  to float32 rounding, but has no exact bfloat16/float16 value: in those dtypes the offset pairs are skipped
+  with the reason (:func:`hf_specdef.sites.drop_inexact`). Gemma 2/3 have sandwich norms: the
+  ``post_attention_layernorm`` / ``post_feedforward_layernorm`` outputs go into the residual (no site); the
+  pre-norms are ``input_layernorm`` (q, k, v) and ``pre_feedforward_layernorm`` (gate, up). GeGLU
+  ``gelu(gate) * up``: ``mlp`` on up rows / down columns. Gemma 3 has ``q_norm``/``k_norm`` as Qwen3 (with the
+  offset); Gemma 2's attention-logit soft-capping acts on the scores, which ``attn.qk`` leaves unchanged.
+  Multimodal Gemma 3 (``gemma3``) is not registered (its vision tower's layers would match the block pattern).
 """
 
 from __future__ import annotations
 
-from .registry import LLAMA, ArchSpec, Attention, Linear, _llama_heads, register_architecture
+from .registry import LLAMA, ArchSpec, Attention, Linear, PreNorm, _llama_heads, register_architecture
 
 _L = Linear
 _Q, _K, _V, _O = (_L(f"self_attn.{p}_proj") for p in "qkvo")
@@ -25,5 +34,30 @@ QWEN3 = ArchSpec(
     norms=LLAMA.norms,
 )
 
-for _spec in (QWEN3,):
+_QKV_READERS = (_Q, _K, _V)
+_GATE_UP = (_L("mlp.gate_proj"), _L("mlp.up_proj"))
+GEMMA = ArchSpec(
+    name="gemma",
+    model_types=("gemma",),
+    block=LLAMA.block,
+    attention=(Attention(_Q, _K, _V, _O, heads=_llama_heads, rotary=True),),
+    mlp=LLAMA.mlp,
+    norms=(PreNorm("input_layernorm", _QKV_READERS, offset=1.0),
+           PreNorm("post_attention_layernorm", _GATE_UP, offset=1.0)),
+)
+_SANDWICH = (PreNorm("input_layernorm", _QKV_READERS, offset=1.0),
+             PreNorm("pre_feedforward_layernorm", _GATE_UP, offset=1.0))
+GEMMA2 = ArchSpec(name="gemma2", model_types=("gemma2",), block=LLAMA.block, attention=GEMMA.attention,
+                  mlp=LLAMA.mlp, norms=_SANDWICH)
+GEMMA3_TEXT = ArchSpec(
+    name="gemma3_text",
+    model_types=("gemma3_text",),
+    block=LLAMA.block,
+    attention=(Attention(_Q, _K, _V, _O, heads=_llama_heads, rotary=True,
+                         qk_norms=("self_attn.q_norm", "self_attn.k_norm"), norm_offset=1.0),),
+    mlp=LLAMA.mlp,
+    norms=_SANDWICH,
+)
+
+for _spec in (QWEN3, GEMMA, GEMMA2, GEMMA3_TEXT):
     register_architecture(_spec)
