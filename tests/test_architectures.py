@@ -41,6 +41,7 @@ EXPECT = {
     "gemma": ({"norm", "attn.qk", "attn.vo", "mlp"}, LLAMA_HOT, OFFSET),
     "gemma2": ({"norm", "attn.qk", "attn.vo", "mlp"}, LLAMA_HOT, OFFSET),
     "gemma3_text": ({"norm", "attn.qk", "attn.vo", "mlp"}, LLAMA_HOT | {"k_norm"}, OFFSET),
+    "phi3": ({"norm", "attn.qk", "attn.vo", "mlp"}, {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}, ""),
 }
 ARCHS = sorted(TINY_ARCHS)
 

@@ -54,9 +54,19 @@ def tiny_gemma3(seed: int = 0) -> torch.nn.Module:
                                                       sliding_window=8, query_pre_attn_scalar=16)))
 
 
+def tiny_phi3(seed: int = 0) -> torch.nn.Module:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)  # partial rotary as in Phi-4-mini
+    return _finish(Phi3ForCausalLM(Phi3Config(**COMMON, intermediate_size=96, num_key_value_heads=2,
+                                              partial_rotary_factor=0.75, pad_token_id=0, bos_token_id=0,
+                                              eos_token_id=0)))
+
+
 TINY_ARCHS: dict[str, Callable[..., torch.nn.Module]] = {
     "qwen3": tiny_qwen3,
     "gemma": tiny_gemma,
     "gemma2": tiny_gemma2,
     "gemma3_text": tiny_gemma3,
+    "phi3": tiny_phi3,
 }

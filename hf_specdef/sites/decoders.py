@@ -15,11 +15,14 @@ Each entry says where its pairs are and, in its comment, which sites it cannot h
   ``gelu(gate) * up``: ``mlp`` on up rows / down columns. Gemma 3 has ``q_norm``/``k_norm`` as Qwen3 (with the
   offset); Gemma 2's attention-logit soft-capping acts on the scores, which ``attn.qk`` leaves unchanged.
   Multimodal Gemma 3 (``gemma3``) is not registered (its vision tower's layers would match the block pattern).
+* **Phi-3** (``phi3``): fused ``qkv_proj`` (q | k | v rows, GQA) and fused ``gate_up_proj`` (``gate, up =
+  chunk(2)``: the *second* half is the linear one). Partial rotary (``partial_rotary_factor``, Phi-4-mini)
+  is honoured: ``attn.qk`` scales rotary pairs of the rotated dims only.
 """
 
 from __future__ import annotations
 
-from .registry import LLAMA, ArchSpec, Attention, Linear, PreNorm, _llama_heads, register_architecture
+from .registry import LLAMA, ArchSpec, Attention, GatedMLP, Linear, PreNorm, _llama_heads, register_architecture
 
 _L = Linear
 _Q, _K, _V, _O = (_L(f"self_attn.{p}_proj") for p in "qkvo")
@@ -59,5 +62,15 @@ GEMMA3_TEXT = ArchSpec(
     norms=_SANDWICH,
 )
 
-for _spec in (QWEN3, GEMMA, GEMMA2, GEMMA3_TEXT):
+_QKV = _L("self_attn.qkv_proj")
+PHI3 = ArchSpec(
+    name="phi3",
+    model_types=("phi3",),
+    block=LLAMA.block,
+    attention=(Attention(_QKV, _QKV, _QKV, _O, heads=_llama_heads, rotary=True, fused=True),),
+    mlp=(GatedMLP(_L("mlp.gate_up_proj"), _L("mlp.down_proj"), up_half=1),),
+    norms=(PreNorm("input_layernorm", (_QKV,)), PreNorm("post_attention_layernorm", (_L("mlp.gate_up_proj"),))),
+)
+
+for _spec in (QWEN3, GEMMA, GEMMA2, GEMMA3_TEXT, PHI3):
     register_architecture(_spec)
