@@ -63,10 +63,19 @@ def tiny_phi3(seed: int = 0) -> torch.nn.Module:
                                               eos_token_id=0)))
 
 
+def tiny_gpt_neox(seed: int = 0) -> torch.nn.Module:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)  # rotary on a quarter of each head (Pythia), parallel residual
+    return _finish(GPTNeoXForCausalLM(GPTNeoXConfig(**COMMON, intermediate_size=128, rotary_pct=0.25,
+                                                    use_parallel_residual=True, bos_token_id=0, eos_token_id=0)))
+
+
 TINY_ARCHS: dict[str, Callable[..., torch.nn.Module]] = {
     "qwen3": tiny_qwen3,
     "gemma": tiny_gemma,
     "gemma2": tiny_gemma2,
     "gemma3_text": tiny_gemma3,
     "phi3": tiny_phi3,
+    "gpt_neox": tiny_gpt_neox,
 }

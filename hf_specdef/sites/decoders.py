@@ -18,11 +18,16 @@ Each entry says where its pairs are and, in its comment, which sites it cannot h
 * **Phi-3** (``phi3``): fused ``qkv_proj`` (q | k | v rows, GQA) and fused ``gate_up_proj`` (``gate, up =
   chunk(2)``: the *second* half is the linear one). Partial rotary (``partial_rotary_factor``, Phi-4-mini)
   is honoured: ``attn.qk`` scales rotary pairs of the rotated dims only.
+* **GPT-NeoX** (``gpt_neox``: Pythia, ...): fused ``query_key_value`` interleaved per head (``[q_h, k_h, v_h]``)
+  with biases; partial rotary (``rotary_pct``, 0.25 by default: ``attn.qk`` on the rotary pairs of the rotated
+  quarter); LayerNorm with bias (the bias channel moves with the weight); parallel or sequential residual, both
+  pre-LN: ``input_layernorm`` -> ``query_key_value``, ``post_attention_layernorm`` -> ``dense_h_to_4h``. The
+  GELU MLP has no ``mlp`` site.
 """
 
 from __future__ import annotations
 
-from .registry import LLAMA, ArchSpec, Attention, GatedMLP, Linear, PreNorm, _llama_heads, register_architecture
+from .registry import LLAMA, ArchSpec, Attention, GatedMLP, Linear, PreNorm, _llama_heads, _mha_heads, register_architecture
 
 _L = Linear
 _Q, _K, _V, _O = (_L(f"self_attn.{p}_proj") for p in "qkvo")
@@ -72,5 +77,15 @@ PHI3 = ArchSpec(
     norms=(PreNorm("input_layernorm", (_QKV,)), PreNorm("post_attention_layernorm", (_L("mlp.gate_up_proj"),))),
 )
 
-for _spec in (QWEN3, GEMMA, GEMMA2, GEMMA3_TEXT, PHI3):
+_NEOX_QKV = _L("attention.query_key_value")
+GPT_NEOX = ArchSpec(
+    name="gpt_neox",
+    model_types=("gpt_neox",),
+    block=LLAMA.block,
+    attention=(Attention(_NEOX_QKV, _NEOX_QKV, _NEOX_QKV, _L("attention.dense"),
+                         heads=_mha_heads("num_attention_heads", "hidden_size"), rotary=True, interleaved=True),),
+    norms=(PreNorm("input_layernorm", (_NEOX_QKV,)), PreNorm("post_attention_layernorm", (_L("mlp.dense_h_to_4h"),))),
+)
+
+for _spec in (QWEN3, GEMMA, GEMMA2, GEMMA3_TEXT, PHI3, GPT_NEOX):
     register_architecture(_spec)
