@@ -42,6 +42,7 @@ EXPECT = {
     "gemma2": ({"norm", "attn.qk", "attn.vo", "mlp"}, LLAMA_HOT, OFFSET),
     "gemma3_text": ({"norm", "attn.qk", "attn.vo", "mlp"}, LLAMA_HOT | {"k_norm"}, OFFSET),
     "gpt_neox": ({"norm", "attn.qk", "attn.vo"}, {"query_key_value", "dense", "dense_h_to_4h"}, ""),
+    "opt": ({"norm", "attn.qk", "attn.vo", "mlp"}, {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}, ""),
     "phi3": ({"norm", "attn.qk", "attn.vo", "mlp"}, {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}, ""),
 }
 ARCHS = sorted(TINY_ARCHS)
@@ -232,3 +233,15 @@ def test_gemma_norm_fold_must_honour_the_offset_and_is_inexact_in_bfloat16() -> 
     assert fold(torch.float32, offset=True) <= 1e-5
     assert fold(torch.float32, offset=False) > 1e-2
     assert fold(torch.bfloat16, offset=True) > 0
+
+
+def test_opt_post_ln_and_non_relu_variants_drop_the_sites_that_would_not_be_exact() -> None:
+    """OPT-350m style (post-LN, projected embeddings): no norm site; a GELU OPT: no mlp site. Both stay exact."""
+    for kw, sites in (({"do_layer_norm_before": False, "word_embed_proj_dim": 32}, {"attn.qk", "attn.vo", "mlp"}),
+                      ({"activation_function": "gelu"}, {"attn.qk", "attn.vo", "norm"})):
+        model = TINY_ARCHS["opt"](**kw)
+        reference = copy.deepcopy(model)
+        report = protect(model, SpecDefConfig(alpha=ALPHA, tolerance=1e-4), progress=False)
+        assert {r.pair.site for r in report.results} == sites, kw
+        assert any("this architecture has none" in s for s in report.skipped)
+        assert verify(reference, model).max_relative_deviation <= 1e-4

@@ -71,6 +71,14 @@ def tiny_gpt_neox(seed: int = 0) -> torch.nn.Module:
                                                     use_parallel_residual=True, bos_token_id=0, eos_token_id=0)))
 
 
+def tiny_opt(seed: int = 0, **kw) -> torch.nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    common = {**COMMON, "max_position_embeddings": 64}
+    return _finish(OPTForCausalLM(OPTConfig(**common, ffn_dim=128, bos_token_id=0, eos_token_id=0, pad_token_id=1, **kw)))
+
+
 TINY_ARCHS: dict[str, Callable[..., torch.nn.Module]] = {
     "qwen3": tiny_qwen3,
     "gemma": tiny_gemma,
@@ -78,4 +86,5 @@ TINY_ARCHS: dict[str, Callable[..., torch.nn.Module]] = {
     "gemma3_text": tiny_gemma3,
     "phi3": tiny_phi3,
     "gpt_neox": tiny_gpt_neox,
+    "opt": tiny_opt,
 }

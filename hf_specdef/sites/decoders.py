@@ -23,11 +23,29 @@ Each entry says where its pairs are and, in its comment, which sites it cannot h
   quarter); LayerNorm with bias (the bias channel moves with the weight); parallel or sequential residual, both
   pre-LN: ``input_layernorm`` -> ``query_key_value``, ``post_attention_layernorm`` -> ``dense_h_to_4h``. The
   GELU MLP has no ``mlp`` site.
+* **OPT** (``opt``): q/k/v/out projections with biases, no rotary (dense per-head ``attn.qk``); ReLU MLP: a
+  positive diagonal commutes with ReLU, so ``fc1`` rows (and bias) / ``fc2`` columns are an exact ``mlp`` site
+  (only for ``activation_function="relu"``). Pre-LN (``do_layer_norm_before``, most OPT sizes):
+  ``self_attn_layer_norm`` -> q, k, v and ``final_layer_norm`` -> ``fc1``. The post-LN variant (OPT-350m) has
+  no ``norm`` site: its norm outputs are also the residual.
 """
 
 from __future__ import annotations
 
-from .registry import LLAMA, ArchSpec, Attention, GatedMLP, Linear, PreNorm, _llama_heads, _mha_heads, register_architecture
+from typing import Any
+
+from .registry import (
+    LLAMA,
+    ArchSpec,
+    Attention,
+    GatedMLP,
+    Linear,
+    PreNorm,
+    _llama_heads,
+    _mha_heads,
+    cfg_get,
+    register_architecture,
+)
 
 _L = Linear
 _Q, _K, _V, _O = (_L(f"self_attn.{p}_proj") for p in "qkvo")
@@ -87,5 +105,24 @@ GPT_NEOX = ArchSpec(
     norms=(PreNorm("input_layernorm", (_NEOX_QKV,)), PreNorm("post_attention_layernorm", (_L("mlp.dense_h_to_4h"),))),
 )
 
-for _spec in (QWEN3, GEMMA, GEMMA2, GEMMA3_TEXT, PHI3, GPT_NEOX):
+def _opt_pre_ln(config: Any) -> bool:
+    return bool(cfg_get(config, "do_layer_norm_before", default=True))
+
+
+def _relu(config: Any) -> bool:
+    return cfg_get(config, "activation_function", default="relu") == "relu"
+
+
+_OPT_QKV = (_L("self_attn.q_proj"), _L("self_attn.k_proj"), _L("self_attn.v_proj"))
+OPT = ArchSpec(
+    name="opt",
+    model_types=("opt",),
+    block=r"^(?P<block>(?:.*\.)?decoder\.layers\.\d+)\.",
+    attention=(Attention(*_OPT_QKV, _L("self_attn.out_proj"), heads=_mha_heads("num_attention_heads", "hidden_size")),),
+    mlp=(GatedMLP(_L("fc1"), _L("fc2"), when=_relu),),
+    norms=(PreNorm("self_attn_layer_norm", _OPT_QKV, when=_opt_pre_ln),
+           PreNorm("final_layer_norm", (_L("fc1"),), when=_opt_pre_ln)),
+)
+
+for _spec in (QWEN3, GEMMA, GEMMA2, GEMMA3_TEXT, PHI3, GPT_NEOX, OPT):
     register_architecture(_spec)
