@@ -30,6 +30,9 @@ from .sites import NoSitesError, Pair, pairs_for
 
 DEFAULT_THRESHOLD = 20.0
 _TOP = 32  # singular values kept per matrix
+# row-norm statistics need rows of a few entries: a 1-output gate's columns (Qwen2-MoE shared_expert_gate) are single
+# numbers whose median/min ratio over 64+ columns exceeds the threshold in an untouched model
+_MIN_ROW = 4
 
 
 @dataclass
@@ -114,9 +117,10 @@ def block_evidence(t: torch.Tensor, b: Any, pair: Pair) -> dict[str, float]:
     rows = linalg.as_rows(t.detach().narrow(b.axis, b.start, b.stop - b.start), b.axis)
     rows = rows.to(linalg.compute_dtype(rows.device))
     ev = {}
-    norms = rows.norm(dim=1)
-    med = norms.median()
-    ev["block_row_high"], ev["block_row_low"] = _ratio(norms.max(), med), _ratio(med, norms.min())
+    if rows.shape[1] >= _MIN_ROW:
+        norms = rows.norm(dim=1)
+        med = norms.median()
+        ev["block_row_high"], ev["block_row_low"] = _ratio(norms.max(), med), _ratio(med, norms.min())
     d = rows.shape[0]
     if not pair.axis_only and 1 < d <= 1024 and rows.shape[1] >= d:
         s = linalg.eigvalsh(rows @ rows.T).clamp_min(0).sqrt().flip(0)

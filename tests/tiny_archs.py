@@ -79,6 +79,32 @@ def tiny_opt(seed: int = 0, **kw) -> torch.nn.Module:
     return _finish(OPTForCausalLM(OPTConfig(**common, ffn_dim=128, bos_token_id=0, eos_token_id=0, pad_token_id=1, **kw)))
 
 
+MOE = dict(intermediate_size=96, num_key_value_heads=2, num_experts_per_tok=2)
+
+
+def tiny_mixtral(seed: int = 0) -> torch.nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    return _finish(MixtralForCausalLM(MixtralConfig(**COMMON, **MOE, num_local_experts=4)))
+
+
+def tiny_qwen2_moe(seed: int = 0) -> torch.nn.Module:
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)  # layer 1 dense (mlp_only_layers), a shared expert with its gate
+    return _finish(Qwen2MoeForCausalLM(Qwen2MoeConfig(**COMMON, **MOE, num_experts=4, moe_intermediate_size=48,
+                                                      shared_expert_intermediate_size=80, mlp_only_layers=[1])))
+
+
+def tiny_qwen3_moe(seed: int = 0) -> torch.nn.Module:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    return _finish(Qwen3MoeForCausalLM(Qwen3MoeConfig(**COMMON, **MOE, num_experts=4, moe_intermediate_size=48,
+                                                      head_dim=16)))
+
+
 TINY_ARCHS: dict[str, Callable[..., torch.nn.Module]] = {
     "qwen3": tiny_qwen3,
     "gemma": tiny_gemma,
@@ -87,4 +113,7 @@ TINY_ARCHS: dict[str, Callable[..., torch.nn.Module]] = {
     "phi3": tiny_phi3,
     "gpt_neox": tiny_gpt_neox,
     "opt": tiny_opt,
+    "mixtral": tiny_mixtral,
+    "qwen2_moe": tiny_qwen2_moe,
+    "qwen3_moe": tiny_qwen3_moe,
 }

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..config import SpecDefConfig
-from . import decoders  # noqa: F401  (registers the decoder families of issue 19)
+from . import decoders, moe  # noqa: F401  (register the decoder and MoE families of issue 19)
 from .base import AXIS_ONLY_SITES, Pair, TensorBlock
 from .registry import (
     REGISTRY,
