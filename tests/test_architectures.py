@@ -252,3 +252,47 @@ def test_opt_post_ln_and_non_relu_variants_drop_the_sites_that_would_not_be_exac
         assert {r.pair.site for r in report.results} == sites, kw
         assert any("this architecture has none" in s for s in report.skipped)
         assert verify(reference, model).max_relative_deviation <= 1e-4
+
+
+
+# --------------------------------------------------------------------------------------------
+# Models outside the table: best-effort Llama-style sites, each kept only after a numerical check
+# --------------------------------------------------------------------------------------------
+
+def _unregistered(kind: str) -> torch.nn.Module:
+    import transformers
+    from tiny_archs import COMMON, _finish
+
+    config, model = {"olmo2": ("Olmo2Config", "Olmo2ForCausalLM"), "granite": ("GraniteConfig", "GraniteForCausalLM"),
+                     "phi": ("PhiConfig", "PhiForCausalLM")}[kind]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config)(**COMMON, intermediate_size=96, num_key_value_heads=2 if kind != "phi" else 4,
+                                        pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    return _finish(getattr(transformers, model)(cfg))
+
+
+@pytest.mark.parametrize("kind,kept", [
+    ("olmo2", {"attn.vo", "mlp"}),  # q_norm/k_norm over the whole projection, post-norms: attn.qk and norm break it
+    ("granite", {"norm", "attn.qk", "attn.vo", "mlp"}),  # Llama with multipliers: every guessed site is exact
+])
+def test_best_effort_keeps_only_the_site_types_that_keep_the_function(kind: str, kept: set[str]) -> None:
+    from hf_specdef.sites import lookup
+
+    model = _unregistered(kind)
+    assert lookup(model.config.model_type) is None
+    reference = copy.deepcopy(model)
+    report = protect(model, SpecDefConfig(alpha=ALPHA), progress=False)
+    assert {r.pair.site for r in report.results} == kept
+    assert verify(reference, model).max_relative_deviation <= 1e-3
+    lines = [s for s in report.skipped if s.startswith("best-effort")]
+    assert {s.split("'")[3] for s in lines if "kept" in s} == kept
+    assert {s.split("'")[3] for s in lines if "dropped" in s} == {"norm", "attn.qk", "attn.vo", "mlp"} - kept
+    assert all(r.sigma_after > 10 * r.sigma_before for r in report.results)
+
+
+def test_unregistered_model_without_llama_names_gets_the_no_sites_error() -> None:
+    from hf_specdef.sites import NoSitesError
+
+    model = _unregistered("phi")  # one input norm read by q/k/v and fc1: the guessed norm pair breaks it, nothing else fits
+    with pytest.raises(NoSitesError, match="site_map"):
+        protect(model, SpecDefConfig(), progress=False)
