@@ -78,11 +78,12 @@ def merge_axis_steps(ops: Sequence[TensorOp]) -> list[TensorOp]:
         prev = merged[-1] if merged else None
         if (prev is not None and not op.spectral and not prev.spectral and prev.producer == op.producer
                 and prev.block.axis == op.block.axis and prev.m.factor == op.m.factor
+                and prev.block.offset == op.block.offset
                 and (op.block.start >= prev.block.stop or op.block.stop <= prev.block.start)):
             start, stop = min(prev.block.start, op.block.start), max(prev.block.stop, op.block.stop)
             idx = torch.cat([prev.m.indices + (prev.block.start - start), op.m.indices.to(prev.m.indices.device)
                              + (op.block.start - start)])
-            block = TensorBlock(op.block.name, op.block.axis, start, stop)
+            block = TensorBlock(op.block.name, op.block.axis, start, stop, op.block.offset)
             merged[-1] = TensorOp(block, Deformation(stop - start, op.m.factor, indices=torch.sort(idx).values), op.producer)
         else:
             merged.append(op)

@@ -296,3 +296,15 @@ def test_unregistered_model_without_llama_names_gets_the_no_sites_error() -> Non
     model = _unregistered("phi")  # one input norm read by q/k/v and fc1: the guessed norm pair breaks it, nothing else fits
     with pytest.raises(NoSitesError, match="site_map"):
         protect(model, SpecDefConfig(), progress=False)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "mixtral"])
+def test_publish_dry_run_accepts_norm_weight_and_per_expert_claims(arch: str, saved, tmp_path: Path) -> None:
+    """publish re-inspects the stock-loaded model: Qwen3 claims k_norm (a 1-D weight, no matrix evidence), a streamed
+    Mixtral record names per-expert modules that transformers 5 loads into fused 3-D experts."""
+    from hf_specdef.publish import publish
+
+    src = saved(arch)[0]
+    result = publish(src, "me/x", cfg_for(arch), dry_run=True, output_dir=tmp_path / "out", progress=False)
+    check = result.checks[0]
+    assert check.max_relative_deviation <= cfg_for(arch).tolerance and check.deformed > 0

@@ -22,6 +22,8 @@ Not covered: expert biases (``gate_up_proj_bias``, gpt-oss) — such a model is 
 
 from __future__ import annotations
 
+import re
+
 from .decoders import QWEN3
 from .registry import LLAMA, ArchSpec, GatedMLP, Linear, PreNorm, register_architecture
 
@@ -59,3 +61,20 @@ QWEN3_MOE = ArchSpec(name="qwen3_moe", model_types=("qwen3_moe",), block=LLAMA.b
 
 for _spec in (MIXTRAL, QWEN2_MOE, QWEN3_MOE):
     register_architecture(_spec)
+
+
+# checkpoint (per-expert) module names -> the modules transformers 5 loads them into
+_LOADED = (
+    (re.compile(r"^(.*)\.block_sparse_moe\.experts\.\d+\.w[123]$"), r"\1.mlp.experts"),
+    (re.compile(r"^(.*)\.block_sparse_moe\.gate$"), r"\1.mlp.gate"),
+    (re.compile(r"^(.*)\.mlp\.experts\.\d+\.(?:gate|up|down)_proj$"), r"\1.mlp.experts"),
+)
+
+
+def loaded_module_name(name: str) -> str:
+    """The module a checkpoint's per-expert module ``name`` is loaded into (``...mlp.experts``, whose 3-D
+    ``gate_up_proj``/``down_proj`` hold every expert), or ``name`` itself."""
+    for rx, repl in _LOADED:
+        if rx.match(name):
+            return rx.sub(repl, name)
+    return name
