@@ -64,6 +64,7 @@ class Plan:
     dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
     policy: str = ""  # "" (as requested), "axis", "axis-float16" or "float32" (see precision.resolve)
+    skip: str = ""  # why the policy leaves this pair out ("" = deformed)
 
 
 def producer_block(pair: Pair, tensors: Tensors,
@@ -86,20 +87,33 @@ def producer_block(pair: Pair, tensors: Tensors,
     return torch.cat([p.to(parts[0].device) for p in parts], dim=1)
 
 
-def plan_pairs(pairs: Sequence[Pair], tensors: Tensors, cfg: SpecDefConfig) -> list[Plan]:
+def plan_pairs(pairs: Sequence[Pair], tensors: Tensors, cfg: SpecDefConfig,
+               skipped: list[str] | None = None) -> list[Plan]:
     """Decide mode and factor per pair and fit them into the storage dtype (``cfg.precision``, see
     :func:`hf_specdef.precision.resolve`): raises :class:`PrecisionBudgetError` when the policy refuses.
     With ``"float32"`` the pair's tensors are to be kept in float32 (the caller upcasts them).
+
+    Pairs the policy cannot keep exact are left out (``precision="auto"``: ``attn.qk`` in float16), their
+    reasons appended to ``skipped``; when none is left, :class:`PrecisionBudgetError`.
     """
     check_finite(pairs, tensors)
-    plans = []
+    plans, left_out = [], {}
     for p in pairs:
         dtype = tensors[p.producers[0].name].dtype
         axis = cfg.mode == "axis" or p.axis_only
         budget = linalg.spectral_budget(axis, cfg.alpha, dtype)
         plan = Plan(p, axis, float(cfg.alpha), budget, dtype)
         precision.resolve(plan, cfg)
-        plans.append(plan)
+        if plan.skip:
+            left_out.setdefault((p.site, plan.skip), []).append(p.key)
+        else:
+            plans.append(plan)
+    reasons = [f"site {site!r}, {len(keys)} pairs (e.g. {keys[0]}): {why}" for (site, why), keys in left_out.items()]
+    if reasons and not plans:
+        raise PrecisionBudgetError(f"no pair can be deformed exactly in the storage dtype: {reasons[0]}; choose other "
+                                   "sites or convert the checkpoint (bfloat16: bit-exact axis mode).")
+    if skipped is not None:
+        skipped.extend(reasons)
     return plans
 
 

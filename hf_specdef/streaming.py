@@ -176,7 +176,8 @@ def plan_checkpoint(ckpt: Checkpoint, cfg: SpecDefConfig) -> StreamPlan:
     dtypes = ckpt.dtypes()
     # the engine plans from dtypes only: empty stand-ins (the weights themselves are checked when read)
     stand_ins = {n: torch.empty(0, dtype=dtypes[n]) for p in pairs for n in p.names()}
-    plans = engine.plan_pairs(pairs, stand_ins, cfg)
+    plans = engine.plan_pairs(pairs, stand_ins, cfg, skipped)
+    pairs = [plan.pair for plan in plans]  # without the pairs the precision policy left out
     out_dtype: dict[str, torch.dtype] = {}
     if any(plan.dtype == torch.float32 != dtypes[plan.pair.producers[0].name] for plan in plans):
         # precision="float32": like in-memory protection, the whole model is stored in float32

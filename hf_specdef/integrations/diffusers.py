@@ -361,7 +361,7 @@ def _apply(
         t_pairs, t_skipped = model_pairs(te, te_cfg, tensors.parts[TEXT_ENCODER])
         skipped += [f"{TEXT_ENCODER}: {s}" for s in t_skipped]
         pairs += [_prefix_pair(p, f"{TEXT_ENCODER}.") for p in t_pairs]
-    plans = engine.plan_pairs(pairs, tensors, cfg)
+    plans = engine.plan_pairs(pairs, tensors, cfg, skipped)
     notes = sorted({n for p in plans for n in p.notes})
     if any(p.policy == "float32" for p in plans) and any(
             _first_param(m).dtype != torch.float32 for m in used.values()):

@@ -169,7 +169,7 @@ def _protect_with_backup(
     """Deform ``model`` in place, verified and checked (SPEC §7), keeping the exact backup (restored on failure)."""
     tensors = ParamTensors(model)
     pairs, skipped = model_pairs(model, cfg, tensors)
-    plans = engine.plan_pairs(pairs, tensors, cfg)
+    plans = engine.plan_pairs(pairs, tensors, cfg, skipped)
     if verify:
         inputs = inputs if inputs is not None else probe.probe_inputs(model)
     run = (lambda: probe.run_probe(model, inputs)) if verify else None
