@@ -99,9 +99,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=24)
     args = ap.parse_args()
 
+    from transformers import AutoModelForCausalLM
+
     import hf_specdef
     from hf_specdef import SpecDefConfig, protect, protect_checkpoint
-    from transformers import AutoModelForCausalLM
 
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"source": str(args.src), "config": SpecDefConfig().to_dict(), "hf_specdef": hf_specdef.__version__}
