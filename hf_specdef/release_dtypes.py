@@ -81,7 +81,8 @@ def card_paragraph(safety: Mapping[str, Any] | None, measured: Mapping[str, floa
     """The model card's release-dtype statement (the end of its first paragraph)."""
     if not safety:
         return ""
-    figures = {d: format_deviation(measured[d]) for d in DOWNCAST_DTYPES if d in measured}
+    figures = {d: "0 (bit-exact)" if measured[d] == 0 else format_deviation(measured[d])
+               for d in DOWNCAST_DTYPES if d in measured}
     if safety.get("float32_only"):
         broken = [f"{d}: max relative output deviation **{figures[d]}**" for d in DOWNCAST_DTYPES if d in figures]
         return (
