@@ -236,3 +236,17 @@ def test_verify_cli_dtype(releases, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["max_relative_deviation"] == 0.0 and result["dtype"] == "bfloat16"
     assert main(["verify", orig, str(releases["f32only"])]) == 0  # float32: fine
+
+
+def test_save_time_precision_float32_on_a_16_bit_model_is_refused_untouched(tmp_path):
+    pytest.importorskip("diffusers")
+    from test_diffusers import tiny_unet
+
+    from hf_specdef import save_protected
+
+    for model in (tiny_unet().to(torch.bfloat16), tiny_llama().to(torch.bfloat16)):
+        before = _weights(model)
+        with pytest.raises(ValueError, match="would change"):
+            save_protected(model, tmp_path / "out", SpecDefConfig(precision="float32"), progress=False)
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
