@@ -13,8 +13,9 @@ deviation in bfloat16, NaN in float16). So, with hf-specdef imported:
 * forcing: ``from_pretrained(..., specdef_allow_downcast=True)`` or the environment variable
   ``HF_SPECDEF_ALLOW_DOWNCAST=1`` loads anyway, with a warning that names the deviation.
 
-Loading a release that is exact in bfloat16 (power-of-two axis mode) in float16 only warns: its weights are
-not guaranteed exact there (subnormals), but the error is small (~1e-3), not a broken model.
+The same holds for any 16-bit dtype a release is not exact in: a power-of-two axis release exact in bfloat16
+is refused in float16 (its compensated weights turn subnormal and its inflated activations can overflow: SmolLM2
+protected in bfloat16 with alpha=1024 gives non-finite logits in float16).
 """
 
 from __future__ import annotations
@@ -96,6 +97,13 @@ def _record_text(record: Mapping[str, Any], info: Mapping[str, Any], where: str)
             f"that is exact only in {', '.join(info.get('exact_dtypes') or ['float32'])}")
 
 
+# measured on SmolLM2-135M (scripts/measure_release_dtypes.py): what each kind of release turns into when downcast
+_SMOLLM2 = {("spectral", "bfloat16"): "0.68 (2 of 3 greedy answers changed)",
+            ("spectral", "float16"): "non-finite logits, empty generations",
+            ("axis", "float16"): "non-finite logits (axis alpha=1024 from bfloat16: activations scaled by alpha overflow "
+                                 "float16's range, 65504)"}
+
+
 def breakage(info: Mapping[str, Any], dtype: str) -> str:
     """The measured deviation in ``dtype`` (publish time) when the record has one, else the expected one."""
     measured = (info.get("measured") or {}).get(dtype)
@@ -103,24 +111,32 @@ def breakage(info: Mapping[str, Any], dtype: str) -> str:
         return f"measured at publish time: max relative output deviation {format_deviation(measured)} in {dtype}"
     expected = (info.get("expected") or {}).get(dtype)
     text = f"expected max relative output deviation up to about {format_deviation(expected)} (precision budget)"
-    if info.get("used") in ("spectral", "float32"):
-        text += (" or overflow to inf/NaN; measured on SmolLM2-135M at alpha=1000: NaN" if dtype == "float16"
-                 else "; measured on SmolLM2-135M at alpha=1000: 0.68")
+    if dtype == "float16":
+        text += " or overflow to inf/NaN"
+    kind = "spectral" if info.get("used") in ("spectral", "float32") else "axis"
+    if (kind, dtype) in _SMOLLM2:
+        text += f"; measured on SmolLM2-135M: {_SMOLLM2[kind, dtype]}"
     return text
 
 
 def message(record: Mapping[str, Any], dtype: str, where: str) -> str:
     info = release_safety(record) or {}
+    exact = [d for d in ("float32", "bfloat16", "float16") if d in (info.get("exact_dtypes") or ["float32"])]
+    fix = " or ".join(f"dtype=torch.{d}" for d in exact)
+    auto = ", or dtype='auto', which hf-specdef resolves to float32 for it" if info.get("float32_only") else ""
+    exists = ("a bfloat16-exact protection exists (precision='auto' on a bfloat16 checkpoint: axis mode with a "
+              "power-of-two alpha, bit-exact)" if dtype == "bfloat16" else
+              "a float16-exact protection exists (precision='auto' on a float16 checkpoint: per-pair power-of-two "
+              "factors that keep every scaled weight exact)")
     return (f"Refusing to load {where} in {dtype}: {_record_text(record, info, where)}. In {dtype} the protected "
-            f"model does not keep its function ({breakage(info, dtype)}). Fix: load it in float32 (dtype=torch.float32, "
-            f"or dtype='auto', which hf-specdef resolves to float32 for it). Publishers: a bfloat16-exact protection "
-            f"exists (precision='auto' on a bfloat16 checkpoint: axis mode with a power-of-two alpha, bit-exact). "
-            f"To load it anyway: from_pretrained(..., {FORCE_KWARG}=True) or {ENV_ALLOW}=1.")
+            f"model does not keep its function ({breakage(info, dtype)}). Fix: load it in {' or '.join(exact)} ({fix}"
+            f"{auto}). Publishers: {exists}. To load it anyway: from_pretrained(..., {FORCE_KWARG}=True) or "
+            f"{ENV_ALLOW}=1.")
 
 
 def resolve_dtype(record: Mapping[str, Any] | None, dtype: Any, where: str, forced: bool = False) -> Any:
     """The dtype to load ``where`` in: ``dtype`` itself, or ``torch.float32`` for ``"auto"`` / ``None`` when the
-    protection is float32-only. Raises :class:`DowncastError` for a 16-bit ``dtype`` of a float32-only protection
+    protection is float32-only. Raises :class:`DowncastError` for a 16-bit ``dtype`` the protection is not exact in
     unless ``forced`` (or :data:`ENV_ALLOW`, or an :func:`allow_downcast` context), which only warn.
 
     ``None`` stands for the loader's default: pass ``"auto"`` where the default reads the config (transformers 5).
@@ -139,21 +155,18 @@ def resolve_dtype(record: Mapping[str, Any] | None, dtype: Any, where: str, forc
     for name in names:
         if name not in _HALF or name in exact:
             continue
-        if info.get("float32_only"):
-            if forced or env_allows() or active() == "allowed":
-                logger.warning("hf-specdef: loading %s in %s although its protection is exact only in float32 "
-                               "(forced): %s", where, name, breakage(info, name))
-                continue
-            raise DowncastError(message(record, name, where))
-        logger.warning("hf-specdef: %s is protected exactly in %s, not in %s: expect small deviations (check with "
-                       "`hf-specdef verify ORIGINAL PROTECTED --dtype %s`)", where,
-                       ", ".join(sorted(exact)), name, name)
+        if forced or env_allows() or active() == "allowed":
+            logger.warning("hf-specdef: loading %s in %s although its protection is exact only in %s (forced): %s",
+                           where, name, ", ".join(sorted(exact)), breakage(info, name))
+            continue
+        raise DowncastError(message(record, name, where))
     return dtype
 
 
 def check_loaded(record: Mapping[str, Any] | None, loaded: torch.dtype | None, where: str, forced: bool = False) -> None:
-    """After loading: refuse a float32-only protection that ended up in a 16-bit dtype (a path the pre-load check
-    could not see, e.g. a dtype set by another option). Same forcing as :func:`resolve_dtype`."""
+    """After loading: refuse a protection that ended up in a 16-bit dtype it is not exact in (a path the pre-load
+    check could not see, e.g. a Hub pipeline). Same forcing as :func:`resolve_dtype`."""
     info = release_safety(record)
-    if info and info.get("float32_only") and loaded in (torch.bfloat16, torch.float16):
+    name = dtype_name(loaded)
+    if info and name in _HALF and name not in (info.get("exact_dtypes") or []):
         resolve_dtype(record, loaded, where, forced)

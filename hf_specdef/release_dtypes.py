@@ -93,8 +93,15 @@ def card_paragraph(safety: Mapping[str, Any] | None, measured: Mapping[str, floa
             "diffusers refuse such loads. Protections that are bit-exact in bfloat16 exist (hf-specdef "
             "`precision=\"auto\"` on a bfloat16 checkpoint: axis mode with a power-of-two alpha)."
         )
-    exact = ", ".join(safety.get("exact_dtypes") or [])
-    rest = [f"{d}: {figures[d]}" for d in DOWNCAST_DTYPES if d in figures]
-    return (f"This protection is exact in {exact} (precision requested `{safety.get('requested')}`, used "
-            f"`{safety.get('used')}`)" + (f"; measured at publish time, max relative output deviation from the original "
-                                          f"loaded the same way: {'; '.join(rest)}" if rest else "") + ".")
+    exact_list = list(safety.get("exact_dtypes") or [])
+    exact = ", ".join(exact_list)
+    kept = [f"{d}: {figures[d]}" for d in DOWNCAST_DTYPES if d in figures and d in exact_list]
+    broken = [d for d in DOWNCAST_DTYPES if d not in exact_list]
+    text = (f"This protection is exact in {exact} (precision requested `{safety.get('requested')}`, used "
+            f"`{safety.get('used')}`)" + (f"; measured at publish time against the original loaded the same way, max "
+                                          f"relative output deviation {'; '.join(kept)}" if kept else "") + ".")
+    if broken:
+        figs = "; ".join(f"{d}: **{figures[d]}**" if d in figures else f"{d}: not measured" for d in broken)
+        text += (f" **Do not load it in {' or '.join(broken)}** ({figs}, measured the same way); with `hf-specdef` "
+                 "imported, transformers and diffusers refuse such loads.")
+    return text

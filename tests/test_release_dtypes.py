@@ -161,12 +161,12 @@ def test_guard_transformers_refuses_resolves_auto_and_can_be_forced(releases, tm
     caplog.set_level("WARNING", logger="hf_specdef")
     forced = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, specdef_allow_downcast=True)
     assert forced.dtype == torch.bfloat16 and "forced" in caplog.text
-    # a bfloat16-exact release loads in bfloat16 without a word, and in float16 with a warning
+    # a bfloat16-exact release loads in bfloat16 without a word; float16 is refused too (SmolLM2: non-finite there)
     caplog.clear()
     assert AutoModelForCausalLM.from_pretrained(releases["bf16exact"], dtype=torch.bfloat16).dtype == torch.bfloat16
     assert "hf-specdef" not in caplog.text
-    AutoModelForCausalLM.from_pretrained(releases["bf16exact"], dtype=torch.float16)
-    assert "not in float16" in caplog.text
+    with pytest.raises(DowncastError, match=r"exact only in float32, bfloat16.*load it in float32 or bfloat16"):
+        AutoModelForCausalLM.from_pretrained(releases["bf16exact"], dtype=torch.float16)
 
 
 GUARD_SCRIPT = textwrap.dedent("""
