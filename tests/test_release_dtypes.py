@@ -170,32 +170,39 @@ def test_guard_transformers_refuses_resolves_auto_and_can_be_forced(releases, tm
 
 
 GUARD_SCRIPT = textwrap.dedent("""
-    import sys, torch
+    import os, sys, torch
     if sys.argv[2] == "stock":
         sys.modules["hf_specdef"] = None  # hf-specdef not installed
     else:
         import hf_specdef  # noqa: F401
     from transformers import AutoModelForCausalLM
-    try:
-        m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
-        print("LOADED", m.dtype, AutoModelForCausalLM.from_pretrained(sys.argv[1]).dtype)
-    except Exception as e:
-        print("REFUSED", type(e).__name__)
+
+    def load():
+        try:
+            m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+            print("LOADED", m.dtype, AutoModelForCausalLM.from_pretrained(sys.argv[1]).dtype)
+        except Exception as e:
+            print("REFUSED", type(e).__name__)
+
+    load()
+    if sys.argv[2] != "stock":
+        os.environ["HF_SPECDEF_ALLOW_DOWNCAST"] = "1"  # read at each load
+        load()
 """)
 
 
 def test_guard_in_fresh_processes_with_and_without_hf_specdef(releases, tmp_path):
-    def run(mode: str, **env: str) -> str:
+    def run(mode: str) -> list[str]:
+        env = {k: v for k, v in os.environ.items() if k != "HF_SPECDEF_ALLOW_DOWNCAST"}
         proc = subprocess.run([sys.executable, "-c", GUARD_SCRIPT, str(releases["f32only"]), mode], cwd=tmp_path,
                               capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env})
+                              env={**env, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-2000:]
-        return proc.stdout.strip().splitlines()[-1]
+        return [x for x in proc.stdout.splitlines() if x.startswith(("LOADED", "REFUSED"))]
 
-    assert run("import") == "REFUSED DowncastError"
-    assert run("import", HF_SPECDEF_ALLOW_DOWNCAST="1") == "LOADED torch.bfloat16 torch.float32"
+    assert run("import") == ["REFUSED DowncastError", "LOADED torch.bfloat16 torch.float32"]
     # without hf-specdef nothing can stop an explicit downcast; the saved dtype keeps the default load in float32
-    assert run("stock") == "LOADED torch.bfloat16 torch.float32"
+    assert run("stock") == ["LOADED torch.bfloat16 torch.float32"]
 
 
 def test_guard_diffusers_model_and_pipeline(tmp_path):
