@@ -1,4 +1,4 @@
-"""The ``hf-specdef`` command line: ``protect``, ``inspect``, ``verify``, ``publish``, ``bench``, ``demo``.
+"""The ``hf-specdef`` command line: ``protect``, ``inspect``, ``verify``, ``publish``, ``bench``, ``demo``, ``redteam``.
 
 Each subcommand lives in ``hf_specdef/commands/<name>.py`` and provides ``add_arguments(parser)``
 and ``run(args) -> int``. Errors print as one line (no traceback) unless ``--debug``.
@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "publish": "Protect, verify, write a model card and push to the Hub (or --dry-run).",
     "bench": "Run the convergence benchmark (original vs protected vs undo).",
     "demo": "End-to-end demo on an embedded tiny default: protect, verify, attack, undo.",
+    "redteam": "Fine-tune a real model, unprotected and protected, with a suite of attacks; report the worst case.",
 }
 
 

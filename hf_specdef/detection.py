@@ -92,7 +92,8 @@ def _rows(pair_blocks: Sequence[Any], tensors: Mapping[str, torch.Tensor], weigh
     blocks = [b for b in pair_blocks if tensors[b.name].dim() >= 2] if weights_only else list(pair_blocks)
     blocks = blocks or list(pair_blocks)
     dt = linalg.compute_dtype(tensors[blocks[0].name].device)
-    parts = [linalg.as_rows(tensors[b.name].narrow(b.axis, b.start, b.stop - b.start), b.axis).to(dt) for b in blocks]
+    parts = [linalg.as_rows(tensors[b.name].narrow(b.axis, b.start, b.stop - b.start), b.axis).to(dt) + b.offset
+             for b in blocks]
     return torch.cat([p.to(parts[0].device) for p in parts], dim=1)
 
 

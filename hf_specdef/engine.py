@@ -74,17 +74,22 @@ def producer_block(pair: Pair, tensors: Tensors,
     1-D producers (norm weights) are used only when there is no weight matrix. With a single
     producer the result may be a view of the weight (no copy): read it, do not modify it.
     ``region`` gives the slice of one producer (default: ``tensors[b.name]`` narrowed to the block);
-    the streaming path passes one that reads the slice from a checkpoint.
+    the streaming path passes one that reads the slice from a checkpoint. A block with an ``offset`` (Gemma's
+    norm weight ``w`` in ``x_hat * (1 + w)``) contributes ``offset + w``, the values ``M`` scales.
     """
     if region is None:
         def region(b: TensorBlock) -> torch.Tensor:
             return tensors[b.name].narrow(b.axis, b.start, b.stop - b.start)
-    regions = [(b, region(b)) for b in pair.producers]
+    regions = [(b, _with_offset(region(b), b.offset)) for b in pair.producers]
     mats = [(b, r) for b, r in regions if r.dim() >= 2] or regions
     parts = [linalg.as_rows(r, b.axis) for b, r in mats]
     if len(parts) == 1:
         return parts[0]
     return torch.cat([p.to(parts[0].device) for p in parts], dim=1)
+
+
+def _with_offset(t: torch.Tensor, offset: float) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32)) + offset if offset else t
 
 
 def plan_pairs(pairs: Sequence[Pair], tensors: Tensors, cfg: SpecDefConfig,
@@ -147,9 +152,9 @@ def sigma_max(block: torch.Tensor, iters: int = 4) -> float:
 def apply_pair(pair: Pair, tensors: Tensors, m: Deformation, inverse: bool = False) -> None:
     """Apply ``M`` to the producers and ``M^-1`` to the consumers (the inverse with ``inverse``)."""
     for b in pair.producers:
-        linalg.apply_producer(tensors[b.name], b.axis, b.start, b.stop, m, inverse)
+        linalg.apply_producer(tensors[b.name], b.axis, b.start, b.stop, m, inverse, b.offset)
     for b in pair.consumers:
-        linalg.apply_consumer(tensors[b.name], b.axis, b.start, b.stop, m, inverse)
+        linalg.apply_consumer(tensors[b.name], b.axis, b.start, b.stop, m, inverse, b.offset)
 
 
 def build_deformation(plan: Plan, block: torch.Tensor, cfg: SpecDefConfig,

@@ -30,6 +30,9 @@ from .sites import NoSitesError, Pair, pairs_for
 
 DEFAULT_THRESHOLD = 20.0
 _TOP = 32  # singular values kept per matrix
+# row-norm statistics need rows of a few entries: a 1-output gate's columns (Qwen2-MoE shared_expert_gate) are single
+# numbers whose median/min ratio over 64+ columns exceeds the threshold in an untouched model
+_MIN_ROW = 4
 
 
 @dataclass
@@ -95,8 +98,8 @@ def _ratio(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def matrix_evidence(w: torch.Tensor) -> tuple[list[float], dict[str, float]]:
-    """Top singular values and outlier evidence of one 2-D weight."""
-    a = w.detach().to(linalg.compute_dtype(w.device))
+    """Top singular values and outlier evidence of one weight (2-D, or 3-D fused experts stacked along the rows)."""
+    a = w.detach().reshape(-1, w.shape[-1]).to(linalg.compute_dtype(w.device))
     s = linalg.top_singular_values(a, min(_TOP, min(a.shape)))
     ev = {}
     if s.numel() > 1:
@@ -114,9 +117,10 @@ def block_evidence(t: torch.Tensor, b: Any, pair: Pair) -> dict[str, float]:
     rows = linalg.as_rows(t.detach().narrow(b.axis, b.start, b.stop - b.start), b.axis)
     rows = rows.to(linalg.compute_dtype(rows.device))
     ev = {}
-    norms = rows.norm(dim=1)
-    med = norms.median()
-    ev["block_row_high"], ev["block_row_low"] = _ratio(norms.max(), med), _ratio(med, norms.min())
+    if rows.shape[1] >= _MIN_ROW:
+        norms = rows.norm(dim=1)
+        med = norms.median()
+        ev["block_row_high"], ev["block_row_low"] = _ratio(norms.max(), med), _ratio(med, norms.min())
     d = rows.shape[0]
     if not pair.axis_only and 1 < d <= 1024 and rows.shape[1] >= d:
         s = linalg.eigvalsh(rows @ rows.T).clamp_min(0).sqrt().flip(0)
@@ -135,12 +139,13 @@ def inspect_tensors(
     trainable: set[str] | None = None,
 ) -> InspectionReport:
     """Inspect tensors given by name (``get(name)``): the shared core of model and file inspection."""
-    weights = [n for n, s in shapes.items() if len(s) == 2 and n.endswith("weight")]
-    findings = {n: TensorFinding(n, tuple(shapes[n]), int(torch.Size(shapes[n]).numel())) for n in weights}
     try:
         pairs = pairs_for(config or {}, shapes, SpecDefConfig(), class_name)
     except NoSitesError:
         pairs = []
+    experts = {b.name for p in pairs for b in p.producers + p.consumers if len(shapes[b.name]) == 3}  # fused MoE
+    weights = [n for n, s in shapes.items() if (len(s) == 2 and n.endswith("weight")) or n in experts]
+    findings = {n: TensorFinding(n, tuple(shapes[n]), int(torch.Size(shapes[n]).numel())) for n in weights}
     for name, f in findings.items():
         f.top_singular_values, f.evidence = matrix_evidence(get(name))
         f.outlier_ratio = f.evidence.get("top_gap", 1.0)

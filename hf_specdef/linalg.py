@@ -204,15 +204,20 @@ def axis_deformation(block: torch.Tensor, k: int, alpha: float, rotary_half: boo
     return Deformation(size=block.shape[0], factor=float(alpha), indices=top_rows(block, k, rotary_half))
 
 
-def _apply(t: torch.Tensor, axis: int, start: int, stop: int, m: Deformation, side: str, inverse: bool) -> None:
-    """In place: ``X <- M X`` (side='left') or ``X <- X M^-1`` (side='right') on ``t[start:stop]`` along ``axis``."""
+def _apply(t: torch.Tensor, axis: int, start: int, stop: int, m: Deformation, side: str, inverse: bool,
+           offset: float = 0.0) -> None:
+    """In place: ``X <- M X`` (side='left') or ``X <- X M^-1`` (side='right') on ``t[start:stop]`` along ``axis``;
+    with ``offset``, on ``offset + X`` (``X <- M (offset + X) - offset``; axis deformations only)."""
     f = m.factor
     f = (1.0 / f if side == "right" else f) if not inverse else (f if side == "right" else 1.0 / f)
     view = t.narrow(axis, start, stop - start)
     if m.is_axis:  # scale the k rows/columns (one gather and one scatter: O(k lines))
         idx = m.indices.to(t.device)
-        view.index_copy_(axis, idx, (view.index_select(axis, idx).to(compute_dtype(t.device)) * f).to(t.dtype))
+        x = view.index_select(axis, idx).to(compute_dtype(t.device))
+        view.index_copy_(axis, idx, ((x + offset) * f - offset if offset else x * f).to(t.dtype))
         return
+    if offset:
+        raise ValueError(f"a spectral deformation cannot act on an offset block (offset={offset:g}); use an axis one.")
     dt = compute_dtype(t.device)
     u = m.basis.to(device=t.device, dtype=dt)
     if axis == t.dim() - 1 and t.dim() > 1:  # a block of columns: rows stay contiguous, X <- X + (f - 1) (X U) U^T
@@ -226,18 +231,22 @@ def _apply(t: torch.Tensor, axis: int, start: int, stop: int, m: Deformation, si
     view.copy_(x.movedim(0, axis))
 
 
-def apply_producer(t: torch.Tensor, axis: int, start: int, stop: int, m: Deformation, inverse: bool = False) -> None:
-    """In place ``P <- M P`` on the block ``t[start:stop]`` along ``axis`` (``M^-1 P`` if ``inverse``)."""
-    _apply(t, axis, start, stop, m, "left", inverse)
+def apply_producer(t: torch.Tensor, axis: int, start: int, stop: int, m: Deformation, inverse: bool = False,
+                   offset: float = 0.0) -> None:
+    """In place ``P <- M P`` on the block ``t[start:stop]`` along ``axis`` (``M^-1 P`` if ``inverse``); with
+    ``offset`` the block stands for ``offset + P`` (see :func:`_apply`)."""
+    _apply(t, axis, start, stop, m, "left", inverse, offset)
 
 
-def apply_consumer(t: torch.Tensor, axis: int, start: int, stop: int, m: Deformation, inverse: bool = False) -> None:
-    """In place ``C <- C M^-1`` on the block ``t[start:stop]`` along ``axis`` (``C M`` if ``inverse``).
+def apply_consumer(t: torch.Tensor, axis: int, start: int, stop: int, m: Deformation, inverse: bool = False,
+                   offset: float = 0.0) -> None:
+    """In place ``C <- C M^-1`` on the block ``t[start:stop]`` along ``axis`` (``C M`` if ``inverse``; ``offset``
+    as for :func:`apply_producer`).
 
     For a consumer whose block axis is its *row* axis (the key of an ``attn.qk`` pair) this is
     ``K <- M^-T K``, which is what keeps ``q^T k`` unchanged.
     """
-    _apply(t, axis, start, stop, m, "right", inverse)
+    _apply(t, axis, start, stop, m, "right", inverse, offset)
 
 
 def spectral_budget(mode_is_axis: bool, alpha: float, dtype: torch.dtype) -> float:

@@ -147,6 +147,14 @@ def used_label(cfg: SpecDefConfig, results: Sequence[PairResult]) -> str:
     return "spectral" if any(r.mode == "spectral" for r in results) else "axis"
 
 
+def _commutes(r: PairResult) -> bool:
+    """A power-of-two axis pair on blocks without an offset: its scaling commutes with rounding in any wide-range
+    format (an offset block stores ``f (offset + w) - offset``, which does not)."""
+    blocks = r.pair.producers + r.pair.consumers
+    return r.mode == "axis" and linalg.is_power_of_two(float(r.deformation.factor)) and not any(
+        getattr(b, "offset", 0.0) for b in blocks)
+
+
 def exact_in(results: Sequence[PairResult], dtype: torch.dtype, tolerance: float) -> bool:
     """Whether the protected weights, loaded in ``dtype``, keep the function within ``tolerance``.
 
@@ -158,10 +166,9 @@ def exact_in(results: Sequence[PairResult], dtype: torch.dtype, tolerance: float
     if dtype == torch.float16:
         return all(getattr(r, "policy", "") == "axis-float16" for r in results)
     for r in results:
-        f = float(r.deformation.factor)
-        if r.mode == "axis" and linalg.is_power_of_two(f):
+        if _commutes(r):
             continue
-        if linalg.spectral_budget(r.mode == "axis", f, dtype) > tolerance:
+        if linalg.spectral_budget(r.mode == "axis", float(r.deformation.factor), dtype) > tolerance:
             return False
     return True
 
@@ -170,10 +177,9 @@ def expected_error(results: Sequence[PairResult], dtype: torch.dtype) -> float:
     """The precision budget of ``results`` loaded in ``dtype`` (the largest over pairs; 0 when all are exact there)."""
     worst = 0.0
     for r in results:
-        f = float(r.deformation.factor)
-        if r.mode == "axis" and linalg.is_power_of_two(f) and _wide_range(dtype):
+        if _commutes(r) and _wide_range(dtype):
             continue
-        worst = max(worst, linalg.spectral_budget(r.mode == "axis", f, dtype))
+        worst = max(worst, linalg.spectral_budget(r.mode == "axis", float(r.deformation.factor), dtype))
     return worst
 
 

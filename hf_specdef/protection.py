@@ -12,13 +12,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import engine, probe
+from . import best_effort, engine, probe
 from .config import SpecDefConfig
 from .engine import PairResult, Plan
 from .linalg import Deformation
 from .record import check_not_protected, make_record, set_record
 from .report import ProtectionReport
-from .sites import NoSitesError, Pair, pairs_for, select_pairs
+from .sites import NoSitesError, Pair, cfg_get, drop_inexact, lookup, pairs_for, select_pairs
 
 logger = logging.getLogger("hf_specdef")
 
@@ -86,11 +86,24 @@ def tied_parameter_names(model: torch.nn.Module) -> set[str]:
     return {n for names in groups.values() if len(names) > 1 for n in names}
 
 
+def lookup_spec(model: torch.nn.Module) -> Any:
+    """The registry entry of a model, or ``None``."""
+    return lookup(cfg_get(getattr(model, "config", {}), "model_type"), type(model).__name__)
+
+
 def model_pairs(model: torch.nn.Module, cfg: SpecDefConfig, tensors: ParamTensors) -> tuple[list[Pair], list[str]]:
     """The selected pairs of a model, minus those that touch tied weights (reported as skipped)."""
-    all_pairs = pairs_for(getattr(model, "config", {}), tensors.shapes(), cfg, type(model).__name__)
-    pairs = select_pairs(all_pairs, cfg)
-    skipped = [f"site type {s!r}: this architecture has none" for s in cfg.sites if s not in {p.site for p in all_pairs}]
+    guessed: list[str] = []
+    try:
+        all_pairs = pairs_for(getattr(model, "config", {}), tensors.shapes(), cfg, type(model).__name__)
+    except NoSitesError as e:
+        if cfg.site_map is not None or lookup_spec(model) is not None:
+            raise
+        all_pairs, guessed = best_effort.verified_pairs(model, cfg, tensors, e)
+    pairs, inexact = drop_inexact(select_pairs(all_pairs, cfg), lambda n: tensors[n].dtype)
+    skipped = [f"site type {s!r}: this architecture has none" for s in cfg.sites
+               if s not in {p.site for p in all_pairs} and not any(f"site type {s!r}" in g for g in guessed)]
+    skipped += guessed + inexact
     tied = tied_parameter_names(model)
     keep = [p for p in pairs if not tied.intersection(p.names())]
     for p in pairs:
@@ -99,7 +112,7 @@ def model_pairs(model: torch.nn.Module, cfg: SpecDefConfig, tensors: ParamTensor
     for s in skipped:
         logger.info("hf-specdef skipped %s", s)
     if not keep:
-        raise NoSitesError(f"every selected pair touches tied/shared weights and was skipped: {skipped}")
+        raise NoSitesError(f"every selected pair touches tied/shared weights or cannot be exact, and was skipped: {skipped}")
     return keep, skipped
 
 

@@ -370,8 +370,9 @@ def _report_hot_modules(report: Any, component: str) -> list[str] | None:
 
 
 def _matches(finding: str, claim: str) -> bool:
-    """``model.layers.0.mlp.up_proj.weight`` matches claim ``model.layers.0.mlp.up_proj`` (checkpoint prefixes ok)."""
-    f = finding[: -len(".weight")] if finding.endswith(".weight") else finding
+    """``model.layers.0.mlp.up_proj.weight`` matches claim ``model.layers.0.mlp.up_proj`` (checkpoint prefixes ok);
+    a fused-expert parameter ``...mlp.experts.gate_up_proj`` matches its module ``...mlp.experts``."""
+    f = finding[: -len(".weight")] if finding.endswith(".weight") else finding.rsplit(".", 1)[0]
     return f == claim or f.endswith("." + claim) or claim.endswith("." + f)
 
 
@@ -386,11 +387,15 @@ def inspection_threshold(alpha: float) -> float:
 def check_claims(model: torch.nn.Module, claimed: list[str] | None, threshold: float | None = None) -> tuple[list[str], Any]:
     """Inspect ``model`` and return the claimed hot modules that the inspector does not flag as deformed."""
     from .inspection import DEFAULT_THRESHOLD, inspect_model
+    from .sites.moe import loaded_module_name
 
     report = inspect_model(model, threshold=threshold or DEFAULT_THRESHOLD)
     flagged = report.deformed
     if not claimed:  # nothing claimed by name: at least something must be deformed
         return ([] if flagged else ["<any matrix>"]), report
+    params = dict(model.named_parameters())
+    claimed = list(dict.fromkeys(loaded_module_name(c) for c in claimed))  # per-expert checkpoint names -> fused
+    claimed = [c for c in claimed if getattr(params.get(f"{c}.weight"), "ndim", 2) >= 2]  # norm weights: no matrix
     matrices = {f.name for f in report.findings}
     missing = [c for c in claimed if any(_matches(n, c) for n in matrices) and not any(_matches(n, c) for n in flagged)]
     unknown = [c for c in claimed if not any(_matches(n, c) for n in matrices)]

@@ -73,7 +73,7 @@ from .pipeline_fold import TEXT_ENCODER, Fold, plan_fold, text_encoder_config
 from .protection import VerificationError, require_inflated
 from .record import check_not_protected, component_record, make_record, record_key
 from .report import ProtectionReport
-from .sites import Pair, TensorBlock, pairs_for, select_pairs
+from .sites import NoSitesError, Pair, TensorBlock, drop_inexact, pairs_for, select_pairs
 from .tensor_ops import TensorOp, apply_ops, merge_axis_steps, row_chunks
 
 logger = logging.getLogger("hf_specdef")
@@ -171,9 +171,12 @@ def plan_checkpoint(ckpt: Checkpoint, cfg: SpecDefConfig) -> StreamPlan:
     """Pairs and plans of a checkpoint from its headers; raises ``NoSitesError`` / ``PrecisionBudgetError``."""
     shapes = ckpt.shapes()
     all_pairs = pairs_for(ckpt.config, shapes, cfg, ckpt.class_name)
-    pairs = select_pairs(all_pairs, cfg)
-    skipped = [f"site type {s!r}: this architecture has none" for s in cfg.sites if s not in {p.site for p in all_pairs}]
     dtypes = ckpt.dtypes()
+    pairs, inexact = drop_inexact(select_pairs(all_pairs, cfg), dtypes.__getitem__)
+    skipped = [f"site type {s!r}: this architecture has none" for s in cfg.sites if s not in {p.site for p in all_pairs}]
+    skipped += inexact
+    if not pairs:
+        raise NoSitesError(f"every selected pair was skipped: {skipped}")
     # the engine plans from dtypes only: empty stand-ins (the weights themselves are checked when read)
     stand_ins = {n: torch.empty(0, dtype=dtypes[n]) for p in pairs for n in p.names()}
     plans = engine.plan_pairs(pairs, stand_ins, cfg, skipped)

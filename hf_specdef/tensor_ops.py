@@ -44,13 +44,13 @@ class TensorOp:
         b = self.block
         fn = linalg.apply_producer if self.producer else linalg.apply_consumer
         if b.axis != axis:
-            fn(piece, b.axis, b.start, b.stop, self.m, inverse)
+            fn(piece, b.axis, b.start, b.stop, self.m, inverse, b.offset)
             return
         lo, hi = max(b.start, begin), min(b.stop, end)
         if lo >= hi:
             return  # the block lies outside this slice
         if lo == b.start and hi == b.stop:
-            fn(piece, axis, b.start - begin, b.stop - begin, self.m, inverse)
+            fn(piece, axis, b.start - begin, b.stop - begin, self.m, inverse, b.offset)
             return
         if self.spectral:
             raise ValueError(f"a slice [{begin}, {end}) cuts the spectral block [{b.start}, {b.stop}) of {b.name!r}")
@@ -58,7 +58,7 @@ class TensorOp:
         keep = idx[(idx >= lo - b.start) & (idx < hi - b.start)] - (lo - b.start)
         if keep.numel():
             part = Deformation(hi - lo, self.m.factor, indices=keep)
-            fn(piece, axis, lo - begin, hi - begin, part, inverse)
+            fn(piece, axis, lo - begin, hi - begin, part, inverse, b.offset)
 
 
 def apply_ops(piece: torch.Tensor, ops: Sequence[TensorOp], axis: int = 0, begin: int = 0, end: int | None = None,
@@ -78,11 +78,12 @@ def merge_axis_steps(ops: Sequence[TensorOp]) -> list[TensorOp]:
         prev = merged[-1] if merged else None
         if (prev is not None and not op.spectral and not prev.spectral and prev.producer == op.producer
                 and prev.block.axis == op.block.axis and prev.m.factor == op.m.factor
+                and prev.block.offset == op.block.offset
                 and (op.block.start >= prev.block.stop or op.block.stop <= prev.block.start)):
             start, stop = min(prev.block.start, op.block.start), max(prev.block.stop, op.block.stop)
             idx = torch.cat([prev.m.indices + (prev.block.start - start), op.m.indices.to(prev.m.indices.device)
                              + (op.block.start - start)])
-            block = TensorBlock(op.block.name, op.block.axis, start, stop)
+            block = TensorBlock(op.block.name, op.block.axis, start, stop, op.block.offset)
             merged[-1] = TensorOp(block, Deformation(stop - start, op.m.factor, indices=torch.sort(idx).values), op.producer)
         else:
             merged.append(op)

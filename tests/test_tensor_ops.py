@@ -88,3 +88,21 @@ def test_column_block_step_on_a_non_contiguous_float64_view():
     expected[..., 2:6] = expected[..., 2:6] @ m.dense(inverse=True)
     linalg.apply_consumer(t, 2, 2, 6, m)
     torch.testing.assert_close(t, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_offset_blocks_scale_offset_plus_w_and_are_merged_only_with_their_offset():
+    """A Gemma norm weight w acts as 1 + w: an axis step stores alpha (1 + w) - 1, on whole tensors and on slices."""
+    w = torch.randn(8, dtype=torch.float64)
+    m = Deformation(4, 4.0, indices=torch.tensor([1]))
+    ops = [TensorOp(TensorBlock("w", 0, 0, 4, 1.0), m, True), TensorOp(TensorBlock("w", 0, 4, 8, 1.0), m, True)]
+    merged = merge_axis_steps(ops)
+    assert len(merged) == 1 and merged[0].block.offset == 1.0
+    assert len(merge_axis_steps([ops[0], TensorOp(TensorBlock("w", 0, 4, 8), m, True)])) == 2
+    whole, sliced = w.clone(), w.clone()
+    apply_ops(whole, merged)
+    apply_ops(sliced[:5], ops, 0, 0, 5)
+    apply_ops(sliced[5:], ops, 0, 5, 8)
+    expected = w.clone()
+    expected[[1, 5]] = 4.0 * (1.0 + w[[1, 5]]) - 1.0
+    torch.testing.assert_close(whole, expected)
+    torch.testing.assert_close(sliced, expected)

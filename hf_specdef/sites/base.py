@@ -16,19 +16,25 @@ AXIS_ONLY_SITES = frozenset({"mlp", "norm"})
 
 @dataclass(frozen=True)
 class TensorBlock:
-    """Block ``[start, stop)`` of tensor ``name`` along ``axis``."""
+    """Block ``[start, stop)`` of tensor ``name`` along ``axis``.
+
+    ``offset``: the block's values act as ``offset + x`` (the weight of Gemma's RMSNorm, ``x_hat * (1 + w)``);
+    ``M`` is applied to ``offset + x`` and the offset taken off again.
+    """
 
     name: str
     axis: int
     start: int
     stop: int
+    offset: float = 0.0
 
     @property
     def module(self) -> str:
         return self.name.rsplit(".", 1)[0]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "axis": self.axis, "start": self.start, "stop": self.stop}
+        d = {"name": self.name, "axis": self.axis, "start": self.start, "stop": self.stop}
+        return d | {"offset": self.offset} if self.offset else d
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .base import Pair, TensorBlock
@@ -29,25 +29,52 @@ def cfg_get(config: Any, *names: str, default: Any = None) -> Any:
 
 @dataclass(frozen=True)
 class Linear:
-    """A projection inside a block. ``conv1d``: weight stored (in, out) as GPT-2's ``Conv1D``."""
+    """A projection inside a block, named relative to the block.
+
+    ``conv1d``: weight stored (in, out) as GPT-2's ``Conv1D``. ``experts``: a 3-D ``(experts, out, in)``
+    parameter of fused MoE experts (transformers 5 ``...experts.gate_up_proj``), named ``name.param``.
+    A ``*`` in ``name`` stands for an expert index: it expands to every index the model has (0, 1, ...).
+    """
 
     name: str
     conv1d: bool = False
+    param: str = "weight"
+    experts: bool = False
+
+    @property
+    def weight(self) -> str:
+        return f"{self.name}.{self.param}"
 
     @property
     def out_axis(self) -> int:
-        return 1 if self.conv1d else 0
+        return 1 if self.conv1d or self.experts else 0
 
     @property
     def in_axis(self) -> int:
-        return 0 if self.conv1d else 1
+        return 0 if self.conv1d else 2 if self.experts else 1
+
+
+def expand(block: str, lin: Linear, shape_of: ShapeOf) -> list[Linear]:
+    """``lin`` with a ``*`` in its name replaced by every expert index present in ``shape_of`` (else ``[lin]``)."""
+    if "*" not in lin.name:
+        return [lin]
+    out = []
+    while f"{block}.{(e := replace(lin, name=lin.name.replace('*', str(len(out))))).weight}" in shape_of:
+        out.append(e)
+    return out
 
 
 @dataclass(frozen=True)
 class Attention:
-    """Attention projections. With ``fused``, q/k/v are consecutive thirds of one projection's outputs.
+    """Attention projections. ``heads(config, block, shape_of)`` returns ``(num_heads, num_kv_heads, head_dim)``.
 
-    ``heads(config, block, shape_of)`` returns ``(num_heads, num_kv_heads, head_dim)``.
+    Layouts: separate q/k/v projections; ``fused``: q, k, v are consecutive parts of one projection's outputs
+    (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``); ``interleaved``: one projection holding ``[q_h, k_h, v_h]`` per head
+    (GPT-NeoX ``query_key_value``). ``rotary``: RoPE on the first ``rotary_dims`` of each head (partial rotary
+    from the config); ``attn.qk`` then scales rotary pairs of that part only. ``qk_norms``: per-head q/k norms
+    (one weight of ``head_dim`` shared by all heads, after the projection: Qwen3, Gemma 3) normalise away any
+    scaling of q/k rows, so ``attn.qk`` scales the *norm weights'* rotary pairs instead (one pair per layer);
+    ``norm_offset``: those norms compute ``x * (offset + w)`` (Gemma).
     """
 
     q: Linear
@@ -58,23 +85,42 @@ class Attention:
     rotary: bool = False
     fused: bool = False
     tags: frozenset[str] = frozenset()
+    interleaved: bool = False
+    qk_norms: tuple[str, str] | None = None
+    norm_offset: float = 0.0
 
 
 @dataclass(frozen=True)
 class GatedMLP:
-    """``down(act(gate x) * up x)``: the ``up`` rows (optionally one half of a fused projection) pair with ``down`` columns."""
+    """``down(act(gate x) * up x)``: the ``up`` rows (optionally one half of a fused projection) pair with ``down`` columns.
+
+    Also a ReLU MLP ``down(relu(up x + b))`` (a positive diagonal commutes with ReLU; the bias rows move too).
+    ``up``/``down`` names with ``*`` (per-expert checkpoints) make one pair over every expert, as a fused 3-D
+    expert tensor does: the same channels in every expert. ``group`` tells MLPs of one block apart (a MoE
+    block's experts and its shared expert); alternative layouts of one MLP share it. ``when(config)``: the
+    site exists only where it returns true (e.g. only for a ReLU activation).
+    """
 
     up: Linear
     down: Linear
     up_half: int | None = None  # 0 or 1: the linear ("value") half of a fused GEGLU projection
+    group: int = 0
+    when: Callable[[Any], bool] | None = None
 
 
 @dataclass(frozen=True)
 class PreNorm:
-    """A pre-norm whose output feeds only ``readers`` (SPEC §2 ``norm`` site)."""
+    """A pre-norm whose output feeds only ``readers`` (SPEC §2 ``norm`` site).
+
+    ``offset``: the norm computes ``x_hat * (offset + w)`` (Gemma's RMSNorm: 1); the channel scale then acts
+    on ``offset + w``. Readers that are absent from a model are left out (alternative layouts may be listed);
+    ``when(config)``: the site exists only where it returns true (e.g. pre-LN only).
+    """
 
     norm: str
     readers: tuple[Linear, ...]
+    offset: float = 0.0
+    when: Callable[[Any], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -100,29 +146,67 @@ def _bias(shape_of: ShapeOf, module: str, start: int, stop: int) -> tuple[Tensor
     return (TensorBlock(name, 0, start, stop),) if name in shape_of else ()
 
 
+def rotary_dims(config: Any, head_dim: int) -> int:
+    """How many leading dims of a head RoPE rotates: ``head_dim`` times the config's partial rotary factor
+    (``rope_parameters["partial_rotary_factor"]``, or the legacy ``partial_rotary_factor`` / ``rotary_pct``)."""
+    rope = cfg_get(config, "rope_parameters")
+    factor = rope.get("partial_rotary_factor") if isinstance(rope, Mapping) else None
+    factor = factor if factor is not None else cfg_get(config, "partial_rotary_factor", "rotary_pct", default=1.0)
+    rot = int(head_dim * factor)
+    if not 0 < rot <= head_dim or rot % 2:
+        raise ValueError(f"cannot pair the rotary dims: {rot} of a {head_dim}-dim head (partial rotary factor {factor!r}); "
+                         "pass an explicit SpecDefConfig(site_map=...) for this model.")
+    return rot
+
+
+def _head_rows(att: Attention, n: int, kv: int, d: int) -> tuple[Callable[[int], int], ...]:
+    """First output row of query head ``h``, and of key / value head ``g``, in the q / k / v weights."""
+    if att.interleaved:  # [q_h, k_h, v_h] per head (needs n == kv)
+        return (lambda h: 3 * d * h), (lambda g: 3 * d * g + d), (lambda g: 3 * d * g + 2 * d)
+    k0, v0 = (n * d, n * d + kv * d) if att.fused else (0, 0)
+    return (lambda h: h * d), (lambda g: k0 + g * d), (lambda g: v0 + g * d)
+
+
+def _blocks(shape_of: ShapeOf, module: str, lin: Linear, start: int, stop: int, offset: float = 0.0
+            ) -> tuple[TensorBlock, ...]:
+    """The weight block ``[start, stop)`` of ``module`` along its output axis, with its bias block (if any)."""
+    return (TensorBlock(f"{module}.{lin.param}", lin.out_axis, start, stop, offset),) + _bias(shape_of, module, start, stop)
+
+
 def _attention_pairs(att: Attention, block: str, layer: int, config: Any, shape_of: ShapeOf) -> dict[str, list[Pair]]:
     q, k, v, o = (f"{block}.{p.name}" for p in (att.q, att.k, att.v, att.o))
-    if f"{v}.weight" not in shape_of or f"{o}.weight" not in shape_of:
+    if f"{block}.{att.v.weight}" not in shape_of or f"{block}.{att.o.weight}" not in shape_of:
         return {}
     n, kv, d = att.heads(config, block, shape_of)
+    if att.interleaved and n != kv:
+        raise ValueError(f"{block}: an interleaved q/k/v projection needs as many kv heads as heads ({n} != {kv}).")
     rep = n // kv
-    q_off, k_off, v_off = (0, n * d, n * d + kv * d) if att.fused else (0, 0, 0)
+    rot = rotary_dims(config, d) if att.rotary else d
+    q_row, k_row, v_row = _head_rows(att, n, kv, d)
     pairs: dict[str, list[Pair]] = {"attn.vo": [], "attn.qk": []}
     for g in range(kv):
         heads = range(g * rep, (g + 1) * rep)
-        vs, ks = v_off + g * d, k_off + g * d
         pairs["attn.vo"].append(Pair(
             "attn.vo", layer, block, g,
-            producers=(TensorBlock(f"{v}.weight", att.v.out_axis, vs, vs + d),) + _bias(shape_of, v, vs, vs + d),
-            consumers=tuple(TensorBlock(f"{o}.weight", att.o.in_axis, h * d, (h + 1) * d) for h in heads),
+            producers=_blocks(shape_of, v, att.v, v_row(g), v_row(g) + d),
+            consumers=tuple(TensorBlock(f"{block}.{att.o.weight}", att.o.in_axis, h * d, (h + 1) * d) for h in heads),
             tags=att.tags,
         ))
-        q_blocks = tuple(TensorBlock(f"{q}.weight", att.q.out_axis, q_off + h * d, q_off + (h + 1) * d) for h in heads)
-        q_bias = sum((_bias(shape_of, q, q_off + h * d, q_off + (h + 1) * d) for h in heads), ())
-        pairs["attn.qk"].append(Pair(
-            "attn.qk", layer, block, g,
-            producers=q_blocks + q_bias,
-            consumers=(TensorBlock(f"{k}.weight", att.k.out_axis, ks, ks + d),) + _bias(shape_of, k, ks, ks + d),
+        if att.qk_norms is None:
+            pairs["attn.qk"].append(Pair(
+                "attn.qk", layer, block, g,
+                producers=tuple(b for part in (0, 1) for h in heads  # weights first, then biases
+                                for b in _blocks(shape_of, q, att.q, q_row(h), q_row(h) + rot)[part:part + 1]),
+                consumers=_blocks(shape_of, k, att.k, k_row(g), k_row(g) + rot),
+                rotary=att.rotary,
+                tags=att.tags,
+            ))
+    qn, kn = (f"{block}.{m}" for m in att.qk_norms or ("", ""))
+    if att.qk_norms is not None and f"{qn}.weight" in shape_of and f"{kn}.weight" in shape_of:
+        pairs["attn.qk"].append(Pair(  # one weight of head_dim shared by every head: one pair per layer
+            "attn.qk", layer, block, 0,
+            producers=(TensorBlock(f"{qn}.weight", 0, 0, rot, att.norm_offset),),
+            consumers=(TensorBlock(f"{kn}.weight", 0, 0, rot, att.norm_offset),),
             rotary=att.rotary,
             tags=att.tags,
         ))
@@ -130,29 +214,28 @@ def _attention_pairs(att: Attention, block: str, layer: int, config: Any, shape_
 
 
 def _mlp_pair(mlp: GatedMLP, block: str, layer: int, shape_of: ShapeOf) -> Pair | None:
-    up, down = f"{block}.{mlp.up.name}", f"{block}.{mlp.down.name}"
-    if f"{up}.weight" not in shape_of or f"{down}.weight" not in shape_of:
+    ups, downs = expand(block, mlp.up, shape_of), expand(block, mlp.down, shape_of)
+    if not ups or not downs or any(f"{block}.{x.weight}" not in shape_of for x in ups + downs):
         return None
-    inner = shape_of[f"{down}.weight"][mlp.down.in_axis]
+    inner = shape_of[f"{block}.{downs[0].weight}"][mlp.down.in_axis]
     start = 0 if mlp.up_half in (None, 0) else inner
     return Pair(
-        "mlp", layer, block, 0,
-        producers=(TensorBlock(f"{up}.weight", mlp.up.out_axis, start, start + inner),)
-        + _bias(shape_of, up, start, start + inner),
-        consumers=(TensorBlock(f"{down}.weight", mlp.down.in_axis, 0, inner),),
+        "mlp", layer, block, mlp.group,
+        producers=sum((_blocks(shape_of, f"{block}.{u.name}", u, start, start + inner) for u in ups), ()),
+        consumers=tuple(TensorBlock(f"{block}.{x.weight}", x.in_axis, 0, inner) for x in downs),
     )
 
 
 def _norm_pair(pn: PreNorm, block: str, layer: int, shape_of: ShapeOf, index: int) -> Pair | None:
     norm = f"{block}.{pn.norm}"
-    readers = [r for r in pn.readers if f"{block}.{r.name}.weight" in shape_of]
+    readers = [e for r in pn.readers for e in expand(block, r, shape_of) if f"{block}.{e.weight}" in shape_of]
     if f"{norm}.weight" not in shape_of or not readers:
         return None
     dim = shape_of[f"{norm}.weight"][0]
     return Pair(
         "norm", layer, block, index,
-        producers=(TensorBlock(f"{norm}.weight", 0, 0, dim),) + _bias(shape_of, norm, 0, dim),
-        consumers=tuple(TensorBlock(f"{block}.{r.name}.weight", r.in_axis, 0, dim) for r in readers),
+        producers=(TensorBlock(f"{norm}.weight", 0, 0, dim, pn.offset),) + _bias(shape_of, norm, 0, dim),
+        consumers=tuple(TensorBlock(f"{block}.{r.weight}", r.in_axis, 0, dim) for r in readers),
     )
 
 
@@ -161,6 +244,10 @@ def find_blocks(spec: ArchSpec, names: Sequence[str]) -> list[str]:
     rx = re.compile(spec.block)
     found = {m.group("block") for n in names if (m := rx.match(n))}
     return sorted(found, key=_natural)
+
+
+def _applies(site: GatedMLP | PreNorm, config: Any) -> bool:
+    return site.when is None or bool(site.when(config))
 
 
 SITE_ORDER = {"norm": 0, "attn.qk": 1, "attn.vo": 2, "mlp": 3}
@@ -173,8 +260,9 @@ def find_pairs(spec: ArchSpec, config: Any, shape_of: ShapeOf) -> list[Pair]:
         for att in spec.attention:
             for site_pairs in _attention_pairs(att, block, layer, config, shape_of).values():
                 pairs.extend(site_pairs)
-        pairs.extend(p for m in spec.mlp if (p := _mlp_pair(m, block, layer, shape_of)))
-        pairs.extend(p for i, pn in enumerate(spec.norms) if (p := _norm_pair(pn, block, layer, shape_of, i)))
+        pairs.extend(p for m in spec.mlp if _applies(m, config) and (p := _mlp_pair(m, block, layer, shape_of)))
+        pairs.extend(p for i, pn in enumerate(spec.norms)
+                     if _applies(pn, config) and (p := _norm_pair(pn, block, layer, shape_of, i)))
     if spec.extra_pairs is not None:
         pairs.extend(spec.extra_pairs(config, shape_of))
     return sorted(pairs, key=lambda p: (p.layer, SITE_ORDER.get(p.site, 9), p.block, p.group))

@@ -1,0 +1,29 @@
+"""The red team (SPEC §6): fine-tune a real model, unprotected and protected, with a suite of attacks on
+``transformers.Trainer`` / PEFT, each at its best learning rate, and report the worst case.
+
+* :mod:`~hf_specdef.redteam.attacks`: the suite (uninformed and informed attacks);
+* :mod:`~hf_specdef.redteam.data`: the attack data (a corpus shipped with the package, or your own);
+* :mod:`~hf_specdef.redteam.training`: one run on ``Trainer`` with a steps-to-target callback;
+* :mod:`~hf_specdef.redteam.search`: the learning-rate search;
+* :mod:`~hf_specdef.redteam.suite`: :func:`run_redteam`; :mod:`~hf_specdef.redteam.report`: the output files.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "Attack": "attacks", "SUITE": "attacks", "get_attacks": "attacks",
+    "RedTeamConfig": "config", "VARIANTS": "config",
+    "AttackData": "data", "AttackDataError": "data", "build_attack_data": "data",
+    "RedTeamError": "suite", "run_redteam": "suite",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'hf_specdef.redteam' has no attribute {name!r}")

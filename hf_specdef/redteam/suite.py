@@ -1,0 +1,289 @@
+"""Run the red team: every attack on the unprotected model and on each protected variant, at its best learning rate.
+
+How the target is set (per uninformed attack): the unprotected model is attacked for ``reference_steps`` steps over
+a learning-rate search; with ``L0`` the held-out loss before training and ``L_R`` the best held-out loss after
+``reference_steps`` steps, the target is ``L0 - fraction * (L0 - L_R)`` (80% of the gain by default). So the
+unprotected model reaches it within ``reference_steps`` by construction, not in its first step, and each attack is
+judged against what that same attack achieves on the unprotected model. Informed attacks use the target of their
+baseline attack. A protected run that never reaches the target within ``budget`` steps counts as ``budget + 1``
+and its slowdown is reported as a lower bound (``>=``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .attacks import Attack, get_attacks
+from .config import VARIANTS, RedTeamConfig
+from .data import AttackData, build_attack_data
+from .prepare import deformed_parameter_names, prepare_model, undone_copy
+from .search import Search, loss_at_key, search_lr, steps_key
+from .training import Run, RunSettings, eval_loss, is_main_process, run_attack
+
+logger = logging.getLogger("hf_specdef")
+
+
+class RedTeamError(ValueError):
+    """The red team cannot run or cannot prove anything with these inputs."""
+
+
+@dataclass
+class Baseline:
+    """An uninformed attack on the unprotected model: its target and steps per seed."""
+
+    attack: Attack
+    target: float
+    initial_loss: float
+    reference_loss: float
+    best_lr: float
+    steps: dict[int, int | None]
+    search: Search
+    seed_runs: dict[int, Run]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "initial_loss": self.initial_loss, "reference_loss": self.reference_loss,
+                "best_lr": self.best_lr, "steps": self.steps, "search": self.search.to_dict(),
+                "seed_runs": {s: r.to_dict() for s, r in self.seed_runs.items()}}
+
+
+def load_model(model: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any, str]:
+    """The unprotected causal LM (float32) and its tokenizer, from a folder or as given."""
+    from ..record import get_record
+
+    if isinstance(model, torch.nn.Module):
+        if tokenizer is None:
+            raise RedTeamError("run_redteam(model=<module>) needs tokenizer=...: the attack data are tokenized with it.")
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    else:
+        path = Path(os.fspath(model))
+        if not (path / "config.json").is_file():
+            raise RedTeamError(f"{str(path)!r} is not a model folder (no config.json); pass the folder of an unprotected "
+                               "causal language model saved with save_pretrained.")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError) as e:
+                raise RedTeamError(f"no usable tokenizer in {str(path)!r} ({e}); the red team tokenizes its attack data "
+                                   "with the model's tokenizer: save it next to the model.") from None
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        name = str(path)
+    if get_record(model):
+        raise RedTeamError(f"{name!r} is already protected (its config has a SpecDef record); the red team needs the "
+                           "unprotected original: it protects copies itself (variants) and compares.")
+    return model.float().eval(), tokenizer, name
+
+
+class RedTeam:
+    """Runs the searches of one red team (see :func:`run_redteam`)."""
+
+    def __init__(self, model: torch.nn.Module, data: AttackData, cfg: RedTeamConfig, progress: bool) -> None:
+        self.model, self.data, self.cfg = model, data, cfg
+        self.settings = RunSettings(batch_size=cfg.batch_size, eval_every=cfg.eval_every, divergence=cfg.divergence)
+        self.progress = progress and is_main_process()
+        self.seconds = 0.0
+
+    def run(self, model: torch.nn.Module, attack: Attack, lr: float, seed: int, *, target: float | None,
+            stop_after: int | None, frozen: tuple[str, ...] = (), label: str = "") -> Run:
+        work = prepare_model(model, attack, seed, frozen=frozen)
+        r = run_attack(work, attack, self.data, lr=lr, seed=seed, budget=self.cfg.budget, target=target,
+                       stop_after=stop_after, settings=self.settings)
+        del work
+        self.seconds += r.seconds
+        outcome = f"{r.steps_to_target} steps" if r.reached else "diverged" if r.diverged else \
+            f"not reached in {r.stopped_at} (loss {r.curve[-1][1]:.3f})"
+        logger.info("red team: %-20s %-18s lr=%-9g seed=%d  %s", attack.name, label, lr, seed, outcome)
+        return r
+
+    def reference(self, attack: Attack) -> Baseline:
+        """Search the unprotected model's best learning rate for ``attack`` and set its target."""
+        cfg, seed0, horizon = self.cfg, self.cfg.seeds[0], self.cfg.reference_steps
+        search = search_lr(lambda lr, stop: self.run(self.model, attack, lr, seed0, target=None, stop_after=horizon,
+                                                     label="unprotected/ref"),
+                           attack.lr_start, loss_at_key(horizon), per_decade=cfg.per_decade, max_runs=cfg.max_runs)
+        l0, lr_ref = search.best.curve[0][1], search.best.loss_at(horizon)
+        if not (math.isfinite(lr_ref) and lr_ref < l0):
+            raise RedTeamError(
+                f"attack {attack.name!r}: the unprotected model does not improve its held-out loss ({l0:.4f}) within "
+                f"reference_steps={horizon} steps at any learning rate tried ({search.grid}); raise reference_steps, "
+                "or check the attack data.")
+        target = l0 - cfg.fraction * (l0 - lr_ref)
+        best = min((r.with_target(target) for r in search.runs.values()), key=steps_key)
+        steps: dict[int, int | None] = {seed0: best.steps_to_target}
+        seed_runs = {seed0: best}
+        for s in cfg.seeds[1:]:
+            seed_runs[s] = self.run(self.model, attack, best.lr, s, target=target, stop_after=None,
+                                    label="unprotected")
+            steps[s] = seed_runs[s].steps_to_target
+        return Baseline(attack, target, l0, lr_ref, best.lr, steps, search, seed_runs)
+
+    def measure(self, model: torch.nn.Module, attack: Attack, base: Baseline, variant: str,
+                frozen: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Search ``attack``'s best learning rate on the protected ``model``; steps and slowdown per seed."""
+        cfg, seed0 = self.cfg, self.cfg.seeds[0]
+        start = base.best_lr if attack.informed else base.best_lr / 10
+        label = f"{variant}"
+        search = search_lr(lambda lr, stop: self.run(model, attack, lr, seed0, target=base.target, stop_after=stop,
+                                                     frozen=frozen, label=label),
+                           start, steps_key, per_decade=cfg.per_decade, prune=True, max_runs=cfg.max_runs)
+        runs = {seed0: search.best}
+        for s in cfg.seeds[1:]:
+            runs[s] = self.run(model, attack, search.best.lr, s, target=base.target, stop_after=None, frozen=frozen,
+                               label=label)
+        per_seed = {s: slowdown(r.steps_to_target, base.steps.get(s), cfg.budget) for s, r in runs.items()}
+        return {"attack": attack.to_dict(), "target": base.target, "best_lr": search.best.lr,
+                "unprotected_best_lr": base.best_lr,
+                "steps": {s: r.steps_to_target for s, r in runs.items()},
+                "unprotected_steps": base.steps, "slowdown": per_seed, "median": median_slowdown(per_seed.values()),
+                "search": search.to_dict(), "seed_runs": {s: r.to_dict() for s, r in runs.items()}}
+
+
+def slowdown(protected_steps: int | None, unprotected_steps: int | None, budget: int) -> dict[str, Any] | None:
+    """Steps ratio; a protected run that never reached the target counts as ``budget + 1`` (a lower bound)."""
+    if not unprotected_steps:
+        return None
+    if protected_steps is None:
+        return {"ratio": (budget + 1) / unprotected_steps, "lower_bound": True}
+    return {"ratio": protected_steps / unprotected_steps, "lower_bound": False}
+
+
+def median_slowdown(values: Any) -> dict[str, Any] | None:
+    """The lower median over seeds (conservative for the defence), and the range."""
+    vals = sorted((v for v in values if v), key=lambda v: v["ratio"])
+    if not vals:
+        return None
+    mid = vals[(len(vals) - 1) // 2]
+    return {**mid, "min": vals[0]["ratio"], "max": vals[-1]["ratio"], "seeds": len(vals)}
+
+
+def protect_variant(model: torch.nn.Module, name: str, cfg: RedTeamConfig, eval_ids: torch.Tensor
+                    ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A protected copy of ``model`` (record "full", so the recipe attack can use it) and what was measured of it."""
+    from ..config import SpecDefConfig
+    from ..protection import protect
+
+    fields = cfg.protection if name == "custom" else VARIANTS[name]
+    spec = SpecDefConfig(**{**fields, "record": "full"})
+    protected = copy.deepcopy(model)
+    start = time.perf_counter()
+    report = protect(protected, spec, progress=False)
+    seconds = time.perf_counter() - start
+    bf16 = bf16_deviation(model, protected, eval_ids[:2])
+    info = {"config": spec.to_dict(), "pairs": len(report.results), "sites": report.sites,
+            "hot_modules": report.hot_modules, "notes": report.notes,
+            "deviation_float32": report.deviation, "deviation_bfloat16": bf16,
+            "bf16_exact": bf16 <= 1e-2, "protect_seconds": seconds}
+    logger.info("red team: variant %s protected (%s): deviation fp32 %s, bf16 %.3g", name, spec.to_json_string(),
+                info["deviation_float32"], bf16)
+    return protected.eval(), info
+
+
+@torch.no_grad()
+def bf16_deviation(original: torch.nn.Module, protected: torch.nn.Module, ids: torch.Tensor) -> float:
+    """Max relative logit deviation of the protected model against the original, both run in bfloat16."""
+    a = copy.deepcopy(original).to(torch.bfloat16).eval()
+    b = copy.deepcopy(protected).to(torch.bfloat16).eval()
+    dev = next(a.parameters()).device
+    ref, out = a(input_ids=ids.to(dev)).logits.float(), b(input_ids=ids.to(dev)).logits.float()
+    err = (out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
+    return float(err) if torch.isfinite(err) else math.inf
+
+
+def run_variant(team: RedTeam, name: str, attacks: list[Attack], baselines: dict[str, Baseline]) -> dict[str, Any]:
+    """Every attack on one protected variant, and its summary."""
+    protected, info = protect_variant(team.model, name, team.cfg, team.data.eval)
+    frozen = tuple(deformed_parameter_names(protected))
+    undone = undone_copy(protected) if any(a.train == "merge-undo" for a in attacks) else None
+    entries: dict[str, Any] = {}
+    bar = tqdm(attacks, desc=f"red team {name}", unit="attack", disable=not team.progress)
+    for attack in bar:
+        bar.set_postfix(attack=attack.name)
+        base = baselines[attack.baseline or attack.name]
+        if attack.bf16 and not info["bf16_exact"]:
+            entries[attack.name] = {"attack": attack.to_dict(), "skipped": (
+                f"the protection is not exact in bfloat16 (deviation {info['deviation_bfloat16']:.3g}); a bf16 "
+                "mixed-precision attacker would train a broken model")}
+            continue
+        target_model = undone if attack.train == "merge-undo" else protected
+        entries[attack.name] = team.measure(target_model, attack, base, name,
+                                            frozen=frozen if attack.train == "bypass" else ())
+    return {**info, "attacks": entries, "summary": summarize(entries)}
+
+
+def summarize(entries: dict[str, Any]) -> dict[str, Any]:
+    """Worst case over the uninformed attacks (smallest median slowdown), largest over the informed ones."""
+    measured = {n: e for n, e in entries.items() if e.get("median")}
+    uninformed = {n: e for n, e in measured.items() if not e["attack"]["informed"]}
+    informed = {n: e for n, e in measured.items() if e["attack"]["informed"]}
+    out: dict[str, Any] = {"uninformed_attacks": len(uninformed), "informed_attacks": len(informed),
+                           "skipped": sorted(n for n, e in entries.items() if "skipped" in e)}
+    if uninformed:
+        worst = min(uninformed, key=lambda n: uninformed[n]["median"]["ratio"])
+        m = uninformed[worst]["median"]
+        out.update(worst_case_slowdown=m["ratio"], worst_case_attack=worst, worst_case_lower_bound=m["lower_bound"],
+                   worst_case_range=[m["min"], m["max"]])
+    if informed:
+        undo = max(informed, key=lambda n: informed[n]["median"]["ratio"])
+        m = informed[undo]["median"]
+        out.update(undo_slowdown=m["ratio"], undo_attack=undo, undo_range=[m["min"], m["max"]])
+    return out
+
+
+def environment() -> dict[str, Any]:
+    import transformers
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "device": dev,
+            "gpu": torch.cuda.get_device_name(0) if dev == "cuda" else None, "threads": torch.get_num_threads(),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")), "python": platform.python_version()}
+
+
+def run_redteam(model: Any, out: str | os.PathLike | None = None, config: RedTeamConfig | None = None, *,
+                tokenizer: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune copies of ``model``, unprotected and protected, with the red-team suite; return (and write) results.
+
+    Args:
+        model: folder of an unprotected causal LM (with its tokenizer), or the model itself (then pass ``tokenizer``).
+        out: folder for ``results.json``, ``results.md`` and PNG plots (written only when the run completes; it must
+            not exist yet). ``None``: write nothing.
+        config: :class:`RedTeamConfig` (default: its defaults, the full suite on the default protection).
+    """
+    from .report import check_out_dir, write_results
+
+    cfg = config or RedTeamConfig()
+    if out is not None:
+        check_out_dir(out)
+    start = time.perf_counter()
+    model, tokenizer, name = load_model(model, tokenizer)
+    data = build_attack_data(tokenizer, cfg.data, seq_len=cfg.seq_len, eval_windows=cfg.eval_windows,
+                             min_train_windows=cfg.batch_size * 4, text_field=cfg.text_field)
+    logger.info("red team: %s on %s (%d training windows, %d held out)", name, data.source, len(data.train),
+                len(data.eval))
+    attacks = get_attacks(cfg.attacks)
+    team = RedTeam(model, data, cfg, progress)
+    baselines = {a.name: team.reference(a) for a in tqdm(
+        [a for a in attacks if not a.informed], desc="red team unprotected", unit="attack", disable=not team.progress)}
+    variants = {v: run_variant(team, v, attacks, baselines) for v in cfg.variants}
+    results = {
+        "model": name, "data": data.describe(), "settings": {**cfg.to_dict(), "budget": cfg.budget},
+        "environment": environment(), "initial_eval_loss": eval_loss(model, data.eval),
+        "unprotected": {n: b.to_dict() for n, b in baselines.items()},
+        "variants": variants, "summary": {"variant": cfg.variants[0], **variants[cfg.variants[0]]["summary"],
+                                          "seeds": len(cfg.seeds), "preset": cfg.preset},
+        "wall_seconds": time.perf_counter() - start, "train_seconds": team.seconds,
+    }
+    if out is not None and is_main_process():
+        write_results(results, out)
+    return results

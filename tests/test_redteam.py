@@ -1,0 +1,272 @@
+"""The red team: suite, data, learning-rate search, Trainer runs (single process and DDP), the CLI and its output."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from hf_specdef.redteam import attacks as atk
+from hf_specdef.redteam.config import RedTeamConfig
+from hf_specdef.redteam.data import AttackDataError, build_attack_data, default_corpus
+from hf_specdef.redteam.search import grid_lr, loss_at_key, search_lr, steps_key
+from hf_specdef.redteam.suite import RedTeamError, median_slowdown, slowdown
+from hf_specdef.redteam.training import Run
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer made here (256 byte symbols + <eos>), no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny_lm")
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------- the suite
+def test_suite_has_at_least_12_uninformed_attacks_and_the_informed_ones():
+    uninformed = [a for a in atk.SUITE.values() if not a.informed]
+    assert len(uninformed) >= 12
+    kinds = {(a.train, a.optim) for a in uninformed}
+    assert {("full", "adamw_torch"), ("full", "sgd"), ("full", "adafactor"), ("lora", "adamw_torch")} <= kinds
+    assert any(a.bf16 for a in uninformed) and any(a.clip for a in uninformed)
+    assert {a.schedule for a in uninformed} >= {"constant", "cosine"}
+    assert any(a.r == 64 and a.targets == "all-linear" for a in uninformed)
+    informed = {a.name for a in atk.SUITE.values() if a.informed}
+    assert informed == {"specundo-blind", "specundo-recipe", "merge-undo", "bypass"}
+    assert all(atk.SUITE[a.baseline] and not atk.SUITE[a.baseline].informed for a in atk.SUITE.values() if a.informed)
+
+
+def test_get_attacks_adds_baselines_first_and_rejects_unknown_names():
+    names = [a.name for a in atk.get_attacks(["specundo-blind"])]
+    assert names == ["lora16-qkvo", "specundo-blind"]
+    with pytest.raises(ValueError, match="unknown attack.*nope"):
+        atk.get_attacks(["nope"])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("variants", ("bogus",), "variants"), ("seeds", (), "seeds"), ("budget_factor", 1, "budget_factor"),
+    ("fraction", 0.0, "fraction"), ("batch_size", 0, "batch_size"), ("variants", ("custom",), "protection"),
+])
+def test_config_names_the_bad_field(field, value, match):
+    with pytest.raises(ValueError, match=f"RedTeamConfig.{match}"):
+        RedTeamConfig(**{field: value})
+
+
+# ---------------------------------------------------------------------------------------------------------- the data
+def test_shipped_corpus_is_fixed_and_split_interleaved():
+    text = default_corpus()
+    assert len(text) > 100_000 and text.startswith("Apache License")
+    data = build_attack_data(byte_tokenizer(), seq_len=32, eval_windows=8)
+    assert data.train.shape[1] == data.eval.shape[1] == 32 and len(data.eval) == 8
+    again = build_attack_data(byte_tokenizer(), seq_len=32, eval_windows=8)
+    assert torch.equal(data.train, again.train) and torch.equal(data.eval, again.eval)
+    train_rows = {tuple(r.tolist()) for r in data.train}
+    assert not any(tuple(r.tolist()) in train_rows for r in data.eval)  # held out
+
+
+def test_user_data_txt_jsonl_and_errors(tmp_path):
+    tok = byte_tokenizer()
+    rows = [{"text": f"Clause {i}. The licensee shall keep every notice intact. " * 4} for i in range(60)]
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in rows))
+    data = build_attack_data(tok, jl, seq_len=32, eval_windows=4)
+    assert "jsonl" in data.source and len(data.train) >= 16
+    small = tmp_path / "small.txt"
+    small.write_text("too short")
+    with pytest.raises(AttackDataError, match="too few"):
+        build_attack_data(tok, small, seq_len=32)
+    with pytest.raises(AttackDataError, match="is not a file"):
+        build_attack_data(tok, tmp_path / "missing.txt")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "x"}\n')
+    with pytest.raises(AttackDataError, match="no string field 'text'"):
+        build_attack_data(tok, bad)
+
+
+# ------------------------------------------------------------------------------------------------- search and ratios
+def _fake_run(optimum: float, calls: list[float], budget: int = 100):
+    """Steps to target grow with the log-distance of lr from ``optimum``; very large lrs diverge."""
+    def run(lr: float, stop: int | None) -> Run:
+        calls.append(lr)
+        steps = int(10 + 30 * abs(math.log10(lr / optimum)))
+        diverged = lr > optimum * 30
+        hit = None if diverged or steps > (stop or budget) else steps
+        last = min(stop or budget, steps)
+        return Run("a", lr, 0, budget, [(0, 5.0), (last, 4.0 if hit else 4.5)], 4.2, hit, diverged, last)
+    return run
+
+
+def test_search_brackets_the_optimum_at_three_points_per_decade():
+    calls: list[float] = []
+    found = search_lr(_fake_run(3e-6, calls), 1e-4, steps_key, prune=True)
+    assert found.best.lr == pytest.approx(2.15e-6, rel=0.01)
+    best = found.best.lr
+    assert any(lr == pytest.approx(best * 10 ** (1 / 3), rel=0.02) for lr in found.grid)
+    assert any(lr == pytest.approx(best / 10 ** (1 / 3), rel=0.02) for lr in found.grid)
+    assert len(calls) == len(set(calls)) <= 10  # no lr run twice
+
+
+def test_search_prunes_runs_at_the_best_steps_so_far():
+    seen: list[int | None] = []
+    base = _fake_run(1e-3, [])
+
+    def run(lr, stop):
+        seen.append(stop)
+        return base(lr, stop)
+
+    search_lr(run, 1e-3, steps_key, prune=True)
+    assert seen[0] is None and all(s == 10 for s in seen[1:])
+
+
+def test_loss_at_key_prefers_lower_loss_and_penalises_divergence():
+    good = Run("a", 1e-3, 0, 10, [(0, 5.0), (4, 4.0)], stopped_at=4)
+    diverged = Run("a", 1e-2, 0, 10, [(0, 5.0), (2, 3.0)], diverged=True, stopped_at=2)
+    key = loss_at_key(4)
+    assert key(good) < key(diverged)
+    assert grid_lr(1e-4, 1, 3) == 2.15e-4 and grid_lr(1e-4, -3, 3) == 1e-5
+
+
+def test_slowdown_is_a_lower_bound_when_the_target_is_never_reached():
+    assert slowdown(30, 10, 100) == {"ratio": 3.0, "lower_bound": False}
+    assert slowdown(None, 10, 100) == {"ratio": 10.1, "lower_bound": True}
+    m = median_slowdown([slowdown(30, 10, 100), slowdown(None, 10, 100), slowdown(20, 10, 100)])
+    assert m["ratio"] == 3.0 and m["min"] == 2.0 and m["max"] == 10.1 and not m["lower_bound"]
+    m2 = median_slowdown([slowdown(40, 10, 100), slowdown(30, 10, 100)])
+    assert m2["ratio"] == 3.0  # the lower median: conservative for the defence
+
+
+# ------------------------------------------------------------------------------------------------- Trainer and CLI
+def test_run_attack_on_trainer_stops_at_the_target(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef.redteam.prepare import prepare_model
+    from hf_specdef.redteam.training import eval_loss, run_attack
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    data = build_attack_data(byte_tokenizer(), seq_len=16, eval_windows=4)
+    l0 = eval_loss(model, data.eval)
+    attack = atk.SUITE["full-adamw"]
+    r = run_attack(prepare_model(model, attack, 0), attack, data, lr=1e-2, seed=0, budget=40, target=l0 - 0.3)
+    assert r.reached and 1 < r.steps_to_target < 40 and r.stopped_at == r.steps_to_target
+    assert r.curve[0] == (0, pytest.approx(l0)) and r.curve[-1][1] <= l0 - 0.3
+    assert r.trainable_params == sum(p.numel() for p in model.parameters())
+    assert torch.equal(next(model.parameters()), next(AutoModelForCausalLM.from_pretrained(tiny_lm_dir).parameters()))
+
+
+def test_redteam_cli_tiny_writes_results_with_the_worst_case(tiny_lm_dir, tmp_path):
+    from hf_specdef.cli import main
+
+    out = tmp_path / "rt"
+    assert main(["redteam", str(tiny_lm_dir), "--out", str(out), "--tiny", "--no-progress",
+                 "--attacks", "full-adamw,bypass"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    s = res["summary"]
+    assert s["worst_case_attack"] == "full-adamw" and s["worst_case_slowdown"] > 0
+    assert s["undo_attack"] == "bypass" and "undo_slowdown" in s
+    base = res["unprotected"]["full-adamw"]
+    assert base["steps"]["0"] >= 2  # not the first step (a random tiny model learns its unigram table fast)
+    grid = base["search"]["grid"]
+    best = base["best_lr"]
+    assert sum(best / 10 ** 0.5 <= lr <= best * 10 ** 0.5 for lr in grid) >= 3  # >= 3 points in the decade around it
+    entry = res["variants"]["default"]["attacks"]["full-adamw"]
+    assert entry["median"]["ratio"] == pytest.approx(s["worst_case_slowdown"])
+    assert {"results.md", "worst_attack_loss.png", "slowdown_default.png"} <= {p.name for p in out.iterdir()}
+    assert "Worst case over 1 uninformed" in (out / "results.md").read_text()
+
+
+def test_redteam_bad_inputs_leave_nothing(tiny_lm_dir, tmp_path):
+    from hf_specdef.redteam.suite import run_redteam
+
+    cfg = RedTeamConfig.preset_config("tiny", attacks=("full-adamw",))
+    with pytest.raises(RedTeamError, match="not a model folder"):
+        run_redteam(tmp_path, tmp_path / "o1", cfg)
+    existing = tmp_path / "full"
+    existing.mkdir()
+    (existing / "x").write_text("keep")
+    with pytest.raises(RedTeamError, match="already exists"):
+        run_redteam(tiny_lm_dir, existing, cfg)
+    small = tmp_path / "small.txt"
+    small.write_text("a few words")
+    with pytest.raises(AttackDataError, match="too few"):
+        run_redteam(tiny_lm_dir, tmp_path / "o2", RedTeamConfig.preset_config("tiny", attacks=("full-adamw",),
+                                                                             data=str(small)))
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "small.txt"]
+
+
+def test_redteam_refuses_an_already_protected_model(tiny_lm_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef import SpecDefConfig, protect
+    from hf_specdef.redteam.suite import run_redteam
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    protect(model, SpecDefConfig(), progress=False)
+    with pytest.raises(RedTeamError, match="already protected"):
+        run_redteam(model, None, RedTeamConfig.preset_config("tiny"), tokenizer=byte_tokenizer())
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from transformers import AutoModelForCausalLM
+    sys.path.insert(0, sys.argv[3])
+    from test_redteam import byte_tokenizer
+    from hf_specdef.redteam import attacks
+    from hf_specdef.redteam.data import build_attack_data
+    from hf_specdef.redteam.prepare import prepare_model
+    from hf_specdef.redteam.training import eval_loss, is_main_process, run_attack, world_size
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+    data = build_attack_data(byte_tokenizer(), seq_len=16, eval_windows=4)
+    a = attacks.SUITE["full-adamw"]
+    r = run_attack(prepare_model(model, a, 0), a, data, lr=1e-2, seed=0, budget=30,
+                   target=eval_loss(model, data.eval) - 0.3)
+    if is_main_process():
+        json.dump({"steps": r.steps_to_target, "curve": r.curve, "world": world_size()}, open(sys.argv[2], "w"))
+""")
+
+
+def test_accelerate_launch_ddp_reproduces_single_process_steps(tiny_lm_dir, tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    tests_dir = os.path.dirname(__file__)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    single = tmp_path / "single.json"
+    subprocess.run([sys.executable, str(script), str(tiny_lm_dir), str(single), tests_dir], check=True, env=env,
+                   capture_output=True, timeout=300)
+    ddp = tmp_path / "ddp.json"
+    # accelerate 1.15's "--cpu --num_processes 2" needs mpirun (without it: one process); its torchrun launcher
+    # ("--multi_gpu") starts 2 processes, and the Trainer (use_cpu where no accelerator) joins them over gloo
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+                           str(tiny_lm_dir), str(ddp), tests_dir], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = json.loads(single.read_text()), json.loads(ddp.read_text())
+    assert b["world"] == 2 and a["world"] == 1
+    assert a["steps"] is not None and a["steps"] == b["steps"]
+    for (sa, la), (sb, lb) in zip(a["curve"], b["curve"], strict=True):
+        assert sa == sb and la == pytest.approx(lb, rel=1e-4)

@@ -1,0 +1,119 @@
+"""Tiny models of the architectures of issue 19, built from configs (no Hub downloads), as transformers' own tests do.
+
+Norm weights and biases are randomised (as after training) so that norm folds are not trivial.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+
+
+def _finish(model: torch.nn.Module, offset_norms: bool = False) -> torch.nn.Module:
+    """Randomise every norm weight (around 1, or around 0 for ``1 + w`` norms) and bias."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1 and name.endswith("bias"):
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def tiny_qwen3(seed: int = 0) -> torch.nn.Module:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    return _finish(Qwen3ForCausalLM(Qwen3Config(**COMMON, intermediate_size=96, num_key_value_heads=2, head_dim=16)))
+
+
+def tiny_gemma(seed: int = 0) -> torch.nn.Module:
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(seed)
+    return _finish(GemmaForCausalLM(GemmaConfig(**COMMON, intermediate_size=96, num_key_value_heads=2, head_dim=16)))
+
+
+def tiny_gemma2(seed: int = 0) -> torch.nn.Module:
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    return _finish(Gemma2ForCausalLM(Gemma2Config(**COMMON, intermediate_size=96, num_key_value_heads=2, head_dim=16,
+                                                  sliding_window=8, query_pre_attn_scalar=16)))
+
+
+def tiny_gemma3(seed: int = 0) -> torch.nn.Module:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    return _finish(Gemma3ForCausalLM(Gemma3TextConfig(**COMMON, intermediate_size=96, num_key_value_heads=2, head_dim=16,
+                                                      sliding_window=8, query_pre_attn_scalar=16)))
+
+
+def tiny_phi3(seed: int = 0) -> torch.nn.Module:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)  # partial rotary as in Phi-4-mini
+    return _finish(Phi3ForCausalLM(Phi3Config(**COMMON, intermediate_size=96, num_key_value_heads=2,
+                                              partial_rotary_factor=0.75, pad_token_id=0, bos_token_id=0,
+                                              eos_token_id=0)))
+
+
+def tiny_gpt_neox(seed: int = 0) -> torch.nn.Module:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)  # rotary on a quarter of each head (Pythia), parallel residual
+    return _finish(GPTNeoXForCausalLM(GPTNeoXConfig(**COMMON, intermediate_size=128, rotary_pct=0.25,
+                                                    use_parallel_residual=True, bos_token_id=0, eos_token_id=0)))
+
+
+def tiny_opt(seed: int = 0, **kw) -> torch.nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    common = {**COMMON, "max_position_embeddings": 64}
+    return _finish(OPTForCausalLM(OPTConfig(**common, ffn_dim=128, bos_token_id=0, eos_token_id=0, pad_token_id=1, **kw)))
+
+
+MOE = dict(intermediate_size=96, num_key_value_heads=2, num_experts_per_tok=2)
+
+
+def tiny_mixtral(seed: int = 0) -> torch.nn.Module:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    return _finish(MixtralForCausalLM(MixtralConfig(**COMMON, **MOE, num_local_experts=4)))
+
+
+def tiny_qwen2_moe(seed: int = 0) -> torch.nn.Module:
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)  # layer 1 dense (mlp_only_layers), a shared expert with its gate
+    return _finish(Qwen2MoeForCausalLM(Qwen2MoeConfig(**COMMON, **MOE, num_experts=4, moe_intermediate_size=48,
+                                                      shared_expert_intermediate_size=80, mlp_only_layers=[1])))
+
+
+def tiny_qwen3_moe(seed: int = 0) -> torch.nn.Module:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    return _finish(Qwen3MoeForCausalLM(Qwen3MoeConfig(**COMMON, **MOE, num_experts=4, moe_intermediate_size=48,
+                                                      head_dim=16)))
+
+
+TINY_ARCHS: dict[str, Callable[..., torch.nn.Module]] = {
+    "qwen3": tiny_qwen3,
+    "gemma": tiny_gemma,
+    "gemma2": tiny_gemma2,
+    "gemma3_text": tiny_gemma3,
+    "phi3": tiny_phi3,
+    "gpt_neox": tiny_gpt_neox,
+    "opt": tiny_opt,
+    "mixtral": tiny_mixtral,
+    "qwen2_moe": tiny_qwen2_moe,
+    "qwen3_moe": tiny_qwen3_moe,
+}
