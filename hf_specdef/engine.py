@@ -115,7 +115,7 @@ def plan_pairs(pairs: Sequence[Pair], tensors: Tensors, cfg: SpecDefConfig,
             plans.append(plan)
     reasons = [f"site {site!r}, {len(keys)} pairs (e.g. {keys[0]}): {why}" for (site, why), keys in left_out.items()]
     if reasons and not plans:
-        raise PrecisionBudgetError(f"no pair can be deformed exactly in the storage dtype: {reasons[0]}; choose other "
+        raise precision.NothingExactError(f"no pair can be deformed exactly in the storage dtype: {reasons[0]}; choose other "
                                    "sites or convert the checkpoint (bfloat16: bit-exact axis mode).")
     if skipped is not None:
         skipped.extend(reasons)

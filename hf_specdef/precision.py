@@ -39,6 +39,10 @@ class PrecisionBudgetError(ValueError):
     """The storage dtype cannot hold the deformation within the tolerance (SPEC §2)."""
 
 
+class NothingExactError(PrecisionBudgetError):
+    """Every selected pair was left out by the precision policy (e.g. only ``attn.qk`` asked for, in float16)."""
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
