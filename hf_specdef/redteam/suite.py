@@ -112,7 +112,8 @@ class RedTeam:
         self.seconds += r.seconds
         outcome = f"{r.steps_to_target} steps" if r.reached else "diverged" if r.diverged else \
             f"not reached in {r.stopped_at} (loss {r.curve[-1][1]:.3f})"
-        logger.info("red team: %-20s %-18s lr=%-9g seed=%d  %s", attack.name, label, lr, seed, outcome)
+        logger.info("red team: %-20s %-18s lr=%-9g seed=%d  %s  (%.0f s)", attack.name, label, lr, seed, outcome,
+                    r.seconds)
         return r
 
     def reference(self, attack: Attack) -> Baseline:
