@@ -21,6 +21,7 @@ class ProtectionReport:
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    quantization: dict[str, float] = field(default_factory=dict)  # format -> quantized protected vs quantized original
 
     @property
     def hot_modules(self) -> list[str]:
@@ -46,7 +47,7 @@ class ProtectionReport:
             "notes": self.notes,
             "seconds": self.seconds,
             "pairs": [r.to_dict(full=full) for r in self.results],
-        }
+        } | ({"quantization": self.quantization} if self.quantization else {})
 
     def to_json(self, full: bool = False) -> str:
         return json.dumps(self.to_dict(full=full), indent=2)
@@ -64,5 +65,6 @@ class ProtectionReport:
                 f"{r.sigma_before:>13.4g} {r.sigma_after:>11.4g}  {','.join(m.rsplit('.', 1)[-1] for m in p.hot_modules)}"
             )
         lines.append(f"hot modules: {len(self.hot_modules)}; cold only: {len(self.cold_modules)}")
+        lines += [f"quantized {f}: deviation from the quantized original {d:.2e}" for f, d in self.quantization.items()]
         lines += [f"skipped: {s}" for s in self.skipped] + [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
