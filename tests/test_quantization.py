@@ -214,3 +214,19 @@ def test_save_protected_writes_a_quantization_safe_release(tmp_path):
     assert all(torch.equal(a, before[k]) for k, a in original.state_dict().items())  # in memory: unchanged
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert compare_quantized(original, loaded, "q5_0", tolerance=0.0).deviation == 0.0
+
+
+def test_publish_card_states_the_quantizations(tmp_path):
+    from hf_specdef.publish import publish
+
+    src = tmp_path / "src"
+    llama_256().save_pretrained(src)
+    res = publish(src, "me/q", SpecDefConfig(alpha=1024.0, quantization_safe=("q4_0",)), dry_run=True,
+                  output_dir=tmp_path / "out", progress=False, quantize=("q8_0",))
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Quantization" in card and "| q4_0 (promised) | 0.00e+00 |" in card and "keeps the model intact" in card
+    assert res.max_relative_deviation == 0.0
+    plain = publish(src, "me/p", SpecDefConfig(alpha=1024.0, mode="axis"), dry_run=True, output_dir=tmp_path / "p",
+                    progress=False, quantize=("q8_0",))
+    assert plain.max_relative_deviation == 0.0
+    assert "**breaks it**" in (tmp_path / "p" / "README.md").read_text()

@@ -42,6 +42,11 @@ INVERTED_SITES = frozenset({"norm"})
 """Sites whose producer is divided by alpha (the norm weight, kept in float) and whose consumers are multiplied."""
 
 
+MIN_FACTOR = 32.0
+"""Smallest factor a bounded pair keeps (or alpha, when smaller): below it a deformation is too weak to slow anything,
+and neither the inspector (outlier ratio 20) nor a publisher's claim check could tell it from the weights."""
+
+
 class QuantizationSafetyError(ValueError):
     """A deformation that was decided to be quantization-safe is not exact after all; nothing is kept."""
 
@@ -161,9 +166,10 @@ class SafeGuard:
                          for i, u in enumerate(cands)), key=lambda x: (-min(x[0], self.alpha), -x[1]))
         chosen = ranked[: self.top_k]
         f = min(self.alpha, min(c[0] for c in chosen))
-        if f < 2:
-            self.skipped = (f"{self.pair.key}: no {self.top_k} unit(s) can be scaled exactly in {names} (a float16 "
-                            "quantization scale would leave the normal range)")
+        if f < min(self.alpha, MIN_FACTOR):
+            self.skipped = (f"{self.pair.key}: its float16 {names} scales allow a factor of {f:g} at most (a scale "
+                            f"would leave the normal range beyond); below {min(self.alpha, MIN_FACTOR):g} the "
+                            "deformation is too weak to count")
             return None
         if f < self.alpha:
             self.note = f"{self.pair.key}: alpha bounded to {f:g} by the float16 quantization scales"
