@@ -32,7 +32,7 @@ import torch
 from .. import engine, linalg
 from ..linalg import Deformation
 from ..sites.base import Pair, TensorBlock
-from .formats import QuantFormat, UnsupportedShapeError, fake_quantize, get_format, max_exact_factor, stored_values
+from .formats import QuantFormat, UnsupportedShapeError, exact_exponents, fake_quantize, get_format, stored_values
 
 logger = logging.getLogger("hf_specdef")
 
@@ -120,27 +120,29 @@ class SafeGuard:
         """What ``apply_pair`` multiplies ``block``'s chosen channels by."""
         return factor if block in self.pair.producers else 1.0 / factor
 
-    def _unit_bound(self, unit: torch.Tensor, tensors: Mapping[str, torch.Tensor],
-                    stored: dict[tuple[str, str], torch.Tensor], factor: float) -> float:
-        bound = math.inf
+    def _unit_bounds(self, cands: Sequence[torch.Tensor], tensors: Mapping[str, torch.Tensor],
+                     factor: float) -> list[float]:
+        """Per candidate unit, the largest power-of-two factor every float16 scale it touches takes exactly."""
+        exps = torch.full((len(cands),), math.inf, dtype=torch.float64)
+        cache: dict[tuple[str, str, bool], torch.Tensor] = {}  # a tensor can hold several blocks (q heads)
         for b in _matrices(self.pair, tensors):
             t, axis = tensors[b.name], input_axis(self.pair, b)
             grow = self._scale_of(b, factor) > 1
             for f in self.formats:
-                key = (b.name, f.name)
-                if key not in stored:
-                    stored[key] = stored_values(t, f, axis)
-                s = stored[key]
-                pos = unit + b.start
+                key = (b.name, f.name, grow)
+                if key not in cache:  # (rows, groups, n)
+                    cache[key] = exact_exponents(stored_values(t, f, axis), grow).to("cpu", torch.float64)
+                e = cache[key]
                 if along_input(self.pair, b):
-                    bounds = f.boundaries(t.shape[axis])
-                    groups = [i for i, (lo, hi) in enumerate(zip(bounds, bounds[1:], strict=False))
-                              if lo >= int(pos[0]) and hi <= int(pos[-1]) + 1]
-                    vals = s[:, groups]
+                    per_group = e.amin(dim=(0, 2))
+                    starts = torch.tensor(f.boundaries(t.shape[axis])[:-1], dtype=torch.long)
+                    gid = torch.bucketize(torch.arange(t.shape[axis]), starts, right=True) - 1
+                    unit_e = [per_group[gid[u + b.start]].min() for u in cands]
                 else:
-                    vals = s[pos.to(s.device)]
-                bound = min(bound, max_exact_factor(vals, grow))
-        return bound
+                    per_row = e.amin(dim=(1, 2))
+                    unit_e = [per_row[u + b.start].min() for u in cands]
+                exps = torch.minimum(exps, torch.stack(unit_e))
+        return [float(2.0**x) for x in exps.tolist()]
 
     def build(self, tensors: Mapping[str, torch.Tensor]) -> tuple[Deformation, float, float] | None:
         try:
@@ -161,9 +163,10 @@ class SafeGuard:
         factor = 1.0 / self.alpha if self.inverted else self.alpha
         rows = engine.producer_block(self.pair, tensors)
         energy = rows.to(torch.float64).pow(2).sum(dim=1)
-        stored: dict[tuple[str, str], torch.Tensor] = {}
-        ranked = sorted(((self._unit_bound(u, tensors, stored, factor), float(energy[u.to(energy.device)].sum()), i)
-                         for i, u in enumerate(cands)), key=lambda x: (-min(x[0], self.alpha), -x[1]))
+        bounds = self._unit_bounds(cands, tensors, factor)
+        energy = energy.cpu()
+        ranked = sorted(((bounds[i], float(energy[u].sum()), i) for i, u in enumerate(cands)),
+                        key=lambda x: (-min(x[0], self.alpha), -x[1]))
         chosen = ranked[: self.top_k]
         f = min(self.alpha, min(c[0] for c in chosen))
         if f < min(self.alpha, MIN_FACTOR):

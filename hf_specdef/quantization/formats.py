@@ -156,17 +156,23 @@ def stored_values(t: torch.Tensor, fmt: str | QuantFormat, in_axis: int = 1) -> 
     return torch.cat(vals, dim=1)
 
 
+def exact_exponents(values: torch.Tensor, grow: bool) -> torch.Tensor:
+    """Per stored float16 value, ``log2`` of the largest power of two it can be multiplied (``grow``) or divided by
+    and stay a normal float16 number (so the quantized integers and the rounded value scale exactly): ``inf`` for a
+    zero (nothing to scale), ``0`` for a value already out of the normal range (no scaling is exact)."""
+    v = values.abs().to(torch.float32)
+    zero = v == 0
+    bad = ~zero & ((v < F16_TINY) | (v > F16_MAX))
+    room = F16_MAX / v.clamp_min(F16_TINY) if grow else v / F16_TINY
+    e = torch.floor(torch.log2(room.clamp_min(1.0)))
+    return torch.where(zero, math.inf, torch.where(bad, 0.0, e))
+
+
 def max_exact_factor(values: torch.Tensor, grow: bool) -> float:
     """Largest power of two ``f`` such that multiplying (``grow``) or dividing the stored float16 ``values`` by ``f``
     keeps every non-zero one a normal float16 number, so that the quantized integers and the rounded values scale
     exactly. ``1.0`` when some value is already out of the normal range (no scaling is exact); ``inf`` when all are
     zero."""
-    v = values.abs().flatten()
-    v = v[v > 0]
-    if v.numel() == 0:
+    if values.numel() == 0:
         return math.inf
-    lo, hi = float(v.min()), float(v.max())
-    if lo < F16_TINY or hi > F16_MAX:
-        return 1.0
-    room = F16_MAX / hi if grow else lo / F16_TINY
-    return float(2.0 ** math.floor(math.log2(room)))
+    return float(2.0 ** float(exact_exponents(values, grow).min()))
