@@ -197,6 +197,9 @@ def guard_outcomes(plans: Sequence[Plan], results: Sequence[PairResult], notes: 
     notes.extend(g.note for g in guards if g.note)
     if guards and not results:
         raise NoSitesError(f"no selected pair can be made quantization-safe: {skipped[:3]}")
+    if any(r.deformation.factor < 1 for r in results):
+        notes.append("inverted pairs (factor < 1, the quantization-safe norm site): the readers' grown input columns "
+                     "are the slow side and the norm weights the fast one; 'hot' still names each pair's consumers")
     for s in skipped:
         logger.info("hf-specdef skipped %s", s)
     return skipped
