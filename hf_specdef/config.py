@@ -15,6 +15,8 @@ MODES: tuple[str, ...] = ("spectral", "axis")
 PRECISION_POLICIES: tuple[str, ...] = ("auto", "refuse", "axis", "float32")
 RECORD_LEVELS: tuple[str, ...] = ("minimal", "full", "none")
 DEFAULT_SITES: tuple[str, ...] = ("attn.vo", "attn.qk", "mlp", "norm")
+# quantization formats a release can be made safe for (hf_specdef.quantization.formats.FORMATS has the quantizers)
+QUANTIZATION_FORMATS: tuple[str, ...] = ("q8_0", "q4_0", "q4_1", "q5_0", "int8-g128", "int4-g128")
 _RANDOM_LAYERS = re.compile(r"^random:(\d+)$")
 CONFIG_KEY = "specdef"  # name of the protection record in a saved transformers config.json
 # ... and in a diffusers config.json: diffusers warns about every unexpected public key (printing its value, the whole
@@ -62,6 +64,14 @@ class SpecDefConfig:
         seed: seed for ``layers="random:N"``.
         site_map: optional explicit list of pairs for architectures the registry does not know; see
             :func:`hf_specdef.sites.pairs_from_site_map`.
+        quantization_safe: quantization formats the release must survive (any of ``QUANTIZATION_FORMATS``:
+            GGUF ``"q8_0"``, ``"q4_0"``, ``"q4_1"``, ``"q5_0"``, group-wise ``"int8-g128"``, ``"int4-g128"``; or
+            ``"all"``). Non-empty: every pair is deformed in axis mode, whole aligned quantization groups at a time,
+            by a power of two (``alpha`` must be one; it is lowered per pair where a float16 quantization scale would
+            leave its range), the ``norm`` site inverted (norm weight divided, readers multiplied), and protection
+            checks that the quantized protected model equals the quantized original (see
+            :mod:`hf_specdef.quantization.deformation`). Pairs that cannot be made safe are skipped with the reason.
+            In-memory protection of transformers models only.
     """
 
     alpha: float = 1000.0
@@ -74,8 +84,14 @@ class SpecDefConfig:
     record: str = "minimal"
     seed: int = 0
     site_map: list[dict[str, Any]] | None = field(default=None)
+    quantization_safe: Sequence[str] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.quantization_safe, str):
+            self.quantization_safe = (self.quantization_safe,)
+        if tuple(self.quantization_safe) == ("all",):
+            self.quantization_safe = QUANTIZATION_FORMATS
+        self.quantization_safe = tuple(self.quantization_safe)
         if isinstance(self.sites, str):
             self.sites = (self.sites,)
         self.sites = tuple(self.sites)
@@ -108,6 +124,15 @@ class SpecDefConfig:
             isinstance(self.site_map, list) and all(isinstance(p, dict) for p in self.site_map) and self.site_map
         ):
             _fail("site_map", self.site_map, "it must be a non-empty list of pair dicts (see the README)")
+        self._validate_quantization()
+
+    def _validate_quantization(self) -> None:
+        q = self.quantization_safe
+        if any(not isinstance(f, str) or f not in QUANTIZATION_FORMATS for f in q) or len(set(q)) != len(q):
+            _fail("quantization_safe", list(q), f"use distinct formats among {QUANTIZATION_FORMATS} (or 'all')")
+        if q and not self.alpha_is_power_of_two:
+            _fail("alpha", self.alpha, "quantization_safe needs a power-of-two alpha (e.g. 1024.0): the quantized "
+                  "integers stay the same only when whole groups are scaled by a power of two")
 
     def _validate_layers(self) -> None:
         layers = self.layers
@@ -143,6 +168,9 @@ class SpecDefConfig:
         d = asdict(self)
         d["sites"] = list(self.sites)
         d["layers"] = self.layers if isinstance(self.layers, str) else list(self.layers)
+        d["quantization_safe"] = list(self.quantization_safe)
+        if not self.quantization_safe:  # records and configs of other protections stay as they were
+            del d["quantization_safe"]
         return d
 
     def to_json_string(self) -> str:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from . import engine, linalg
 from .config import SpecDefConfig
 from .linalg import Deformation
+from .quantization.deformation import INVERTED_SITES
 from .sites import Pair, pairs_for
 
 logger = logging.getLogger("hf_specdef")
@@ -125,29 +126,42 @@ def snap_power_of_two(factor: float, tolerance: float = 0.3) -> float:
 
 
 def estimate_axis(pair: Pair, tensors: Mapping[str, torch.Tensor], threshold: float, max_k: int) -> SiteEstimate | None:
-    """Outlier channels (rows of the producer / matching rows of the consumer; rotary pairs together)."""
+    """Outlier channels (rows of the producer / matching rows of the consumer; rotary pairs together).
+
+    Each channel's balance ``l = log sqrt(|P'_i| / |C'_i|)`` moves by ``log factor`` when it is deformed. The channels
+    are split at the widest gap of their sorted ``l`` when that gap exceeds ``log threshold``; the smaller side is
+    the deformed one (on a tie: the inflated side, or the deflated one for the sites the quantization-safe
+    deformation inverts), and the factor is the distance of the two sides' medians, snapped to a power of two.
+    Deflated channels (factor < 1: the quantization-safe ``norm`` site) and whole blocks of channels (32 or 128 at a
+    time) are found as well; ``max_k`` does not cap an axis estimate.
+    """
     p = engine.producer_block(pair, tensors).to(linalg.compute_dtype(tensors[pair.producers[0].name].device))
-    c = consumer_block(pair, tensors)
+    c = consumer_block(pair, tensors).to(p.device)
     rp, rc = p.pow(2).sum(1), c.pow(2).sum(1)
     d = rp.numel()
     if pair.rotary:
         if d % 2:
             return None
         rp, rc = rp[: d // 2] + rp[d // 2:], rc[: d // 2] + rc[d // 2:]
-    tiny = torch.finfo(rp.dtype).tiny
-    norm_p = rp.sqrt() / rp.sqrt().median().clamp_min(tiny)
-    norm_c = rc.sqrt() / rc.sqrt().median().clamp_min(tiny)
-    score = (norm_p / norm_c.clamp_min(tiny)).sqrt()
-    order = torch.argsort(score, descending=True)[: max_k]
-    scores = [float(score[i]) for i in order]
-    k = _count_leading(scores, threshold)
-    if k == 0:
+    live = torch.nonzero((rp > 0) & (rc > 0)).flatten()
+    if live.numel() < 2:
         return None
-    idx = torch.sort(order[:k]).values
+    bal = 0.25 * (rp[live].log() - rc[live].log())  # log sqrt(|p| / |c|)
+    order = torch.argsort(bal)
+    gaps = bal[order][1:] - bal[order][:-1]
+    cut = int(torch.argmax(gaps))
+    if float(gaps[cut]) <= math.log(threshold):
+        return None
+    low, high = order[: cut + 1], order[cut + 1:]
+    deflated = low.numel() < high.numel() or (low.numel() == high.numel() and pair.site in INVERTED_SITES)
+    bad, base = (low, high) if deflated else (high, low)
+    shift = float(bal[bad].median() - bal[base].median())
+    scores = sorted((math.exp(abs(float(bal[i] - bal[base].median()))) for i in bad), reverse=True)
+    idx = torch.sort(live[bad]).values
     if pair.rotary:
         idx = torch.cat([idx, idx + d // 2])
-    m = Deformation(size=d, factor=snap_power_of_two(_geo_mean(scores[:k])), indices=idx.to(torch.long))
-    return SiteEstimate(pair, m, "axis", scores[:k])
+    m = Deformation(size=d, factor=snap_power_of_two(math.exp(shift)), indices=idx.to(torch.long))
+    return SiteEstimate(pair, m, "axis", scores)
 
 
 def estimate_spectral(pair: Pair, tensors: Mapping[str, torch.Tensor], threshold: float, max_k: int,
@@ -172,9 +186,10 @@ def estimate_spectral(pair: Pair, tensors: Mapping[str, torch.Tensor], threshold
     if k == 0:
         return None
     basis = u[:, :k]
-    if bool((basis.abs().max(dim=0).values > snap).all()):  # axis-mode deformation of a spectral-capable pair
-        axis = estimate_axis(pair, tensors, threshold, max_k)
-        if axis is not None and axis.deformation.k == k:
+    axis = estimate_axis(pair, tensors, threshold, max_k)
+    if axis is not None:  # an axis-mode deformation of a spectral-capable pair: the top directions lie on its channels
+        inside = basis.index_select(0, axis.deformation.indices.to(basis.device)).pow(2).sum(dim=0)
+        if bool((inside > snap**2).all()):
             return axis
     m = Deformation(size=d, factor=_geo_mean(scores[:k]), basis=basis)
     return SiteEstimate(pair, m, "spectral", scores[:k])

@@ -65,6 +65,10 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     policy: str = ""  # "" (as requested), "axis", "axis-float16" or "float32" (see precision.resolve)
     skip: str = ""  # why the policy leaves this pair out ("" = deformed)
+    # a chooser/checker that decides M on the current weights and checks it once applied (the quantization-safe
+    # deformation, hf_specdef.quantization.deformation.SafeGuard): build(tensors) -> (M, sigma0, sigma1) or None
+    # (skip), before(M, tensors) / after(M, tensors) around apply_pair
+    guard: Any = None
 
 
 def producer_block(pair: Pair, tensors: Tensors,
@@ -92,6 +96,19 @@ def _with_offset(t: torch.Tensor, offset: float) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32)) + offset if offset else t
 
 
+def spectrum_block(pair: Pair, tensors: Tensors, factor: float) -> torch.Tensor:
+    """The block whose spectrum a deformation with ``factor`` inflates: the producers' (``factor >= 1``) or, for an
+    inverted pair (``factor < 1``: producer shrunk, consumers' channels grown), the consumers' weight matrices,
+    rows along the pair axis."""
+    if factor >= 1:
+        return producer_block(pair, tensors)
+    parts = [linalg.as_rows(tensors[b.name].narrow(b.axis, b.start, b.stop - b.start), b.axis)
+             for b in pair.consumers if tensors[b.name].dim() >= 2]
+    if not parts:
+        raise ValueError(f"pair {pair.key}: an inverted deformation needs a weight-matrix consumer.")
+    return torch.cat([p.to(parts[0].device) for p in parts], dim=1)
+
+
 def plan_pairs(pairs: Sequence[Pair], tensors: Tensors, cfg: SpecDefConfig,
                skipped: list[str] | None = None) -> list[Plan]:
     """Decide mode and factor per pair and fit them into the storage dtype (``cfg.precision``, see
@@ -100,7 +117,16 @@ def plan_pairs(pairs: Sequence[Pair], tensors: Tensors, cfg: SpecDefConfig,
 
     Pairs the policy cannot keep exact are left out (``precision="auto"``: ``attn.qk`` in float16), their
     reasons appended to ``skipped``; when none is left, :class:`PrecisionBudgetError`.
+    ``cfg.quantization_safe`` is planned by :func:`hf_specdef.quantization.deformation.plan_safe` (in-memory
+    protection of transformers models); here it is refused with the paths that support it.
     """
+    if getattr(cfg, "quantization_safe", ()):
+        raise ValueError(
+            f"SpecDefConfig(quantization_safe={list(cfg.quantization_safe)}) is supported by in-memory protection of "
+            "transformers models (protect(model, cfg), save_protected(model, dir, cfg), from_pretrained(..., "
+            "specdef_config=cfg)); streaming protection (protect_checkpoint, `hf-specdef protect/publish`) and "
+            "diffusers pipelines do not support it yet. Load the model, protect it in memory, then save_pretrained."
+        )
     check_finite(pairs, tensors)
     plans, left_out = [], {}
     for p in pairs:
@@ -212,11 +238,23 @@ def _axis_sigma_after(block: torch.Tensor, m: Deformation, sigma_before: float) 
 
 def deform_pair(
     plan: Plan, tensors: Tensors, cfg: SpecDefConfig, before_apply: Callable[[Deformation], None] | None = None
-) -> PairResult:
+) -> PairResult | None:
     """Build ``M`` for one pair from its current producer block and apply it in place.
 
-    sigma_1 of the producer block is reported before and after (see :func:`build_deformation`).
+    sigma_1 of the producer block is reported before and after (see :func:`build_deformation`). A plan with a
+    ``guard`` is decided and checked by it; ``None`` when the guard skips the pair (its ``skipped`` says why).
     """
+    if plan.guard is not None:
+        built = plan.guard.build(tensors)
+        if built is None:
+            return None
+        m, s0, s1 = built
+        if before_apply is not None:
+            before_apply(m)
+        plan.guard.before(m, tensors)
+        apply_pair(plan.pair, tensors, m)
+        plan.guard.after(m, tensors)
+        return result_of(plan, m, s0, s1)
     block = producer_block(plan.pair, tensors)
     region = None
     if plan.policy == "axis-float16":
@@ -237,7 +275,7 @@ def result_of(plan: Plan, m: Deformation, sigma_before: float, sigma_after: floa
 
 def deform(plans: Iterable[Plan], tensors: Tensors, cfg: SpecDefConfig) -> list[PairResult]:
     """Deform every planned pair in order (the order matters: pairs may share tensors)."""
-    return [deform_pair(p, tensors, cfg) for p in plans]
+    return [r for p in plans if (r := deform_pair(p, tensors, cfg)) is not None]
 
 
 def undo(results: Sequence[PairResult], tensors: Tensors) -> None:

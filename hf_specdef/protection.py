@@ -156,19 +156,74 @@ def protect_model(
     _check_materialized(model)
     tensors = ParamTensors(model)
     pairs, skipped = model_pairs(model, cfg, tensors)
-    plans = engine.plan_pairs(pairs, tensors, cfg, skipped)
+    plans = plan_model(pairs, tensors, cfg, skipped)
     notes = sorted({n for p in plans for n in p.notes})
     upcast = _upcast(model, plans) if any(p.policy == "float32" for p in plans) else None
     if verify:  # after any upcast: the check measures the deformation alone
         inputs = inputs if inputs is not None else probe.probe_inputs(model)
     run = (lambda: probe.run_probe(model, inputs)) if verify else None
-    results, _, deviation = deform_verified(plans, tensors, cfg, run=run, progress=progress)
-    set_record(model, make_record(cfg, results, deviation))
+    qcheck = quantized_check(model, cfg, inputs) if verify else None
+    results, _, deviation = deform_verified(plans, tensors, cfg, run=run, check=qcheck, progress=progress)
+    skipped += guard_outcomes(plans, results, notes)
+    record = make_record(cfg, results, deviation)
+    if record is not None and cfg.quantization_safe:
+        record["quantization"] = quantization_record(cfg, qcheck)
+    set_record(model, record)
     if upcast:
         notes.append(upcast)
-    report = ProtectionReport(cfg, results, deviation, skipped, notes, time.perf_counter() - start)
+    report = ProtectionReport(cfg, results, deviation, skipped, notes, time.perf_counter() - start,
+                              quantization=dict(qcheck.deviations) if qcheck else {})
     logger.info("hf-specdef protected %d pairs, deviation=%s", len(results), deviation)
     return report
+
+
+def plan_model(pairs: Sequence[Pair], tensors: MutableMapping[str, torch.Tensor], cfg: SpecDefConfig,
+               skipped: list[str] | None = None) -> list[Plan]:
+    """The plans of in-memory protection: quantization-safe ones when ``cfg.quantization_safe`` is set."""
+    if not cfg.quantization_safe:
+        return engine.plan_pairs(pairs, tensors, cfg, skipped)
+    from .quantization.deformation import plan_safe
+
+    plans = plan_safe(pairs, tensors, cfg.alpha, cfg.top_k, cfg.quantization_safe)
+    if cfg.mode != "axis":
+        plans[0].notes.append(f"quantization_safe: axis scaling in whole quantization groups (mode={cfg.mode!r} "
+                              "requested)")
+    return plans
+
+
+def quantized_check(model: torch.nn.Module, cfg: SpecDefConfig, inputs: dict[str, Any]) -> Any:
+    """For ``cfg.quantization_safe``: the quantized probe outputs of ``model`` per format, recorded now, to be compared
+    after deformation (``check=`` of :func:`deform_verified`); ``None`` otherwise."""
+    if not cfg.quantization_safe:
+        return None
+    from .quantization.compare import QuantizedCheck
+
+    check = QuantizedCheck(model, inputs, tuple(cfg.quantization_safe), cfg.tolerance)
+    check.reference()
+    return check
+
+
+def guard_outcomes(plans: Sequence[Plan], results: Sequence[PairResult], notes: list[str]) -> list[str]:
+    """Reasons of the pairs the plans' guards skipped (their notes are added to ``notes``); raises
+    :class:`NoSitesError` when every pair was skipped."""
+    guards = [p.guard for p in plans if p.guard is not None]
+    skipped = [g.skipped for g in guards if g.skipped]
+    notes.extend(g.note for g in guards if g.note)
+    if guards and not results:
+        raise NoSitesError(f"no selected pair can be made quantization-safe: {skipped[:3]}")
+    if any(r.deformation.factor < 1 for r in results):
+        notes.append("inverted pairs (factor < 1, the quantization-safe norm site): the readers' grown input columns "
+                     "are the slow side and the norm weights the fast one; 'hot' still names each pair's consumers")
+    for s in skipped:
+        logger.info("hf-specdef skipped %s", s)
+    return skipped
+
+
+def quantization_record(cfg: SpecDefConfig, check: Any) -> dict[str, Any]:
+    """The ``quantization`` entry of a record: formats and the measured quantized deviations (None: not verified)."""
+    devs = check.deviations if check is not None else {}
+    return {"safe_formats": list(cfg.quantization_safe),
+            "max_relative_deviation": {f: devs.get(f) for f in cfg.quantization_safe}}
 
 
 def deform_verified(
@@ -192,8 +247,10 @@ def deform_verified(
     try:
         with torch.no_grad():
             for plan in tqdm(plans, desc="SpecDef protect", unit="pair", disable=not progress, leave=False):
-                results.append(engine.deform_pair(plan, tensors, cfg, before_apply=functools.partial(
-                    _save_backup, backup, plan.pair, tensors)))
+                result = engine.deform_pair(plan, tensors, cfg, before_apply=functools.partial(
+                    _save_backup, backup, plan.pair, tensors))
+                if result is not None:  # None: skipped by the plan's guard (quantization-safe planning)
+                    results.append(result)
         deviation = None
         if reference is not None:
             deviation = max(probe.max_relative_deviation(r, o) for r, o in zip(reference, _as_list(run()), strict=True))

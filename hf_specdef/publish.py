@@ -289,10 +289,35 @@ def _infer_pipeline_tag(kind: str, class_name: str, config: dict[str, Any]) -> s
 def protect_folder(src: Path, dst: Path, cfg: SpecDefConfig, *, force: bool = False, progress: bool = True,
                    device: str | torch.device | None = None) -> Any:
     """Write the protected checkpoint of ``src`` into ``dst`` (which must not exist), streaming shard by shard
-    (:func:`hf_specdef.protect_checkpoint`: bounded memory, verified before it is renamed into place)."""
+    (:func:`hf_specdef.protect_checkpoint`: bounded memory, verified before it is renamed into place).
+
+    A quantization-safe protection (``cfg.quantization_safe``) of a transformers model is done in memory instead
+    (the stock class, in the stored dtype, :func:`hf_specdef.save_protected`; streaming does not support it), and
+    the other files of ``src`` (tokenizer, chat template, ...) are copied."""
+    if cfg.quantization_safe:
+        return _protect_in_memory(src, dst, cfg, force=force, progress=progress)
     from .streaming import protect_checkpoint
 
     return protect_checkpoint(src, dst, cfg, device=device, force=force, progress=progress, verify=True)
+
+
+_WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|gguf)$|.*\.index\.json$|^config\.json$")
+
+
+def _protect_in_memory(src: Path, dst: Path, cfg: SpecDefConfig, *, force: bool, progress: bool) -> Any:
+    from .saving import save_protected
+
+    config = _read_json(src / "config.json") if (src / "config.json").is_file() else {}
+    archs = config.get("architectures") or []
+    if "_class_name" in config or not archs:
+        raise PublishError(f"quantization_safe={list(cfg.quantization_safe)} is supported for transformers models; "
+                           f"{src} is not one (no 'architectures' in its config.json).")
+    model = _load(src, "transformers", archs[0])
+    report = save_protected(model, dst, cfg, force=force, progress=progress)
+    for f in src.iterdir():
+        if f.is_file() and not _WEIGHT_FILES.match(f.name) and not (dst / f.name).exists():
+            shutil.copy2(f, dst / f.name)
+    return report
 
 
 # --------------------------------------------------------------------------------------------------- verify
@@ -491,6 +516,37 @@ def verify_pipeline(src: Path, dst: Path, info: SourceInfo, cfg: SpecDefConfig) 
     return ComponentCheck("pipeline", info.class_name, dtype.replace("torch.", ""), dev, cfg.tolerance, dev <= cfg.tolerance)
 
 
+def quantization_checks(src: Path, dst: Path, info: SourceInfo, cfg: SpecDefConfig,
+                        formats: tuple[str, ...]) -> list[dict[str, Any]]:
+    """For a transformers model: the original and the protected copy loaded with stock transformers (float32), every
+    linear weight of both quantized in each of ``formats``, compared (:func:`hf_specdef.quantization.compare.
+    compare_quantized`). A row per format; ``required`` marks the formats ``cfg.quantization_safe`` promises."""
+    if not formats:
+        return []
+    if info.kind != "transformers":
+        logger.warning("hf-specdef publish: quantized checks cover transformers models; skipped for %s", info.kind)
+        return []
+    from .quantization.compare import compare_quantized
+    from .stock import load_stock
+
+    ref, prot = load_stock(src), load_stock(dst)
+    rows = []
+    for f in formats:
+        q = compare_quantized(ref, prot, f, tolerance=cfg.tolerance)
+        rows.append(q.to_dict() | {"required": f in cfg.quantization_safe, "deviation_str": _fmt(q.deviation),
+                                   "quantization_error_str": _fmt(q.quantization_error),
+                                   "protected_error_str": _fmt(q.protected_error)})
+    return rows
+
+
+def _refuse_if_bad_quantized(rows: list[dict[str, Any]]) -> None:
+    bad = [r for r in rows if r["required"] and not r["ok"]]
+    if bad:
+        raise PublishError(f"the release claims to survive {[r['format'] for r in bad]} but the quantized protected "
+                           f"model deviates from the quantized original by {[r['deviation_str'] for r in bad]}; "
+                           "nothing was published.")
+
+
 def _refuse_if_bad(checks: list[ComponentCheck]) -> None:
     for c in checks:
         where = c.component or c.class_name
@@ -579,6 +635,7 @@ def render_card(
     measure: dict[str, Any] | None = None,
     template: str | os.PathLike | None = None,
     release_dtypes: str = "",
+    quantization: list[dict[str, Any]] | None = None,
 ) -> Any:
     """Render the model card (a :class:`huggingface_hub.ModelCard`) of a protected, verified folder.
 
@@ -618,6 +675,7 @@ def render_card(
                       "coverage": f"{c.coverage:.1%}", "hot_coverage": f"{c.hot_coverage:.1%}"} for c in checks],
         max_deviation_str=_fmt(max_dev), coverage_str=cov, hot_coverage_str=hot, measure=measure,
         load_snippet=_load_snippet(info, repo_id),
+        quantization=quantization or [], quantization_safe=list(cfg.quantization_safe),
     )
     return ModelCard.from_template(data, template_path=str(template or template_path()), **kwargs)
 
@@ -787,6 +845,7 @@ def publish(
     template: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    quantize: tuple[str, ...] | list[str] = (),
 ) -> PublishResult:
     """Protect ``model``, verify it, write a model card and push it to ``repo_id`` (or only write it: ``dry_run``).
 
@@ -806,6 +865,8 @@ def publish(
         overwrite: replace an existing ``output_dir``.
         force: protect even if the source already carries a protection record.
         template: a custom Jinja card template (default: the packaged ``specdef_model_card.md``).
+        quantize: quantization formats to measure for the card besides ``cfg.quantization_safe`` (which are always
+            measured and must keep the model intact); transformers models only.
 
     Raises:
         PublishError: verification failed, the claimed sites are not deformed, no token, or the push failed.
@@ -852,12 +913,16 @@ def publish(
         downcast = release_dtypes.measure_downcast(src, staged, cfg.tolerance)  # what a downcasting user sees
         release_dtypes.annotate_records(staged, downcast)
         safety = release_dtypes.folder_safety(staged) or getattr(report, "precision", None)
+        quantized = quantization_checks(src, staged, info, cfg, tuple(dict.fromkeys((*cfg.quantization_safe,
+                                                                                       *quantize))))
+        _refuse_if_bad_quantized(quantized)
         measured = None
         if measure:
             mc = measure if isinstance(measure, MeasureConfig) else None
             measured = measure_resistance(src, staged, info, cfg, mc, progress=progress)
         card = render_card(info, repo_id, cfg, checks, staged, pipeline_check=pipeline_check, measure=measured,
-                           template=template, release_dtypes=release_dtypes.card_paragraph(safety, downcast))
+                           template=template, release_dtypes=release_dtypes.card_paragraph(safety, downcast),
+                           quantization=quantized)
         card.save(staged / "README.md")
         result = PublishResult(repo_id, str(out) if out else None, dry_run, False, info.base_model, info.library_name,
                                cfg.to_dict(), checks, pipeline_check, measured, downcast)

@@ -23,6 +23,7 @@ class ProtectionReport:
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    quantization: dict[str, float] = field(default_factory=dict)  # format -> quantized protected vs quantized original
 
     @property
     def hot_modules(self) -> list[str]:
@@ -54,7 +55,7 @@ class ProtectionReport:
             "notes": self.notes,
             "seconds": self.seconds,
             "pairs": [r.to_dict(full=full) for r in self.results],
-        }
+        } | ({"quantization": self.quantization} if self.quantization else {})
 
     def to_json(self, full: bool = False) -> str:
         return json.dumps(self.to_dict(full=full), indent=2)
@@ -73,5 +74,6 @@ class ProtectionReport:
             )
         lines.append(f"hot modules: {len(self.hot_modules)}; cold only: {len(self.cold_modules)}")
         lines.append(describe_precision(self.precision))
+        lines += [f"quantized {f}: deviation from the quantized original {d:.2e}" for f, d in self.quantization.items()]
         lines += [f"skipped: {s}" for s in self.skipped] + [f"note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -88,7 +88,7 @@ def model_folder(path: str | Path) -> Path:
     return p
 
 
-def _composed(given: Path, model: Path) -> bool:
+def is_composed(given: Path, model: Path) -> bool:
     """Whether ``given`` is a pipeline folder (``model`` its denoiser) with a text encoder."""
     return model.parent == Path(given) and has_text_encoder(model.parent)
 
@@ -103,7 +103,7 @@ def compare_folders(original: str | Path, protected: str | Path, tolerance: floa
     from .verification import VerifyResult, verify
 
     orig, prot = model_folder(original), model_folder(protected)
-    if _composed(Path(original), orig) and _composed(Path(protected), prot):
+    if is_composed(Path(original), orig) and is_composed(Path(protected), prot):
         seed = SpecDefConfig().seed
         ref, _ = composed_pipeline_output(orig.parent, orig.name, seed, dtype)
         got, denoiser = composed_pipeline_output(prot.parent, prot.name, seed, dtype)

@@ -83,13 +83,15 @@ def check_deformation(results: list[PairResult], tensors: Any, rel: float = 1e-2
     For each pair the producer block's sigma_1 is recomputed exactly (top singular value, no full
     SVD): it must reach the recorded ``sigma_after`` (within ``rel``) and be inflated over
     ``sigma_before`` — by ``factor`` in spectral mode, by at least ``factor / sqrt(d)`` in axis mode
-    (scaling the largest of ``d`` rows by ``factor`` guarantees that much).
+    (scaling the largest of ``d`` rows by ``factor`` guarantees that much). An inverted pair (``factor < 1``,
+    the quantization-safe ``norm`` site) inflates its consumers' channels by ``1 / factor``: their block is checked.
     """
     bad = []
     for r in results:
-        block = engine.producer_block(r.pair, tensors)
-        s = float(linalg.top_singular_values(block, 1)[0])
         f = r.deformation.factor
+        block = engine.spectrum_block(r.pair, tensors, f)
+        s = float(linalg.top_singular_values(block, 1)[0])
+        f = max(f, 1.0 / f)
         inflated = f / math.sqrt(block.shape[0]) if r.mode == "axis" else f
         if not (s >= (1 - rel) * r.sigma_after and s >= (1 - rel) * inflated * r.sigma_before):
             bad.append(f"{r.pair.key}: sigma_1 {s:.4g} (before {r.sigma_before:.4g}, recorded after {r.sigma_after:.4g})")

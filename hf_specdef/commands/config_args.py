@@ -31,6 +31,18 @@ def parse_sites(text: str) -> tuple[str, ...]:
     return sites
 
 
+def parse_formats(text: str) -> tuple[str, ...]:
+    """A comma-separated list of quantization formats (or ``all``)."""
+    from ..config import QUANTIZATION_FORMATS
+
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    names = QUANTIZATION_FORMATS if names == ("all",) else names
+    if not names or any(n not in QUANTIZATION_FORMATS for n in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: use a comma-separated subset of {','.join(QUANTIZATION_FORMATS)} "
+                                         "or 'all'")
+    return names
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """The :class:`SpecDefConfig` flags (unset flags keep the config defaults)."""
     g = parser.add_argument_group("protection (SpecDefConfig)")
@@ -45,10 +57,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--record", choices=RECORD_LEVELS, help="detail of the record written to config.json (default minimal)")
     g.add_argument("--tolerance", type=float, help="max relative deviation accepted by verification (default 1e-3)")
     g.add_argument("--seed", type=int, help="seed for --layers random:N")
+    g.add_argument("--quantization-safe", type=parse_formats, dest="quantization_safe", metavar="FORMATS",
+                   help="make the release survive these quantizations: comma-separated among "
+                        "q8_0,q4_0,q4_1,q5_0,int8-g128,int4-g128 or 'all' (needs a power-of-two --alpha)")
 
 
 def config_from_args(args: argparse.Namespace) -> SpecDefConfig:
     """A :class:`SpecDefConfig` from the flags that were given (defaults for the rest)."""
-    keys = ("alpha", "sites", "top_k", "layers", "mode", "precision", "record", "tolerance", "seed")
+    keys = ("alpha", "sites", "top_k", "layers", "mode", "precision", "record", "tolerance", "seed", "quantization_safe")
     given: dict[str, Any] = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     return SpecDefConfig(**given)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .config_args import add_config_arguments, config_from_args
+from .config_args import add_config_arguments, config_from_args, parse_formats
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--commit-message", help="commit message of the upload (default names alpha, sites, deviation)")
     parser.add_argument("--template", help="custom Jinja model-card template (default: the packaged one)")
     parser.add_argument("--device", help="device for the protection math (default: the best available)")
+    parser.add_argument("--quantize", type=parse_formats, default=(), metavar="FORMATS",
+                        help="also measure these quantizations for the card (transformers models; the formats of "
+                             "--quantization-safe are always measured)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -43,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.repo_id, config_from_args(args), private=args.private, dry_run=args.dry_run,
         output_dir=args.output_dir, measure=args.measure, commit_message=args.commit_message,
         base_model=args.base_model, overwrite=args.overwrite, force=args.force, template=args.template,
-        device=args.device, progress=not args.json,
+        device=args.device, progress=not args.json, quantize=args.quantize,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else str(result))
     return 0

@@ -10,10 +10,16 @@ composed function is kept (the denoiser alone is not).
 (a spectral, float32-only protection breaks there; the exit code says so). The unprotected model's own
 deviation in that dtype (against itself in float32) is printed for scale.
 
+With ``--quantize q8_0,q4_0,...`` every linear weight of both models is also quantized the same way (GGUF
+formats through the ``gguf`` package, group-wise int8/int4) and the quantized protected model is compared with the
+quantized original: max relative logit deviation, and for a causal LM with a tokenizer the greedy answer to a chat
+prompt. The exit code is non-zero when any comparison fails.
+
 Example::
 
     hf-specdef verify ./Llama-3.2-1B ./Llama-3.2-1B-specdef --tolerance 1e-4 --json
     hf-specdef verify ./Llama-3.2-1B ./Llama-3.2-1B-specdef --dtype bfloat16
+    hf-specdef verify ./SmolLM2 ./SmolLM2-specdef --quantize q8_0,q4_0,int4-g128
 """
 
 from __future__ import annotations
@@ -39,6 +45,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="load both in this dtype (default float32); bfloat16/float16 measure what a user who "
                              "downcasts the release sees")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--quantize", default=None, metavar="FORMATS",
+                        help="also compare both models quantized the same way: comma-separated formats among "
+                             "q8_0,q4_0,q4_1,q5_0,int8-g128,int4-g128 (or 'all')")
+    parser.add_argument("--prompt", default=None,
+                        help="chat prompt for the greedy-text comparison with --quantize (default: 'What is the "
+                             "capital of France?')")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens generated with --quantize")
+
+
+def quantize_formats(value: str) -> tuple[str, ...]:
+    """The formats of ``--quantize`` (validated like ``SpecDefConfig.quantization_safe``)."""
+    from ..config import QUANTIZATION_FORMATS
+
+    names = tuple(f.strip() for f in value.split(",") if f.strip())
+    names = QUANTIZATION_FORMATS if names == ("all",) else names
+    bad = [f for f in names if f not in QUANTIZATION_FORMATS]
+    if not names or bad:
+        raise ValueError(f"--quantize {value!r}: use comma-separated formats among {QUANTIZATION_FORMATS} or 'all'.")
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..record import get_record
-    from ..stock import compare_folders
+    from ..stock import compare_folders, is_composed, load_stock, model_folder
 
     if args.tolerance is None:
         from ..config import SpecDefConfig
@@ -55,13 +80,28 @@ def run(args: argparse.Namespace) -> int:
     if not args.tolerance > 0:
         raise ValueError(f"--tolerance {args.tolerance:g}: use a number > 0 (e.g. 1e-4).")
     dtype = getattr(torch, args.dtype)
+    formats = quantize_formats(args.quantize) if getattr(args, "quantize", None) else ()
+    original, protected = model_folder(args.original), model_folder(args.protected)
+    quantized: list = []
+    if formats and dtype != torch.float32:
+        raise ValueError("--quantize compares the float32 models' quantized weights; run --dtype separately.")
+    if formats and is_composed(Path(args.original), original) and is_composed(Path(args.protected), protected):
+        raise ValueError("--quantize compares transformers models; for a pipeline, pass its component folders.")
     result, prot = compare_folders(args.original, args.protected, args.tolerance, dtype)
+    if formats:
+        orig = load_stock(original)
+        quantized = _quantized(orig, prot, formats, args, original)
     record = get_record(prot)
     baseline = baseline_deviation(args.original, dtype) if dtype != torch.float32 else None
+    ok = result.ok and all(q.ok for q in quantized)
     if args.json:
-        print(json.dumps(result.to_dict() | {"protected_record": bool(record), "baseline_deviation": baseline}, indent=2))
+        extra = {"quantized": [q.to_dict() for q in quantized]} if formats else {}
+        print(json.dumps(result.to_dict() | {"protected_record": bool(record), "baseline_deviation": baseline} | extra
+                         | {"all_ok": ok}, indent=2))
     else:
         print(result)
+        for q in quantized:
+            print(q)
         if baseline is not None:  # the unprotected model's own rounding in that dtype
             print(f"for scale: the unprotected model in {args.dtype} deviates {baseline:.3e} from itself in float32")
         if not record:
@@ -72,7 +112,30 @@ def run(args: argparse.Namespace) -> int:
         if not result.ok and dtype != torch.float32:
             print(f"the protected release does not keep its function in {args.dtype}: load it in float32, or protect "
                   f"with precision='auto' on a {args.dtype} checkpoint for a protection exact in {args.dtype}")
-    return 0 if result.ok else 1
+    return 0 if ok else 1
+
+
+def _quantized(orig: torch.nn.Module, prot: torch.nn.Module, formats: tuple[str, ...], args: argparse.Namespace,
+               folder: Path) -> list:
+    """One :class:`~hf_specdef.quantization.compare.QuantizedComparison` per format (greedy text for a causal LM
+    whose folder has a tokenizer)."""
+    if not formats:
+        return []
+    from ..quantization.compare import DEFAULT_PROMPT, compare_quantized
+
+    tokenizer = _tokenizer(folder) if hasattr(orig, "generate") and getattr(orig, "can_generate", lambda: False)() else None
+    return [compare_quantized(orig, prot, f, tolerance=args.tolerance, tokenizer=tokenizer,
+                              prompt=args.prompt or DEFAULT_PROMPT, max_new_tokens=args.max_new_tokens)
+            for f in formats]
+
+
+def _tokenizer(folder: Path) -> object | None:
+    """The folder's tokenizer, or None when it has none."""
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def baseline_deviation(original: str, dtype: torch.dtype) -> float | None:

@@ -32,10 +32,20 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-from .. import downcast, engine, probe
+from .. import downcast, probe
 from ..config import CONFIG_KEY, SpecDefConfig
 from ..engine import PairResult
-from ..protection import Backup, ParamTensors, _check_materialized, deform_verified, model_pairs
+from ..protection import (
+    Backup,
+    ParamTensors,
+    _check_materialized,
+    deform_verified,
+    guard_outcomes,
+    model_pairs,
+    plan_model,
+    quantization_record,
+    quantized_check,
+)
 from ..record import check_not_protected, get_record, make_record, set_record
 from ..report import ProtectionReport
 from ..verification import DeformationCheckError, check_deformation
@@ -164,17 +174,31 @@ def install() -> None:
 
 
 def _protect_with_backup(
-    model: PreTrainedModel, cfg: SpecDefConfig, inputs: dict[str, Any] | None, verify: bool, progress: bool
-) -> tuple[list[PairResult], Backup, float | None, list[str]]:
-    """Deform ``model`` in place, verified and checked (SPEC §7), keeping the exact backup (restored on failure)."""
+    model: PreTrainedModel, cfg: SpecDefConfig, inputs: dict[str, Any] | None, verify: bool, progress: bool,
+    notes: list[str],
+) -> tuple[list[PairResult], Backup, float | None, list[str], Any]:
+    """Deform ``model`` in place, verified and checked (SPEC §7), keeping the exact backup (restored on failure);
+    with ``cfg.quantization_safe`` also the quantized check (returned last; ``None`` otherwise)."""
     tensors = ParamTensors(model)
     pairs, skipped = model_pairs(model, cfg, tensors)
-    plans = engine.plan_pairs(pairs, tensors, cfg, skipped)
+    plans = plan_model(pairs, tensors, cfg, skipped)
     if verify:
         inputs = inputs if inputs is not None else probe.probe_inputs(model)
     run = (lambda: probe.run_probe(model, inputs)) if verify else None
-    results, backup, deviation = deform_verified(plans, tensors, cfg, run=run, check=check_deformation, progress=progress)
-    return results, backup, deviation, skipped
+    qcheck = quantized_check(model, cfg, inputs) if verify else None
+
+    def check(results: list[PairResult], tensors: Any) -> None:
+        check_deformation(results, tensors)
+        if qcheck is not None:
+            qcheck(results, tensors)
+
+    results, backup, deviation = deform_verified(plans, tensors, cfg, run=run, check=check, progress=progress)
+    try:
+        skipped += guard_outcomes(plans, results, notes)
+    except BaseException:
+        backup.restore(tensors)
+        raise
+    return results, backup, deviation, skipped, qcheck
 
 
 def save_protected(
@@ -236,9 +260,13 @@ def save_protected(
     old_record = get_record(model)
     tensors = ParamTensors(model)
     try:
-        results, backup, deviation, skipped = _protect_with_backup(model, cfg, inputs, verify, progress)
+        notes: list[str] = []
+        results, backup, deviation, skipped, qcheck = _protect_with_backup(model, cfg, inputs, verify, progress, notes)
         try:
-            set_record(model, make_record(cfg, results, deviation))
+            record = make_record(cfg, results, deviation)
+            if record is not None and cfg.quantization_safe:
+                record["quantization"] = quantization_record(cfg, qcheck)
+            set_record(model, record)
             model.save_pretrained(tmp, **save_kwargs)
         finally:
             backup.restore(tensors)
@@ -253,7 +281,8 @@ def save_protected(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    report = ProtectionReport(cfg, results, deviation, skipped, [], time.perf_counter() - start)
+    report = ProtectionReport(cfg, results, deviation, skipped, notes, time.perf_counter() - start,
+                              quantization=dict(qcheck.deviations) if qcheck else {})
     logger.info("hf-specdef wrote %d protected pairs to %s (deviation=%s)", len(results), dest, deviation)
     return report
 
