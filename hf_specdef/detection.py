@@ -133,7 +133,7 @@ def estimate_axis(pair: Pair, tensors: Mapping[str, torch.Tensor], threshold: fl
     if pair.rotary:
         if d % 2:
             return None
-        rp, rc = rp[: d // 2] + rp[d // 2:], rc[: d // 2] + rc[d // 2:]
+        rp, rc = linalg.pair_scores(rp, pair.rotary), linalg.pair_scores(rc, pair.rotary)
     tiny = torch.finfo(rp.dtype).tiny
     norm_p = rp.sqrt() / rp.sqrt().median().clamp_min(tiny)
     norm_c = rc.sqrt() / rc.sqrt().median().clamp_min(tiny)
@@ -143,9 +143,7 @@ def estimate_axis(pair: Pair, tensors: Mapping[str, torch.Tensor], threshold: fl
     k = _count_leading(scores, threshold)
     if k == 0:
         return None
-    idx = torch.sort(order[:k]).values
-    if pair.rotary:
-        idx = torch.cat([idx, idx + d // 2])
+    idx = linalg.pair_indices(order[:k], d, pair.rotary) if pair.rotary else torch.sort(order[:k]).values
     m = Deformation(size=d, factor=snap_power_of_two(_geo_mean(scores[:k])), indices=idx.to(torch.long))
     return SiteEstimate(pair, m, "axis", scores[:k])
 

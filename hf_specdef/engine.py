@@ -182,7 +182,7 @@ def build_deformation(plan: Plan, block: torch.Tensor, cfg: SpecDefConfig) -> tu
         u, s = linalg.top_left_singular(block, cfg.top_k)
         return Deformation(block.shape[0], plan.factor, basis=u), float(s[0]), plan.factor * float(s[0])
     a = block.to(torch.promote_types(block.dtype, torch.float32))  # converted once (16-bit weights), else no copy
-    m = linalg.axis_deformation(a, cfg.top_k, plan.factor, rotary_half=plan.pair.rotary)
+    m = linalg.axis_deformation(a, cfg.top_k, plan.factor, rotary=plan.pair.rotary)
     if block.shape[0] <= min(block.shape[1], _EXACT_SIDE):  # d x d Gram G; after M: D G D
         gram = a @ a.T
         d = torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)

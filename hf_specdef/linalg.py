@@ -174,20 +174,43 @@ def top_singular_values(matrix: torch.Tensor, k: int) -> torch.Tensor:
     return top_left_singular(m, k)[1]
 
 
-def top_rows(block: torch.Tensor, k: int, rotary_half: bool = False) -> torch.Tensor:
-    """Indices of the ``k`` rows of largest norm; with ``rotary_half``, of the ``k`` rotary pairs
-    ``(i, i + d/2)`` of largest joint norm, returned as the ``2k`` row indices (both halves)."""
+def rotary_partners(d: int, rotary: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two dims of each rotary pair of a ``d``-dim block, as index tensors ``(first, second)`` of length ``d/2``:
+    ``"half"``: ``(i, i + d/2)`` (Llama's ``rotate_half``); ``"adjacent"``: ``(2i, 2i + 1)`` (Flux, GPT-J)."""
+    if d % 2:
+        raise ValueError(f"rotary pairing needs an even head dim, got {d}.")
+    i = torch.arange(d // 2)
+    if rotary == "half":
+        return i, i + d // 2
+    if rotary == "adjacent":
+        return 2 * i, 2 * i + 1
+    raise ValueError(f"unknown rotary layout {rotary!r}; use 'half' or 'adjacent'.")
+
+
+def pair_scores(scores: torch.Tensor, rotary: str) -> torch.Tensor:
+    """Per rotary pair, the sum of the per-dim ``scores`` of its two dims (``d/2`` values, pair ``j`` first)."""
+    first, second = rotary_partners(scores.numel(), rotary)
+    return scores[first.to(scores.device)] + scores[second.to(scores.device)]
+
+
+def pair_indices(pairs: torch.Tensor, d: int, rotary: str) -> torch.Tensor:
+    """The ``2k`` dims of the rotary pairs ``pairs`` (indices into :func:`rotary_partners`), sorted."""
+    first, second = rotary_partners(d, rotary)
+    idx = pairs.cpu()
+    return torch.sort(torch.cat([first[idx], second[idx]])).values.to(pairs.device)
+
+
+def top_rows(block: torch.Tensor, k: int, rotary: str = "") -> torch.Tensor:
+    """Indices of the ``k`` rows of largest norm; with a ``rotary`` layout (``"half"`` / ``"adjacent"``, see
+    :func:`rotary_partners`), of the ``k`` rotary pairs of largest joint norm, returned as the ``2k`` row indices."""
     # accumulated in float32 (float64 for float64 weights): a ranking needs no more, and it is ten times faster
     norms = torch.linalg.vector_norm(block, dim=1, dtype=torch.promote_types(block.dtype, torch.float32)).pow(2)
     d = norms.numel()
-    if rotary_half:
-        if d % 2:
-            raise ValueError(f"rotary pairing needs an even head dim, got {d}.")
-        pair = norms[: d // 2] + norms[d // 2 :]
+    if rotary:
+        pair = pair_scores(norms, rotary)
         if k > d // 2:
             raise ValueError(f"top_k={k} exceeds the {d // 2} rotary pairs of a head; choose top_k <= {d // 2}.")
-        idx = torch.sort(torch.argsort(pair, descending=True, stable=True)[:k]).values
-        return torch.cat([idx, idx + d // 2])
+        return pair_indices(torch.argsort(pair, descending=True, stable=True)[:k], d, rotary)
     if k > d:
         raise ValueError(f"top_k={k} exceeds the block size {d}; choose top_k <= {d}.")
     return torch.sort(torch.argsort(norms, descending=True, stable=True)[:k]).values
@@ -199,9 +222,9 @@ def spectral_deformation(block: torch.Tensor, k: int, alpha: float) -> Deformati
     return Deformation(size=block.shape[0], factor=float(alpha), basis=u)
 
 
-def axis_deformation(block: torch.Tensor, k: int, alpha: float, rotary_half: bool = False) -> Deformation:
-    """Deformation that scales the ``k`` largest rows (or rotary pairs) of ``block`` by ``alpha``."""
-    return Deformation(size=block.shape[0], factor=float(alpha), indices=top_rows(block, k, rotary_half))
+def axis_deformation(block: torch.Tensor, k: int, alpha: float, rotary: str = "") -> Deformation:
+    """Deformation that scales the ``k`` largest rows (or rotary pairs, see :func:`top_rows`) of ``block`` by ``alpha``."""
+    return Deformation(size=block.shape[0], factor=float(alpha), indices=top_rows(block, k, rotary))
 
 
 def _apply(t: torch.Tensor, axis: int, start: int, stop: int, m: Deformation, side: str, inverse: bool,

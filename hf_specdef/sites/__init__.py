@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..config import SpecDefConfig
-from . import decoders, moe  # noqa: F401  (register the decoder and MoE families of issue 19)
+from . import decoders, mmdit, moe  # noqa: F401  (register the decoder, MMDiT and MoE families of issue 19)
 from .base import AXIS_ONLY_SITES, Pair, TensorBlock
 from .registry import (
     REGISTRY,
