@@ -201,6 +201,7 @@ def test_streaming_equals_in_memory(arch: str, saved, tmp_path: Path) -> None:
     if denoiser:  # streamed from the pipeline folder: the pipeline-level norm site does not apply, said so
         assert report.component == "transformer"
         assert any("pipeline has no text encoder" in n for n in report.notes)
+        assert any(s.startswith("site type 'mlp'") and "GELU" in s for s in report.skipped)
         assert (dst / "model_index.json").exists()
 
 
@@ -215,6 +216,17 @@ def test_denoiser_load_and_save_time_protection_equal_in_memory(arch: str, saved
     plain.save_pretrained(tmp_path / "save", specdef_config=cfg_for(arch))  # save time: files protected, model not
     _assert_same_tensors(_tensors(tmp_path / "save"), in_memory)
     _assert_same_tensors({n: t.detach() for n, t in plain.state_dict().items()}, _tensors(src))
+
+
+def test_flux_layers_count_blocks_in_execution_order_and_cross_attention_selects_the_joint_attention() -> None:
+    from hf_specdef.sites import pairs_for, select_pairs
+
+    model = TINY_DENOISERS["flux"]()
+    pairs = pairs_for(model.config, ParamTensors(model).shapes(), SpecDefConfig(), type(model).__name__)
+    first = select_pairs(pairs, SpecDefConfig(layers=[0]))
+    assert {p.block.split(".")[0] for p in first} == {"transformer_blocks"}  # the double-stream block runs first
+    cross = select_pairs(pairs, SpecDefConfig(layers="cross-attention"))
+    assert {p.site for p in cross} == {"attn.qk", "attn.vo"} and len({p.layer for p in cross}) == 3
 
 
 def test_stock_libraries_reload_every_protected_architecture(saved) -> None:

@@ -215,6 +215,7 @@ MMDIT = ArchSpec(  # every pair comes from mmdit_pairs (joint streams, AdaLN fol
     block=r"^(?P<block>(?:single_)?transformer_blocks\.\d+)\.",
     class_names=MMDIT_CLASSES,
     extra_pairs=mmdit_pairs,
+    absent=(("mlp", "GELU(tanh) feed-forwards: no positive diagonal commutes with GELU"),),
 )
 
 register_architecture(MMDIT)

@@ -126,7 +126,8 @@ class PreNorm:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where the sites of one architecture are. ``block`` is a regex with a named group ``block``."""
+    """Where the sites of one architecture are. ``block`` is a regex with a named group ``block``. ``absent``:
+    ``(site type, why)`` for site types the architecture has no exact pair of (said when they are skipped)."""
 
     name: str
     block: str
@@ -136,6 +137,7 @@ class ArchSpec:
     model_types: tuple[str, ...] = ()
     class_names: tuple[str, ...] = ()
     extra_pairs: Callable[[Any, ShapeOf], list[Pair]] | None = field(default=None)
+    absent: tuple[tuple[str, str], ...] = ()
 
 
 def _natural(s: str) -> list[Any]:
