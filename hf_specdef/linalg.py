@@ -174,35 +174,31 @@ def top_singular_values(matrix: torch.Tensor, k: int) -> torch.Tensor:
     return top_left_singular(m, k)[1]
 
 
-def rotary_partners(d: int, rotary: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two dims of each rotary pair of a ``d``-dim block, as index tensors ``(first, second)`` of length ``d/2``:
-    ``"half"``: ``(i, i + d/2)`` (Llama's ``rotate_half``); ``"adjacent"``: ``(2i, 2i + 1)`` (Flux, GPT-J)."""
+def _check_layout(d: int, rotary: str) -> None:
+    if rotary not in ("half", "adjacent"):
+        raise ValueError(f"unknown rotary layout {rotary!r}; use 'half' or 'adjacent'.")
     if d % 2:
         raise ValueError(f"rotary pairing needs an even head dim, got {d}.")
-    i = torch.arange(d // 2)
-    if rotary == "half":
-        return i, i + d // 2
-    if rotary == "adjacent":
-        return 2 * i, 2 * i + 1
-    raise ValueError(f"unknown rotary layout {rotary!r}; use 'half' or 'adjacent'.")
 
 
 def pair_scores(scores: torch.Tensor, rotary: str) -> torch.Tensor:
-    """Per rotary pair, the sum of the per-dim ``scores`` of its two dims (``d/2`` values, pair ``j`` first)."""
-    first, second = rotary_partners(scores.numel(), rotary)
-    return scores[first.to(scores.device)] + scores[second.to(scores.device)]
+    """Per rotary pair, the sum of the per-dim ``scores`` (length ``d``) of its two dims: ``d/2`` values. Layouts:
+    ``"half"``: pair ``j`` is ``(j, j + d/2)`` (Llama's ``rotate_half``); ``"adjacent"``: ``(2j, 2j + 1)`` (Flux, GPT-J)."""
+    d = scores.numel()
+    _check_layout(d, rotary)
+    return scores[: d // 2] + scores[d // 2:] if rotary == "half" else scores.reshape(d // 2, 2).sum(1)
 
 
 def pair_indices(pairs: torch.Tensor, d: int, rotary: str) -> torch.Tensor:
-    """The ``2k`` dims of the rotary pairs ``pairs`` (indices into :func:`rotary_partners`), sorted."""
-    first, second = rotary_partners(d, rotary)
-    idx = pairs.cpu()
-    return torch.sort(torch.cat([first[idx], second[idx]])).values.to(pairs.device)
+    """The ``2k`` dims (sorted) of the rotary pairs numbered ``pairs`` (as in :func:`pair_scores`) of a ``d``-dim block."""
+    _check_layout(d, rotary)
+    dims = torch.cat([pairs, pairs + d // 2]) if rotary == "half" else torch.stack([2 * pairs, 2 * pairs + 1], 1).flatten()
+    return torch.sort(dims).values
 
 
 def top_rows(block: torch.Tensor, k: int, rotary: str = "") -> torch.Tensor:
     """Indices of the ``k`` rows of largest norm; with a ``rotary`` layout (``"half"`` / ``"adjacent"``, see
-    :func:`rotary_partners`), of the ``k`` rotary pairs of largest joint norm, returned as the ``2k`` row indices."""
+    :func:`pair_scores`), of the ``k`` rotary pairs of largest joint norm, returned as the ``2k`` row indices."""
     # accumulated in float32 (float64 for float64 weights): a ranking needs no more, and it is ten times faster
     norms = torch.linalg.vector_norm(block, dim=1, dtype=torch.promote_types(block.dtype, torch.float32)).pow(2)
     d = norms.numel()
