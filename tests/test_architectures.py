@@ -218,7 +218,7 @@ def test_denoiser_load_and_save_time_protection_equal_in_memory(arch: str, saved
     _assert_same_tensors({n: t.detach() for n, t in plain.state_dict().items()}, _tensors(src))
 
 
-def test_flux_layers_count_blocks_in_execution_order_and_cross_attention_selects_the_joint_attention() -> None:
+def test_flux_layer_order_cross_attention_selection_and_fused_qkv_refusal() -> None:
     from hf_specdef.sites import pairs_for, select_pairs
 
     model = TINY_DENOISERS["flux"]()
@@ -227,6 +227,9 @@ def test_flux_layers_count_blocks_in_execution_order_and_cross_attention_selects
     assert {p.block.split(".")[0] for p in first} == {"transformer_blocks"}  # the double-stream block runs first
     cross = select_pairs(pairs, SpecDefConfig(layers="cross-attention"))
     assert {p.site for p in cross} == {"attn.qk", "attn.vo"} and len({p.layer for p in cross}) == 3
+    model.fuse_qkv_projections()  # run-time fused copies (to_qkv) would not follow the deformation: refused with the fix
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+        protect(model, SpecDefConfig(), progress=False)
 
 
 def test_stock_libraries_reload_every_protected_architecture(saved) -> None:

@@ -33,6 +33,9 @@ block (``AdaLayerNormContinuous``: chunks ``scale, shift``) -> ``attn.add_q/k/v_
 ``norm`` (``shift, scale, gate``) -> ``attn.to_q/k/v`` and ``proj_mlp``. A modulation without a bias cannot hold
 the ``1`` of ``1 + scale`` and gets no pair.
 
+A model whose q/k/v were fused at run time (``fuse_qkv_projections()``: ``to_qkv`` / ``to_added_qkv`` beside the
+kept ``to_q/k/v``) is refused with the fix (unfuse first): the fused copies are what runs.
+
 **No ``mlp`` site**: the feed-forwards are GELU(tanh) (``ff``, ``ff_context``, Flux ``proj_mlp``), which no
 positive diagonal commutes with. The model-level ``norm_out`` -> ``proj_out`` and the embedders are left alone.
 
@@ -200,6 +203,11 @@ def mmdit_blocks(names: Sequence[str]) -> list[tuple[str, bool]]:
 
 def mmdit_pairs(config: Any, shape_of: ShapeOf) -> list[Pair]:
     """Every pair of an SD3 / Flux transformer (see the module docstring)."""
+    fused = sorted(n for n in shape_of if n.endswith(("to_qkv.weight", "to_added_qkv.weight")))
+    if fused:  # diffusers keeps to_q/k/v beside the fused copy and runs the copy only
+        raise ValueError(f"{fused[0]}: the q/k/v projections were fused at run time (fuse_qkv_projections()), and the "
+                         "fused copies would not follow the deformation; call model.unfuse_qkv_projections() first "
+                         "(or protect before fusing).")
     rotary = "adjacent" if cfg_get(config, "axes_dims_rope") is not None else ""  # Flux: RoPE on adjacent pairs
     pairs: list[Pair] = []
     for layer, (block, single) in enumerate(mmdit_blocks(list(shape_of))):
