@@ -121,6 +121,9 @@ def test_bfloat16_axis_is_bit_exact(arch: str) -> None:
     assert report.deviation == 0.0
     assert torch.equal(probe_mod.run_probe(model, inputs), reference)
     assert all(r.sigma_after > 10 * r.sigma_before for r in report.results)
+    hot = {f.name for f in inspect_model(model).findings if f.role == "hot"}  # not from pairs skipped in bf16
+    params = dict(model.named_parameters())
+    assert hot == {b.name for r in report.results for b in r.pair.consumers if params[b.name].dim() >= 2}
     why = EXPECT[arch][2]
     skipped = [s for s in report.skipped if "this architecture has none" not in s]
     assert all(why in s for s in skipped) if why else skipped == []
