@@ -16,6 +16,7 @@ import torch
 
 from . import engine, probe
 from .config import SpecDefConfig
+from .precision import NothingExactError
 from .sites import NoSitesError, Pair, cfg_get, select_pairs
 from .sites.best_effort import best_effort_pairs
 
@@ -45,6 +46,8 @@ def verified_pairs(model: torch.nn.Module, cfg: SpecDefConfig, tensors: Any, no_
                                                    progress=False)
             backup.restore(tensors)
             why = "" if deviation <= cfg.tolerance else f"it moved the outputs by {deviation:.2g} > tolerance={cfg.tolerance:g}"
+        except NothingExactError as e:  # the precision policy leaves this site type out in this dtype
+            why = f"the storage dtype cannot hold it exactly ({e})"
         except engine.PrecisionBudgetError:
             raise  # about the dtype, not the guess: the same error as for a registered architecture
         except VerificationError:  # a non-finite output

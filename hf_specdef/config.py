@@ -12,7 +12,7 @@ from typing import Any
 
 SITE_TYPES: tuple[str, ...] = ("attn.vo", "attn.qk", "mlp", "norm")
 MODES: tuple[str, ...] = ("spectral", "axis")
-PRECISION_POLICIES: tuple[str, ...] = ("refuse", "axis", "float32")
+PRECISION_POLICIES: tuple[str, ...] = ("auto", "refuse", "axis", "float32")
 RECORD_LEVELS: tuple[str, ...] = ("minimal", "full", "none")
 DEFAULT_SITES: tuple[str, ...] = ("attn.vo", "attn.qk", "mlp", "norm")
 _RANDOM_LAYERS = re.compile(r"^random:(\d+)$")
@@ -47,10 +47,16 @@ class SpecDefConfig:
             spectral mode at alpha=1000 in float32 costs about alpha x unit roundoff, measured 6e-5 to 1.03e-4
             on Llama models of 2 to 24 layers (125M parameters: 1.03e-4), so 1e-4 sits at float32's edge;
             pass ``tolerance=1e-4`` to enforce that stricter bar. The precision budget is checked against it.
-        precision: what to do when the storage dtype cannot hold the deformation within ``tolerance``
-            (SPEC §2 precision budget): ``"refuse"`` (raise, the default), ``"axis"`` (use axis mode with
-            alpha rounded to a power of two) or ``"float32"`` (upcast the model to float32: keeping only the
-            deformed weights in float32 is not enough, the inflated activations are rounded too).
+        precision: how to fit the deformation into the storage dtype (SPEC §2 precision budget):
+            ``"auto"`` (default): the strongest protection exact in the dtype each weight is stored in --
+            float32/float64: as requested (spectral; axis with a power-of-two alpha if spectral would exceed
+            ``tolerance``); bfloat16: axis mode with alpha rounded to a power of two (bit-exact); float16: axis
+            mode with a power-of-two factor per pair chosen so that every scaled weight stays exactly
+            representable (:mod:`hf_specdef.exact_scaling`), refused when that factor would fall below
+            alpha/16. ``"refuse"``: raise when the requested protection exceeds ``tolerance`` in the storage
+            dtype. ``"axis"``: switch such pairs to axis mode with a power-of-two alpha. ``"float32"``: upcast
+            the model to float32 (keeping only the deformed weights in float32 is not enough, the inflated
+            activations are rounded too). What was requested and what was used is in the report and the record.
         record: detail of the protection record written into the model config: ``"minimal"`` (sites,
             alpha, layers), ``"full"`` (also every direction / channel, enough for an exact undo) or ``"none"``.
         seed: seed for ``layers="random:N"``.
@@ -64,7 +70,7 @@ class SpecDefConfig:
     layers: str | Sequence[int] = "all"
     mode: str = "spectral"
     tolerance: float = 1e-3
-    precision: str = "refuse"
+    precision: str = "auto"
     record: str = "minimal"
     seed: int = 0
     site_map: list[dict[str, Any]] | None = field(default=None)

@@ -7,24 +7,23 @@ streaming path (it holds tensors read from checkpoint shards).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import linalg
+from . import exact_scaling, linalg, precision
 from .config import SpecDefConfig
 from .linalg import Deformation
+from .precision import PrecisionBudgetError  # noqa: F401 - re-exported (hf_specdef.PrecisionBudgetError)
 from .sites.base import Pair, TensorBlock
 
 logger = logging.getLogger("hf_specdef")
 
 Tensors = MutableMapping[str, torch.Tensor]
-
-
-class PrecisionBudgetError(ValueError):
-    """The storage dtype cannot hold the deformation within the tolerance (SPEC §2)."""
+Region = Callable[[TensorBlock], torch.Tensor]
 
 
 @dataclass
@@ -37,6 +36,7 @@ class PairResult:
     sigma_before: float
     sigma_after: float
     dtype: str
+    policy: str = ""  # what the precision policy did to the pair ("" = as requested; see precision.resolve)
 
     def to_dict(self, full: bool = False) -> dict[str, Any]:
         d = {
@@ -45,6 +45,8 @@ class PairResult:
             "hot": list(self.pair.hot_modules), "cold": list(self.pair.cold_modules),
             "sigma_before": self.sigma_before, "sigma_after": self.sigma_after, "dtype": self.dtype,
         }
+        if self.policy:
+            d["policy"] = self.policy
         if full:
             d["pair"] = self.pair.to_dict()
             d["deformation"] = self.deformation.to_record()
@@ -61,6 +63,8 @@ class Plan:
     budget: float
     dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
+    policy: str = ""  # "" (as requested), "axis", "axis-float16" or "float32" (see precision.resolve)
+    skip: str = ""  # why the policy leaves this pair out ("" = deformed)
 
 
 def producer_block(pair: Pair, tensors: Tensors,
@@ -88,52 +92,34 @@ def _with_offset(t: torch.Tensor, offset: float) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32)) + offset if offset else t
 
 
-def plan_pairs(pairs: Sequence[Pair], tensors: Tensors, cfg: SpecDefConfig) -> list[Plan]:
-    """Decide mode and factor per pair and check the precision budget for the storage dtype.
+def plan_pairs(pairs: Sequence[Pair], tensors: Tensors, cfg: SpecDefConfig,
+               skipped: list[str] | None = None) -> list[Plan]:
+    """Decide mode and factor per pair and fit them into the storage dtype (``cfg.precision``, see
+    :func:`hf_specdef.precision.resolve`): raises :class:`PrecisionBudgetError` when the policy refuses.
+    With ``"float32"`` the pair's tensors are to be kept in float32 (the caller upcasts them).
 
-    With ``cfg.precision == "refuse"`` a budget violation raises :class:`PrecisionBudgetError`
-    that explains the options; ``"axis"`` switches the pair to axis mode with a power-of-two
-    alpha; ``"float32"`` keeps the pair's tensors in float32 (the caller upcasts them).
+    Pairs the policy cannot keep exact are left out (``precision="auto"``: ``attn.qk`` in float16), their
+    reasons appended to ``skipped``; when none is left, :class:`PrecisionBudgetError`.
     """
     check_finite(pairs, tensors)
-    plans = []
+    plans, left_out = [], {}
     for p in pairs:
         dtype = tensors[p.producers[0].name].dtype
         axis = cfg.mode == "axis" or p.axis_only
         budget = linalg.spectral_budget(axis, cfg.alpha, dtype)
         plan = Plan(p, axis, float(cfg.alpha), budget, dtype)
-        if budget > cfg.tolerance:
-            _resolve_budget(plan, cfg)
-        plans.append(plan)
+        precision.resolve(plan, cfg)
+        if plan.skip:
+            left_out.setdefault((p.site, plan.skip), []).append(p.key)
+        else:
+            plans.append(plan)
+    reasons = [f"site {site!r}, {len(keys)} pairs (e.g. {keys[0]}): {why}" for (site, why), keys in left_out.items()]
+    if reasons and not plans:
+        raise precision.NothingExactError(f"no pair can be deformed exactly in the storage dtype: {reasons[0]}; choose other "
+                                   "sites or convert the checkpoint (bfloat16: bit-exact axis mode).")
+    if skipped is not None:
+        skipped.extend(reasons)
     return plans
-
-
-def _resolve_budget(plan: Plan, cfg: SpecDefConfig) -> None:
-    if cfg.precision == "refuse":
-        pow2 = linalg.nearest_power_of_two(cfg.alpha)
-        raise PrecisionBudgetError(
-            f"Precision budget exceeded: {'axis' if plan.axis else 'spectral'} mode with alpha={cfg.alpha:g} stored in "
-            f"{plan.dtype} adds a relative output error of about {plan.budget:.2g} (unit roundoff "
-            f"{linalg.unit_roundoff(plan.dtype):.2g}{', amplified by alpha' if not plan.axis else ''}), "
-            f"above tolerance={cfg.tolerance:g}; the protected model would be "
-            f"broken (first pair: {plan.pair.key}). Options: load/protect in float32; or "
-            f"SpecDefConfig(precision='float32') to upcast the model to float32; or "
-            f"SpecDefConfig(mode='axis', alpha={pow2:g}) (a power of two is bit-exact in float32/bfloat16; "
-            f"precision='axis' does this switch automatically)."
-        )
-    if cfg.precision == "axis":
-        plan.axis, plan.factor = True, linalg.nearest_power_of_two(cfg.alpha)
-        plan.budget = 0.0
-        plan.notes.append(f"precision='axis': axis mode with alpha={plan.factor:g} ({plan.dtype})")
-    else:  # float32
-        plan.dtype = torch.float32
-        plan.budget = linalg.spectral_budget(plan.axis, cfg.alpha, torch.float32)
-        plan.notes.append("precision='float32': protected model stored in float32")
-        if plan.budget > cfg.tolerance:
-            raise PrecisionBudgetError(
-                f"even float32 cannot hold alpha={cfg.alpha:g} in spectral mode within tolerance={cfg.tolerance:g} "
-                f"(expected error {plan.budget:.2g}); lower alpha, raise tolerance, or use mode='axis' with a power-of-two alpha."
-            )
 
 
 def check_finite(pairs: Sequence[Pair], tensors: Tensors) -> None:
@@ -171,25 +157,45 @@ def apply_pair(pair: Pair, tensors: Tensors, m: Deformation, inverse: bool = Fal
         linalg.apply_consumer(tensors[b.name], b.axis, b.start, b.stop, m, inverse, b.offset)
 
 
-def build_deformation(plan: Plan, block: torch.Tensor, cfg: SpecDefConfig) -> tuple[Deformation, float, float]:
+def build_deformation(plan: Plan, block: torch.Tensor, cfg: SpecDefConfig,
+                      region: Region | None = None) -> tuple[Deformation, float, float]:
     """``M`` for one pair from its current producer block, and sigma_1 of the block before and after ``M``.
 
     Spectral pairs: ``M`` from the top-k decomposition, which also gives sigma_1 (after = factor x before,
     exact in real arithmetic). Axis pairs: sigma_1 measured (see :func:`sigma_max`; small blocks exactly,
-    before and after from one Gram matrix).
+    before and after from one Gram matrix). float16-exact pairs (``plan.policy == "axis-float16"``) also read
+    every producer and consumer block through ``region`` (current values) to pick channels and factor.
     """
     if not plan.axis:
         u, s = linalg.top_left_singular(block, cfg.top_k)
         return Deformation(block.shape[0], plan.factor, basis=u), float(s[0]), plan.factor * float(s[0])
     a = block.to(torch.promote_types(block.dtype, torch.float32))  # converted once (16-bit weights), else no copy
-    m = linalg.axis_deformation(a, cfg.top_k, plan.factor, rotary=plan.pair.rotary)
+    if plan.policy == "axis-float16":
+        m = _exact16_deformation(plan, a, cfg, region)
+    else:
+        m = linalg.axis_deformation(a, cfg.top_k, plan.factor, rotary=plan.pair.rotary)
     if block.shape[0] <= min(block.shape[1], _EXACT_SIDE):  # d x d Gram G; after M: D G D
         gram = a @ a.T
         d = torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        d[m.indices.to(d.device)] = plan.factor
+        d[m.indices.to(d.device)] = m.factor
         before, after = linalg.eigvalsh(torch.stack([gram, gram * d[:, None] * d[None, :]]))[:, -1]
         return m, float(before.clamp_min(0).sqrt()), float(after.clamp_min(0).sqrt())
     return m, (s0 := sigma_max(a)), _axis_sigma_after(a, m, s0)
+
+
+def _exact16_deformation(plan: Plan, block: torch.Tensor, cfg: SpecDefConfig, region: Region | None) -> Deformation:
+    """The float16-exact axis deformation of a pair (channels with the largest exact power-of-two factor), or
+    :class:`PrecisionBudgetError` when that factor falls below ``alpha / 16``."""
+    if region is None:
+        raise ValueError(f"pair {plan.pair.key}: a float16-exact deformation needs the pair's tensors (region=...).")
+    lines = {b: linalg.as_rows(region(b), b.axis) for b in plan.pair.producers + plan.pair.consumers}
+    log2 = exact_scaling.channel_log2([lines[b] for b in plan.pair.producers], [lines[b] for b in plan.pair.consumers],
+                                      plan.dtype, int(round(math.log2(plan.factor))))
+    norms = block.pow(2).sum(dim=1)
+    m = exact_scaling.exact_axis_deformation(norms, log2, cfg.top_k, rotary=plan.pair.rotary)
+    if m.factor < precision.min_exact16_factor(cfg):
+        raise precision.refuse_exact16(plan.pair.key, m.factor, cfg)
+    return m
 
 
 def _axis_sigma_after(block: torch.Tensor, m: Deformation, sigma_before: float) -> float:
@@ -212,7 +218,11 @@ def deform_pair(
     sigma_1 of the producer block is reported before and after (see :func:`build_deformation`).
     """
     block = producer_block(plan.pair, tensors)
-    m, s0, s1 = build_deformation(plan, block, cfg)  # before apply_pair: ``block`` may be a view of the weight
+    region = None
+    if plan.policy == "axis-float16":
+        def region(b: TensorBlock) -> torch.Tensor:
+            return tensors[b.name].narrow(b.axis, b.start, b.stop - b.start)
+    m, s0, s1 = build_deformation(plan, block, cfg, region)  # before apply_pair: ``block`` may be a view of the weight
     if before_apply is not None:
         before_apply(m)
     apply_pair(plan.pair, tensors, m)
@@ -222,7 +232,7 @@ def deform_pair(
 def result_of(plan: Plan, m: Deformation, sigma_before: float, sigma_after: float) -> PairResult:
     """The :class:`PairResult` of a deformed pair."""
     return PairResult(plan.pair, "axis" if plan.axis else "spectral", m, sigma_before, sigma_after,
-                      str(plan.dtype).replace("torch.", ""))
+                      str(plan.dtype).replace("torch.", ""), plan.policy)
 
 
 def deform(plans: Iterable[Plan], tensors: Tensors, cfg: SpecDefConfig) -> list[PairResult]:

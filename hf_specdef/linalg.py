@@ -181,16 +181,23 @@ def _check_layout(d: int, rotary: str) -> None:
         raise ValueError(f"rotary pairing needs an even head dim, got {d}.")
 
 
-def pair_scores(scores: torch.Tensor, rotary: str) -> torch.Tensor:
-    """Per rotary pair, the sum of the per-dim ``scores`` (length ``d``) of its two dims: ``d/2`` values. Layouts:
-    ``"half"``: pair ``j`` is ``(j, j + d/2)`` (Llama's ``rotate_half``); ``"adjacent"``: ``(2j, 2j + 1)`` (Flux, GPT-J)."""
-    d = scores.numel()
+def pair_halves(x: torch.Tensor, rotary: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two dims of every rotary pair of a ``d``-vector ``x``, as two views of length ``d/2`` (pair ``j`` at ``j``).
+    Layouts: ``"half"``: pair ``j`` is ``(j, j + d/2)`` (Llama's ``rotate_half``); ``"adjacent"``: ``(2j, 2j + 1)``
+    (Flux, GPT-J)."""
+    d = x.numel()
     _check_layout(d, rotary)
-    return scores[: d // 2] + scores[d // 2:] if rotary == "half" else scores.reshape(d // 2, 2).sum(1)
+    return (x[: d // 2], x[d // 2:]) if rotary == "half" else (x[0::2], x[1::2])
+
+
+def pair_scores(scores: torch.Tensor, rotary: str) -> torch.Tensor:
+    """Per rotary pair (see :func:`pair_halves`), the sum of the per-dim ``scores`` of its two dims."""
+    first, second = pair_halves(scores, rotary)
+    return first + second
 
 
 def pair_indices(pairs: torch.Tensor, d: int, rotary: str) -> torch.Tensor:
-    """The ``2k`` dims (sorted) of the rotary pairs numbered ``pairs`` (as in :func:`pair_scores`) of a ``d``-dim block."""
+    """The ``2k`` dims (sorted) of the rotary pairs numbered ``pairs`` (as in :func:`pair_halves`) of a ``d``-dim block."""
     _check_layout(d, rotary)
     dims = torch.cat([pairs, pairs + d // 2]) if rotary == "half" else torch.stack([2 * pairs, 2 * pairs + 1], 1).flatten()
     return torch.sort(dims).values
@@ -198,7 +205,7 @@ def pair_indices(pairs: torch.Tensor, d: int, rotary: str) -> torch.Tensor:
 
 def top_rows(block: torch.Tensor, k: int, rotary: str = "") -> torch.Tensor:
     """Indices of the ``k`` rows of largest norm; with a ``rotary`` layout (``"half"`` / ``"adjacent"``, see
-    :func:`pair_scores`), of the ``k`` rotary pairs of largest joint norm, returned as the ``2k`` row indices."""
+    :func:`pair_halves`), of the ``k`` rotary pairs of largest joint norm, returned as the ``2k`` row indices."""
     # accumulated in float32 (float64 for float64 weights): a ranking needs no more, and it is ten times faster
     norms = torch.linalg.vector_norm(block, dim=1, dtype=torch.promote_types(block.dtype, torch.float32)).pow(2)
     d = norms.numel()

@@ -108,14 +108,15 @@ def _plan(root: Path, denoiser: Checkpoint, cfg: SpecDefConfig, pipeline_norm: b
             raise _Skip(f"it would need the text encoder stored in {plan.dtype} (streaming keeps each component's "
                         "dtype); use precision='axis'")
 
-        def region(b: TensorBlock) -> torch.Tensor:
-            return te.view(b.name[len(te_prefix):]).narrow(b.axis, b.start, b.stop - b.start).to(device)
+        def region(b: TensorBlock) -> torch.Tensor:  # producers: text encoder; consumers: denoiser (float16-exact pairs)
+            ckpt, name = (te, b.name[len(te_prefix):]) if b.name.startswith(te_prefix) else (denoiser, b.name)
+            return ckpt.view(name).narrow(b.axis, b.start, b.stop - b.start).to(device)
 
         block = engine.producer_block(pair, {}, region=region)
         if not bool(torch.isfinite(block).all()):
             raise CheckpointError(f"{te.root}: the text encoder's final norm {pair.block[len(te_prefix):]!r} has NaN "
                                   "or inf values; refusing to protect a broken checkpoint.")
-        m, s0, s1 = engine.build_deformation(plan, block, cfg)
+        m, s0, s1 = engine.build_deformation(plan, block, cfg, region=region)
         require_inflated(f"pipeline-level {pair.key}", s0, s1)
     except _Skip as e:
         te.close()

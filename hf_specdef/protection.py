@@ -156,9 +156,9 @@ def protect_model(
     _check_materialized(model)
     tensors = ParamTensors(model)
     pairs, skipped = model_pairs(model, cfg, tensors)
-    plans = engine.plan_pairs(pairs, tensors, cfg)
+    plans = engine.plan_pairs(pairs, tensors, cfg, skipped)
     notes = sorted({n for p in plans for n in p.notes})
-    upcast = _upcast(model, plans) if cfg.precision == "float32" else None
+    upcast = _upcast(model, plans) if any(p.policy == "float32" for p in plans) else None
     if verify:  # after any upcast: the check measures the deformation alone
         inputs = inputs if inputs is not None else probe.probe_inputs(model)
     run = (lambda: probe.run_probe(model, inputs)) if verify else None

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, release_dtypes
 from .config import SpecDefConfig
 from .record import get_record
 
@@ -128,6 +128,7 @@ class PublishResult:
     checks: list[ComponentCheck]
     pipeline_check: ComponentCheck | None = None
     measure: dict[str, Any] | None = None
+    downcast: dict[str, float] = field(default_factory=dict)  # dtype -> deviation of the release loaded in it
     commit_message: str | None = None
     url: str | None = None
     notes: list[str] = field(default_factory=list)  # what the protection skipped or noted
@@ -157,6 +158,9 @@ class PublishResult:
                 + (f"; deformed {c.deformed}/{c.matrices} matrices, coverage {c.coverage:.1%}, hot {c.hot_coverage:.1%}"
                    if c.matrices else "")
             )
+        if self.downcast:
+            lines.append("  loaded in a 16-bit dtype (against the original in the same dtype): " + ", ".join(
+                f"{d} {_fmt(x)}" for d, x in self.downcast.items()))
         lines += [f"  note: {n}" for n in self.notes]
         if self.measure:
             lines.append(f"measured resistance: {self.measure.get('summary', self.measure)}")
@@ -529,6 +533,13 @@ def _records(info: SourceInfo, folder: Path) -> dict[str, dict[str, Any]]:
             if (rec := _record_of(folder / name if name else folder)) is not None}
 
 
+def _layer_key(layer: Any) -> tuple[str, int, str]:
+    """Numeric order of layer labels: ``2`` before ``10``; ``"unet:2"`` before ``"unet:10"``."""
+    text = str(layer)
+    component, _, index = text.rpartition(":")
+    return (component, int(index), "") if index.isdigit() else (component, -1, text)
+
+
 def _merge_records(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One summary of the records of all protected components (for the card's "What was done")."""
     if not records:
@@ -547,9 +558,11 @@ def _merge_records(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
             pairs.append({k: p.get(k) for k in ("layer", "site", "group", "mode", "factor", "k", "hot")}
                          | ({"layer": f"{name}:{p.get('layer')}"} if prefix and name else {}))
     return {
-        "sites": sorted(sites), "modes": sorted(modes), "layers": sorted(layers, key=str), "num_pairs": num,
+        "sites": sorted(sites), "modes": sorted(modes), "layers": sorted(layers, key=_layer_key), "num_pairs": num,
         "num_hot": len(hot), "alpha": conf.get("alpha"), "top_k": conf.get("top_k"), "mode": conf.get("mode"),
         "layers_selection": conf.get("layers"), "precision": conf.get("precision"), "pairs": pairs,
+        "precision_used": ", ".join(sorted({str(p.get("used")) for r in records.values() if (p := r.get("precision"))}))
+        or None,
         "components": sorted(name for name in records if name),
         "pipeline_fold": next((rec["pipeline"]["note"] for rec in records.values() if rec.get("pipeline")), None),
     }
@@ -565,8 +578,12 @@ def render_card(
     pipeline_check: ComponentCheck | None = None,
     measure: dict[str, Any] | None = None,
     template: str | os.PathLike | None = None,
+    release_dtypes: str = "",
 ) -> Any:
-    """Render the model card (a :class:`huggingface_hub.ModelCard`) of a protected, verified folder."""
+    """Render the model card (a :class:`huggingface_hub.ModelCard`) of a protected, verified folder.
+
+    ``release_dtypes`` is the statement of the dtypes the release is exact in and what the others do to it
+    (:func:`hf_specdef.release_dtypes.card_paragraph`), ending the card's first paragraph."""
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
@@ -590,6 +607,7 @@ def render_card(
         layers_selection=summary.get("layers_selection", cfg.layers), mode=summary.get("mode", cfg.mode),
         modes=summary.get("modes", []), num_pairs=summary.get("num_pairs", 0), num_hot=summary.get("num_hot", 0),
         precision=summary.get("precision", cfg.precision), components=summary.get("components", []),
+        precision_used=summary.get("precision_used") or "(no record)", release_dtypes=release_dtypes,
         pipeline_fold=summary.get("pipeline_fold"),
         pairs=[p | {"factor": f"{p['factor']:g}" if isinstance(p.get("factor"), (int, float)) else p.get("factor")}
                for p in shown] if cfg.record == "full" else [],
@@ -831,15 +849,18 @@ def publish(
         pipeline_check = verify_pipeline(src, staged, info, cfg) if info.is_pipeline else None
         checks = verify_folder(src, staged, info, cfg, report, composed=pipeline_check)
         _refuse_if_bad(checks + ([pipeline_check] if pipeline_check else []))
+        downcast = release_dtypes.measure_downcast(src, staged, cfg.tolerance)  # what a downcasting user sees
+        release_dtypes.annotate_records(staged, downcast)
+        safety = release_dtypes.folder_safety(staged) or getattr(report, "precision", None)
         measured = None
         if measure:
             mc = measure if isinstance(measure, MeasureConfig) else None
             measured = measure_resistance(src, staged, info, cfg, mc, progress=progress)
         card = render_card(info, repo_id, cfg, checks, staged, pipeline_check=pipeline_check, measure=measured,
-                           template=template)
+                           template=template, release_dtypes=release_dtypes.card_paragraph(safety, downcast))
         card.save(staged / "README.md")
         result = PublishResult(repo_id, str(out) if out else None, dry_run, False, info.base_model, info.library_name,
-                               cfg.to_dict(), checks, pipeline_check, measured)
+                               cfg.to_dict(), checks, pipeline_check, measured, downcast)
         result.notes = [f"skipped {x}" for x in getattr(report, "skipped", [])] + list(getattr(report, "notes", []))
         result.commit_message = commit_message or _default_commit_message(info, cfg, result.max_relative_deviation)
         folder = staged

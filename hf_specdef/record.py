@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import __version__
+from . import __version__, precision
 from .config import CONFIG_KEY, DIFFUSERS_CONFIG_KEY, SpecDefConfig
 
 RECORD_FORMAT = "hf-specdef/1"
@@ -29,6 +29,7 @@ def make_record(cfg: SpecDefConfig, results: Sequence[Any], deviation: float | N
         "modes": sorted({r.mode for r in results}),
         "hot_modules": sorted({m for r in results for m in r.pair.hot_modules}),
         "max_relative_deviation": deviation,
+        "precision": precision.summary(cfg, results),
     }
     if cfg.record == "full":
         rec["pairs"] = [r.to_dict(full=True) for r in results]
@@ -58,6 +59,7 @@ def component_record(cfg: SpecDefConfig, local: Sequence[Any], pipeline: Sequenc
     if cfg.record == "full":
         rec["pipeline"]["pairs"] = [r.to_dict(full=True) for r in pipeline]
     rec["hot_modules"] = sorted(set(rec["hot_modules"]) | set(rec["pipeline"]["hot_modules"]))
+    rec["precision"] = precision.summary(cfg, list(local) + list(pipeline))  # the folded pair counts too
     if not local:
         rec["sites"] = []
     return rec

@@ -9,6 +9,8 @@ from typing import Any
 
 from .config import SpecDefConfig
 from .engine import PairResult
+from .precision import describe as describe_precision
+from .precision import summary as precision_summary
 
 
 @dataclass
@@ -31,6 +33,11 @@ class ProtectionReport:
         return sorted({m for r in self.results for m in r.pair.cold_modules} - set(self.hot_modules))
 
     @property
+    def precision(self) -> dict[str, Any]:
+        """Requested and used precision policy, and the dtypes the result is exact in (:func:`.precision.summary`)."""
+        return precision_summary(self.config, self.results)
+
+    @property
     def sites(self) -> dict[str, int]:
         return dict(Counter(r.pair.site for r in self.results))
 
@@ -40,6 +47,7 @@ class ProtectionReport:
             "sites": self.sites,
             "num_pairs": len(self.results),
             "max_relative_deviation": self.deviation,
+            "precision": self.precision,
             "hot_modules": self.hot_modules,
             "cold_modules": self.cold_modules,
             "skipped": self.skipped,
@@ -64,5 +72,6 @@ class ProtectionReport:
                 f"{r.sigma_before:>13.4g} {r.sigma_after:>11.4g}  {','.join(m.rsplit('.', 1)[-1] for m in p.hot_modules)}"
             )
         lines.append(f"hot modules: {len(self.hot_modules)}; cold only: {len(self.cold_modules)}")
+        lines.append(describe_precision(self.precision))
         lines += [f"skipped: {s}" for s in self.skipped] + [f"note: {n}" for n in self.notes]
         return "\n".join(lines)

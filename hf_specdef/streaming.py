@@ -56,7 +56,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import engine, linalg
+from . import engine, linalg, precision
 from .checkpoint import (
     CONFIG_NAME,
     FLOAT_DTYPES,
@@ -178,7 +178,8 @@ def plan_checkpoint(ckpt: Checkpoint, cfg: SpecDefConfig) -> StreamPlan:
         raise NoSitesError(f"every selected pair was skipped: {skipped}")
     # the engine plans from dtypes only: empty stand-ins (the weights themselves are checked when read)
     stand_ins = {n: torch.empty(0, dtype=dtypes[n]) for p in pairs for n in p.names()}
-    plans = engine.plan_pairs(pairs, stand_ins, cfg)
+    plans = engine.plan_pairs(pairs, stand_ins, cfg, skipped)
+    pairs = [plan.pair for plan in plans]  # without the pairs the precision policy left out
     out_dtype: dict[str, torch.dtype] = {}
     if any(plan.dtype == torch.float32 != dtypes[plan.pair.producers[0].name] for plan in plans):
         # precision="float32": like in-memory protection, the whole model is stored in float32
@@ -409,8 +410,8 @@ class _Streamer:
 
     # -- decide ---------------------------------------------------------------------------
     def _region(self, b: TensorBlock) -> torch.Tensor:
-        """The current values of a producer block: the source slice with the steps recorded so far applied
-        (a read-only view of the source when there are none)."""
+        """The current values of a block (a producer's; a consumer's too for float16-exact pairs): the source slice
+        with the steps recorded so far applied (a read-only view of the source when there are none)."""
         src = self.ckpt.view(b.name).narrow(b.axis, b.start, b.stop - b.start)
         ops = self.ops.get(b.name, [])
         dtype = self.sp.out_dtype.get(b.name, src.dtype)
@@ -435,7 +436,7 @@ class _Streamer:
                 plan = self.sp.plans[i]
                 block = engine.producer_block(plan.pair, {}, region=self._region)
                 try:
-                    m, s0, s1 = engine.build_deformation(plan, block, self.cfg)
+                    m, s0, s1 = engine.build_deformation(plan, block, self.cfg, region=self._region)
                 except RuntimeError:  # e.g. a decomposition failing on NaN/inf
                     self._check_producers(plan.pair)
                     raise
@@ -787,7 +788,8 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
         raise CheckpointError(f"cannot write {path}: {e}") from None
 
 
-def _write_config(ckpt: Checkpoint, out_root: Path, record: dict[str, Any] | None, upcast: bool) -> None:
+def _write_config(ckpt: Checkpoint, out_root: Path, record: dict[str, Any] | None, float32: bool) -> None:
+    """config.json with ``record``; with ``float32`` (an upcast, or a float32-only protection) its dtype is float32."""
     config = dict(ckpt.config)
     if not config and record is None:
         return
@@ -795,21 +797,24 @@ def _write_config(ckpt: Checkpoint, out_root: Path, record: dict[str, Any] | Non
     config.pop(DIFFUSERS_CONFIG_KEY, None)
     if record is not None:
         config[record_key(config)] = record
-    if upcast:  # stock loaders use the config dtype ("auto"): keep the float32 tensors in float32
-        for key in ("dtype", "torch_dtype"):
-            if key in config:
-                config[key] = "float32"
+    if float32:
+        # stock loaders use the config dtype ("auto"): keep the float32 tensors in float32 -- a float32-only
+        # protection (spectral) is broken in bfloat16/float16, so the config never invites a downcast
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or (["dtype"] if "_class_name" not in config else [])
+        for key in keys:
+            config[key] = "float32"
     _write_json(out_root / CONFIG_NAME, config)
 
 
 def _write_records(ckpt: Checkpoint, out_root: Path, fold: Fold | None, te_root: Path | None, cfg: SpecDefConfig,
                    own: list[PairResult], deviation: float | None, upcast: bool) -> None:
     """config.json of the protected checkpoint (and, with the pipeline-level pair, of the text encoder) with records."""
+    float32 = upcast or precision.summary(cfg, own)["float32_only"]
     if fold is None or te_root is None:
-        _write_config(ckpt, out_root, make_record(cfg, own, deviation), upcast)
+        _write_config(ckpt, out_root, make_record(cfg, own, deviation), float32)
         return
     pipeline = [fold.result]
-    _write_config(ckpt, out_root, component_record(cfg, own, pipeline, f"{ckpt.component}.", deviation), upcast)
+    _write_config(ckpt, out_root, component_record(cfg, own, pipeline, f"{ckpt.component}.", deviation), float32)
     te_record = component_record(text_encoder_config(cfg), [], pipeline, f"{TEXT_ENCODER}.", deviation)
     _write_config(fold.text_encoder, te_root, te_record, False)
 

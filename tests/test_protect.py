@@ -94,9 +94,9 @@ def test_bf16_spectral_is_refused_with_the_options():
     model = tiny_llama().to(torch.bfloat16)
     before = _snapshot(model)
     with pytest.raises(PrecisionBudgetError) as e:
-        protect(model, SpecDefConfig(alpha=1000.0), progress=False)
+        protect(model, SpecDefConfig(alpha=1000.0, precision="refuse"), progress=False)
     msg = str(e.value)
-    assert "bfloat16" in msg and "precision='float32'" in msg and "mode='axis'" in msg
+    assert "bfloat16" in msg and "precision='float32'" in msg and "mode='axis'" in msg and "precision='auto'" in msg
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert getattr(model.config, "specdef", None) is None
 

@@ -137,6 +137,36 @@ def test_card_metadata_and_content(llama_src, tmp_path, caplog):
     assert "| 0 | attn.vo | 0 | spectral | 1000 |" in text and len(record["pairs"]) == record["num_pairs"] == 14
     assert "alpha (inflation factor) | 1000" in text
     assert record["max_relative_deviation"] is not None
+    # a float32-only (spectral) release: the first paragraph says which dtypes break it, measured at publish time
+    first = text.split("## What was done")[0]
+    measured = record["precision"]["measured"]
+    assert record["precision"]["float32_only"] and set(measured) == {"bfloat16", "float16"}
+    assert all(not isinstance(v, float) or v > 1e-2 for v in measured.values())  # broken in both
+    assert "Load it in float32" in first and "bfloat16: max relative output deviation" in first
+    assert "bit-exact in bfloat16" in first and res.downcast == {k: float(v) if v != "non-finite" else float("inf")
+                                                                 for k, v in measured.items()}
+    assert "precision (requested → used) | auto → spectral" in text
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_bf16_release_card_says_exact_and_layers_sorted_numerically(tmp_path):
+    from huggingface_hub import ModelCard
+
+    from hf_specdef.publish import _merge_records
+
+    src = tmp_path / "bf16"
+    tiny_llama(layers=12).to(torch.bfloat16).save_pretrained(src)
+    res = publish(src, "me/bf16-specdef", SpecDefConfig(), dry_run=True, output_dir=tmp_path / "out",
+                  base_model="me/bf16", progress=False)
+    text = ModelCard.load(tmp_path / "out" / "README.md").text
+    first = text.split("## What was done")[0]
+    assert "This protection is exact in float32, bfloat16" in first and "bfloat16: 0 (bit-exact)." in first
+    assert res.downcast["bfloat16"] == 0.0 and "Load it in float32" not in text
+    assert "**Do not load it in float16** (float16: **" in first  # not exact there: stated with its measured figure
+    assert "| layers (deformed) | 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 |" in text
+    assert "auto → axis" in text
+    merged = _merge_records({"unet": {"layers": [10, 2, 1]}, "text_encoder": {"layers": [11, 3]}})
+    assert merged["layers"] == ["text_encoder:3", "text_encoder:11", "unet:1", "unet:2", "unet:10"]
 
 
 def test_record_none_discloses_nothing_but_still_checks(llama_src, tmp_path):

@@ -199,6 +199,35 @@ def test_redteam_cli_tiny_writes_results_with_the_worst_case(tiny_lm_dir, tmp_pa
     assert "Worst case over 1 uninformed" in (out / "results.md").read_text()
 
 
+def test_redteam_attacks_a_given_protected_model_reusing_the_unprotected_baselines(tiny_lm_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef import SpecDefConfig, protect
+    from hf_specdef.redteam.suite import run_redteam
+
+    cfg = RedTeamConfig.preset_config("tiny", attacks=("full-adamw",), max_runs=4)
+    first = run_redteam(tiny_lm_dir, None, cfg, progress=False)
+    mine = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    protect(mine, SpecDefConfig(alpha=64.0, mode="axis", sites=("norm",)), progress=False)
+    mine.save_pretrained(tmp_path / "mine")
+    res = run_redteam(tiny_lm_dir, tmp_path / "out", RedTeamConfig.preset_config("tiny", attacks=("full-adamw", "bypass"),
+                                                                               variants=(), max_runs=4),
+                      protected={"mine": tmp_path / "mine"}, reuse_unprotected=first, progress=False)
+    assert res["reused_unprotected"] == ["full-adamw"]
+    assert res["unprotected"]["full-adamw"]["target"] == first["unprotected"]["full-adamw"]["target"]
+    v = res["variants"]["mine"]
+    assert res["summary"]["variant"] == "mine" and v["deviation_float32"] <= 1e-4 and v["bf16_exact"]
+    assert v["frozen_by_bypass"] == 2 * (1 + 3 + 1 + 2)  # 2 layers: 2 norms + q,k,v + gate,up readers
+    assert "bypass" in v["attacks"] and "full-adamw" in v["attacks"]
+    with pytest.raises(RedTeamError, match="differs in"):
+        run_redteam(tiny_lm_dir, None, RedTeamConfig.preset_config("tiny", attacks=("full-adamw",), reference_steps=3),
+                    reuse_unprotected=first, progress=False)
+    with pytest.raises(RedTeamError, match="does not compute the original"):
+        other = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+        torch.nn.init.normal_(other.model.layers[0].mlp.down_proj.weight)
+        run_redteam(tiny_lm_dir, None, cfg, protected={"broken": other}, progress=False)
+
+
 def test_redteam_bad_inputs_leave_nothing(tiny_lm_dir, tmp_path):
     from hf_specdef.redteam.suite import run_redteam
 

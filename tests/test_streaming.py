@@ -213,7 +213,7 @@ def test_precision_budget_violation_and_the_safe_options(tmp_path):
     src = _save(tiny_llama(layers=2).to(torch.bfloat16), tmp_path / "bf16", max_shard_size="60KB")
     before = _hashes(src)
     with pytest.raises(PrecisionBudgetError, match="bfloat16"):
-        protect_checkpoint(src, tmp_path / "dst", SpecDefConfig(sites=("attn.vo",)), progress=False)
+        protect_checkpoint(src, tmp_path / "dst", SpecDefConfig(sites=("attn.vo",), precision="refuse"), progress=False)
     assert not (tmp_path / "dst").exists()
 
     # axis mode with a power-of-two alpha is bit-exact in bf16: stays bf16, outputs identical
@@ -273,8 +273,8 @@ def test_a_deformation_that_does_not_inflate_sigma_is_refused(llama_src, tmp_pat
 
     real = streaming.engine.build_deformation
 
-    def flat(plan, block, cfg):
-        m, s0, _ = real(plan, block, cfg)
+    def flat(plan, block, cfg, **kw):
+        m, s0, _ = real(plan, block, cfg, **kw)
         return m, s0, s0
 
     monkeypatch.setattr(streaming.engine, "build_deformation", flat)

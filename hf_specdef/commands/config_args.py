@@ -39,7 +39,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, help="directions / channels per site block (default 1)")
     g.add_argument("--layers", type=parse_layers, help="all | cross-attention | random:N | 0,1,5 (default all)")
     g.add_argument("--mode", choices=MODES, help="spectral (default) or axis")
-    g.add_argument("--precision", choices=PRECISION_POLICIES, help="precision-budget policy (default refuse)")
+    g.add_argument("--precision", choices=PRECISION_POLICIES,
+                   help="how to fit the storage dtype: auto (default: the strongest protection exact in it), refuse, "
+                        "axis, float32")
     g.add_argument("--record", choices=RECORD_LEVELS, help="detail of the record written to config.json (default minimal)")
     g.add_argument("--tolerance", type=float, help="max relative deviation accepted by verification (default 1e-3)")
     g.add_argument("--seed", type=int, help="seed for --layers random:N")

@@ -28,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="protection variants: default, spectral-a1000, axis-a1024, spectral-a100, spectral-a10, custom")
     p.add_argument("--protection", default=None,
                    help="JSON of SpecDefConfig fields for the 'custom' variant, e.g. '{\"alpha\": 100}'")
+    p.add_argument("--protected", action="append", default=[], metavar="NAME=PATH",
+                   help="also attack an already protected copy of MODEL (repeatable); without --variants, only these")
+    p.add_argument("--reuse-unprotected", default=None, metavar="RESULTS_JSON",
+                   help="reuse the unprotected baselines of an earlier run with the same settings and data")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1); the headline is their median")
     p.add_argument("--data", default=None, help="attack data: a .txt or .jsonl file (default: the shipped corpus)")
     p.add_argument("--text-field", default="text", help="field of the .jsonl records holding the text")
@@ -57,9 +61,18 @@ def run(args: argparse.Namespace) -> int:
         except json.JSONDecodeError as e:
             raise ValueError(f"--protection {args.protection!r} is not valid JSON ({e.msg}).") from None
         kw.setdefault("variants", ("custom",))
+    protected = {}
+    for item in args.protected:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--protected {item!r}: use NAME=PATH, e.g. --protected mine=./model-specdef")
+        protected[name] = path
+    if protected and args.variants is None:
+        kw["variants"] = ()
     cfg = RedTeamConfig.preset_config(preset, **kw)
     start = time.perf_counter()
-    results = run_redteam(args.model, args.out, cfg, progress=not args.no_progress)
+    results = run_redteam(args.model, args.out, cfg, protected=protected, reuse_unprotected=args.reuse_unprotected,
+                          progress=not args.no_progress)
     if is_main_process():
         print(headline(results))
         print(f"wrote {args.out}/results.json, results.md and plots in {(time.perf_counter() - start) / 60:.1f} min")

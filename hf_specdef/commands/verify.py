@@ -6,9 +6,14 @@ deterministic probe batch (:func:`hf_specdef.verify`). Two pipeline folders with
 compared end to end, text encoder then denoiser: with the pipeline-level norm site folded, only that
 composed function is kept (the denoiser alone is not).
 
+``--dtype bfloat16|float16`` loads both in that dtype instead: what a user who downcasts the release sees
+(a spectral, float32-only protection breaks there; the exit code says so). The unprotected model's own
+deviation in that dtype (against itself in float32) is printed for scale.
+
 Example::
 
     hf-specdef verify ./Llama-3.2-1B ./Llama-3.2-1B-specdef --tolerance 1e-4 --json
+    hf-specdef verify ./Llama-3.2-1B ./Llama-3.2-1B-specdef --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -16,12 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-    from ..verification import VerifyResult
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,28 +35,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("protected", metavar="PROTECTED", help="the protected checkpoint folder")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="max relative output deviation accepted (default: SpecDefConfig's tolerance)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="load both in this dtype (default float32); bfloat16/float16 measure what a user who "
+                             "downcasts the release sees")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def model_folder(path: str) -> Path:
-    """``path`` itself, or the denoiser component of a diffusers pipeline folder."""
-    from ..checkpoint import CONFIG_NAME, PIPELINE_INDEX, CheckpointError, find_denoiser
-
-    p = Path(path)
-    if not p.is_dir():
-        raise CheckpointError(f"{p}: no such checkpoint folder.")
-    if (p / PIPELINE_INDEX).is_file() and not (p / CONFIG_NAME).is_file():
-        return find_denoiser(p)
-    if not (p / CONFIG_NAME).is_file():
-        raise CheckpointError(f"{p}: no {CONFIG_NAME}; verify needs a transformers/diffusers model folder.")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Compare the two checkpoints; exit code 0 only when the deviation is within the tolerance."""
+    import torch
+
     from ..record import get_record
-    from ..stock import load_stock
-    from ..verification import verify
+    from ..stock import compare_folders
 
     if args.tolerance is None:
         from ..config import SpecDefConfig
@@ -59,41 +54,44 @@ def run(args: argparse.Namespace) -> int:
         args.tolerance = SpecDefConfig().tolerance
     if not args.tolerance > 0:
         raise ValueError(f"--tolerance {args.tolerance:g}: use a number > 0 (e.g. 1e-4).")
-    original, protected = model_folder(args.original), model_folder(args.protected)
-    if _composed(args.original, original) and _composed(args.protected, protected):
-        result, prot = verify_composed(original, protected, args.tolerance)
-    else:
-        prot = load_stock(protected)
-        result = verify(load_stock(original), prot, tolerance=args.tolerance)
+    dtype = getattr(torch, args.dtype)
+    result, prot = compare_folders(args.original, args.protected, args.tolerance, dtype)
     record = get_record(prot)
+    baseline = baseline_deviation(args.original, dtype) if dtype != torch.float32 else None
     if args.json:
-        print(json.dumps(result.to_dict() | {"protected_record": bool(record)}, indent=2))
+        print(json.dumps(result.to_dict() | {"protected_record": bool(record), "baseline_deviation": baseline}, indent=2))
     else:
         print(result)
+        if baseline is not None:  # the unprotected model's own rounding in that dtype
+            print(f"for scale: the unprotected model in {args.dtype} deviates {baseline:.3e} from itself in float32")
         if not record:
             print("note: the protected folder carries no SpecDef protection record")
         elif record.get("pipeline") and result.compared == "model":
             print("note: this denoiser shares a pipeline-level pair with its text encoder: only text encoder -> denoiser "
                   "keeps the function; verify the two pipeline folders instead")
+        if not result.ok and dtype != torch.float32:
+            print(f"the protected release does not keep its function in {args.dtype}: load it in float32, or protect "
+                  f"with precision='auto' on a {args.dtype} checkpoint for a protection exact in {args.dtype}")
     return 0 if result.ok else 1
 
 
-def _composed(given: str, model: Path) -> bool:
-    """Whether ``given`` is a pipeline folder (``model`` its denoiser) with a text encoder."""
-    from ..stock import has_text_encoder
+def baseline_deviation(original: str, dtype: torch.dtype) -> float | None:
+    """Max relative deviation of the original model folder loaded in ``dtype`` from itself in float32 (``None`` for a
+    pipeline folder compared end to end)."""
 
-    return model.parent == Path(given) and has_text_encoder(model.parent)
-
-
-def verify_composed(original: Path, protected: Path, tolerance: float) -> tuple[VerifyResult, torch.nn.Module]:
-    """Compare two pipelines' denoisers fed by their own text encoders; the result and the protected denoiser."""
     from .. import probe
-    from ..config import SpecDefConfig
-    from ..stock import composed_pipeline_output
-    from ..verification import VerifyResult
+    from ..stock import has_text_encoder, load_stock, model_folder
 
-    seed = SpecDefConfig().seed
-    ref, _ = composed_pipeline_output(original.parent, original.name, seed)
-    got, denoiser = composed_pipeline_output(protected.parent, protected.name, seed)
-    deviation = probe.max_relative_deviation(ref, got)
-    return VerifyResult.of(deviation, tolerance, denoiser, f"text_encoder -> {protected.name}"), denoiser
+    folder = model_folder(original)
+    if folder.parent == Path(original) and has_text_encoder(folder.parent):
+        return None
+    ref32, low = load_stock(folder), load_stock(folder, dtype)
+    inputs = probe.probe_inputs(ref32)
+    out = probe.run_probe(low, _cast(inputs, dtype))
+    return probe.max_relative_deviation(probe.run_probe(ref32, inputs), out)
+
+
+def _cast(obj: Any, dtype: torch.dtype) -> Any:
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj.to(dtype) if hasattr(obj, "is_floating_point") and obj.is_floating_point() else obj

@@ -5,7 +5,8 @@ Importing ``hf_specdef`` imports this module, which, once (idempotent):
 * registers the diffusers denoiser sites (:mod:`hf_specdef.sites.diffusers`) and a probe builder for
   denoisers in :data:`hf_specdef.probe.PROBE_BUILDERS`;
 * wraps ``ModelMixin.from_pretrained`` / ``LegacyModelMixin.from_pretrained`` and
-  ``DiffusionPipeline.from_pretrained`` so that ``specdef_config=cfg`` deforms the weights once loaded;
+  ``DiffusionPipeline.from_pretrained`` so that ``specdef_config=cfg`` deforms the weights once loaded, and
+  so that a float32-only protection is never loaded in a 16-bit ``torch_dtype`` (:mod:`.diffusers_guard`);
 * wraps ``ModelMixin.save_pretrained`` and ``DiffusionPipeline.save_pretrained``: ``specdef_config=cfg`` writes
   protected files while the in-memory object stays unchanged (:func:`save_protected`), and any save of a
   model that carries a protection record first checks that the weights show the claimed deformation
@@ -58,6 +59,7 @@ from ..sites import diffusers as diffusers_sites
 from ..sites.mmdit import MMDIT_CLASSES
 from ..sites.registry import cfg_get
 from ..verification import DeformationCheckError, check_deformation  # one SPEC §7 check for both libraries
+from .diffusers_guard import guarded_load
 
 try:  # LegacyModelMixin (Transformer2DModel) overrides from_pretrained
     from diffusers.models.modeling_utils import LegacyModelMixin
@@ -384,9 +386,9 @@ def _apply(
         t_pairs, t_skipped = model_pairs(te, te_cfg, tensors.parts[TEXT_ENCODER])
         skipped += [f"{TEXT_ENCODER}: {s}" for s in t_skipped]
         pairs += [_prefix_pair(p, f"{TEXT_ENCODER}.") for p in t_pairs]
-    plans = engine.plan_pairs(pairs, tensors, cfg)
+    plans = engine.plan_pairs(pairs, tensors, cfg, skipped)
     notes = sorted({n for p in plans for n in p.notes})
-    if cfg.precision == "float32" and any(p.dtype == torch.float32 for p in plans) and any(
+    if any(p.policy == "float32" for p in plans) and any(
             _first_param(m).dtype != torch.float32 for m in used.values()):
         if not allow_upcast:
             raise ValueError(
@@ -706,7 +708,7 @@ def _wrap_from_pretrained(owner: type) -> None:
             raise ValueError("specdef_options= needs specdef_config=SpecDefConfig(...).")
         if specdef_config is not None:
             cfg = _as_config(specdef_config)  # fail on a bad config before the (possibly long) load
-        obj = func(cls, *args, **kwargs)
+        obj = guarded_load(func, cls, args, kwargs)  # the downcast guard (float32-only protections)
         return obj if specdef_config is None else _protect_loaded(obj, cfg, specdef_options)
 
     setattr(from_pretrained, _WRAPPED_FLAG, True)

@@ -5,11 +5,14 @@ Importing ``hf_specdef`` imports this module, which
 * registers the ``"specdef"`` quantizer (:mod:`.transformers_quantizer`), so
   ``from_pretrained(path, quantization_config=SpecDefConfig(...))`` deforms the weights once loaded;
 * installs, once, a thin wrapper around ``PreTrainedModel.from_pretrained`` and
-  ``_BaseAutoModelClass.from_pretrained`` (:func:`install`). The wrapper only rewrites two keywords:
+  ``_BaseAutoModelClass.from_pretrained`` (:func:`install`). The wrapper rewrites two keywords:
   ``specdef_config=cfg`` becomes ``quantization_config=SpecDefQuantizationConfig(cfg)``, and a bare
-  ``SpecDefConfig`` given as ``quantization_config`` is wrapped the same way. Everything else goes to
-  the stock method untouched. Stock transformers rejects ``specdef_config`` (the model's ``__init__``
-  gets an unknown keyword), so the keyword works only once ``hf_specdef`` is imported.
+  ``SpecDefConfig`` given as ``quantization_config`` is wrapped the same way; and it runs the downcast
+  guard (:mod:`hf_specdef.downcast`): a checkpoint whose protection is exact only in float32 is refused in
+  ``dtype=torch.bfloat16 | torch.float16`` and loaded in float32 for ``dtype="auto"`` (the default), unless
+  ``specdef_allow_downcast=True``. Everything else goes to the stock method untouched. Stock transformers
+  rejects ``specdef_config`` (the model's ``__init__`` gets an unknown keyword), so the keyword works only
+  once ``hf_specdef`` is imported.
 
 :func:`save_protected` writes protected files of a model that stays unprotected in memory.
 """
@@ -25,10 +28,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from transformers import PreTrainedModel
+import torch
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-from .. import engine, probe
+from .. import downcast, engine, probe
 from ..config import CONFIG_KEY, SpecDefConfig
 from ..engine import PairResult
 from ..protection import Backup, ParamTensors, _check_materialized, deform_verified, model_pairs
@@ -76,6 +80,57 @@ def translate_kwargs(kwargs: dict[str, Any]) -> None:
         kwargs["quantization_config"] = SpecDefQuantizationConfig(qc)
 
 
+# from_pretrained keywords that say where a config comes from (passed on to get_config_dict)
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+
+
+def _checkpoint_record(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """A name for the checkpoint and its protection record, read from its config before loading (``None`` when
+    there is none or the config cannot be read: the stock loader then reports its own error, or loads)."""
+    path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+    config = kwargs.get("config")
+    where = str(path)
+    if isinstance(config, PretrainedConfig):
+        return where, get_record(config)
+    if path is None or kwargs.get("gguf_file"):
+        return where, None
+    local = Path(str(path)) / kwargs.get("subfolder", "") / "config.json"
+    try:
+        if local.is_file():
+            return where, get_record(json.loads(local.read_text()))
+        conf, _ = PretrainedConfig.get_config_dict(str(path), **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+        return where, get_record(conf)
+    except Exception as e:  # unreadable: the stock loader says why; the check after loading still runs
+        logger.debug("hf-specdef downcast guard: cannot read the config of %s before loading (%s)", where, e)
+        return where, None
+
+
+def _half_dtype(model: Any) -> Any:
+    """bfloat16/float16 when a floating-point parameter of ``model`` has that dtype, else ``None``."""
+    params = model.parameters() if isinstance(model, torch.nn.Module) else ()
+    return next((p.dtype for p in params if p.dtype in (torch.bfloat16, torch.float16)), None)
+
+
+def guarded_load(func: Any, cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``func(cls, *args, **kwargs)`` with the downcast guard around it (:mod:`hf_specdef.downcast`)."""
+    forced = bool(kwargs.pop(downcast.FORCE_KWARG, False))
+    if downcast.active() is not None:  # inside a guarded load (Auto class -> model class, pipeline -> component)
+        return func(cls, *args, **kwargs)
+    where, record = _checkpoint_record(args, kwargs)
+    key = "dtype" if "dtype" in kwargs else "torch_dtype" if "torch_dtype" in kwargs else None
+    requested = kwargs.get(key) if key else None
+    requested = "auto" if requested is None else requested  # transformers 5: no dtype means the config's dtype
+    dtype = downcast.resolve_dtype(record, requested, where, forced)
+    if dtype is not requested:
+        kwargs.pop("torch_dtype", None)
+        kwargs["dtype"] = dtype
+    with downcast.scope("allowed" if forced else "checked"):
+        out = func(cls, *args, **kwargs)
+    model = out[0] if isinstance(out, tuple) else out
+    downcast.check_loaded(get_record(model), _half_dtype(model), where, forced)
+    return out
+
+
 def _wrap(owner: type) -> None:
     method = owner.__dict__["from_pretrained"]
     func = method.__func__
@@ -85,12 +140,13 @@ def _wrap(owner: type) -> None:
     @functools.wraps(func)
     def from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
         translate_kwargs(kwargs)
-        return func(cls, *args, **kwargs)
+        return guarded_load(func, cls, args, kwargs)
 
     setattr(from_pretrained, _WRAPPED_FLAG, True)
     from_pretrained.__doc__ = (func.__doc__ or "") + (
         "\n\n        hf-specdef: ``specdef_config=SpecDefConfig(...)`` (or a ``SpecDefConfig`` as ``quantization_config``)"
-        " deforms the weights once loaded (see hf_specdef.integrations.transformers).\n"
+        " deforms the weights once loaded; a checkpoint protected exactly only in float32 is refused in bfloat16/"
+        "float16 unless ``specdef_allow_downcast=True`` (see hf_specdef.integrations.transformers).\n"
     )
     owner.from_pretrained = classmethod(from_pretrained)
 
@@ -113,7 +169,7 @@ def _protect_with_backup(
     """Deform ``model`` in place, verified and checked (SPEC §7), keeping the exact backup (restored on failure)."""
     tensors = ParamTensors(model)
     pairs, skipped = model_pairs(model, cfg, tensors)
-    plans = engine.plan_pairs(pairs, tensors, cfg)
+    plans = engine.plan_pairs(pairs, tensors, cfg, skipped)
     if verify:
         inputs = inputs if inputs is not None else probe.probe_inputs(model)
     run = (lambda: probe.run_probe(model, inputs)) if verify else None
@@ -166,7 +222,8 @@ def save_protected(
     if cfg.precision == "float32":
         raise ValueError(
             "save_protected(cfg.precision='float32') would change module dtypes of the in-memory model; load the model "
-            "in float32, or use precision='axis' (or 'refuse'), or protect(model, cfg) then model.save_pretrained(...)."
+            "in float32, or use precision='auto' (the default: exact in the model's dtype), or protect(model, cfg) then"
+            " model.save_pretrained(...)."
         )
     dest = Path(save_directory)
     if dest.exists() and not overwrite:

@@ -23,7 +23,8 @@ class RedTeamConfig:
 
     Args:
         attacks: attack names (:data:`hf_specdef.redteam.attacks.SUITE`); ``None``: the whole suite.
-        variants: protection variants (:data:`VARIANTS`) or ``"custom"`` with ``protection``.
+        variants: protection variants (:data:`VARIANTS`) or ``"custom"`` with ``protection``; may be empty when
+            already protected models are passed to :func:`~hf_specdef.redteam.suite.run_redteam`.
         protection: ``SpecDefConfig`` fields of the ``"custom"`` variant.
         seeds: seeds (data order, adapter initialisation); the learning rates are searched with the first, the
             others run at the best learning rate found. The headline is the median over seeds.
@@ -72,7 +73,7 @@ class RedTeamConfig:
             raise ValueError(f"RedTeamConfig.{name}={getattr(self, name)!r} is invalid: {why}.")
 
         unknown = [v for v in self.variants if v not in VARIANTS and v != "custom"]
-        if not self.variants or unknown:
+        if unknown:
             bad("variants", f"use names from {sorted(VARIANTS)} or 'custom'")
         if "custom" in self.variants and not self.protection:
             bad("protection", "the 'custom' variant needs SpecDefConfig fields, e.g. {'alpha': 100.0}")

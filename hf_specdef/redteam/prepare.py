@@ -57,9 +57,3 @@ def undone_copy(model: torch.nn.Module, knowledge: str = "blind") -> torch.nn.Mo
     logger.info("red team: merge-undo rewrote %d sites (%s)", len(result.sites), knowledge)
     return work
 
-
-def deformed_parameter_names(model: torch.nn.Module) -> list[str]:
-    """Parameters a protected model's record says were deformed (what a bypass attacker freezes)."""
-    from ..evaluation.runner import site_parameter_names
-
-    return site_parameter_names(model)

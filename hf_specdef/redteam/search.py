@@ -22,7 +22,7 @@ from .training import Run
 
 logger = logging.getLogger("hf_specdef")
 
-LR_MIN, LR_MAX = 1e-11, 10.0
+LR_MIN, LR_MAX = 1e-12, 1e4  # wide: a deformation can move the optimum by many decades either way
 
 
 def steps_key(run: Run) -> tuple[float, float, float]:

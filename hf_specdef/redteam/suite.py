@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..record import get_record
 from .attacks import Attack, get_attacks
 from .config import VARIANTS, RedTeamConfig
 from .data import AttackData, build_attack_data
-from .prepare import deformed_parameter_names, prepare_model, undone_copy
+from .prepare import prepare_model, undone_copy
 from .search import Search, loss_at_key, search_lr, steps_key
 from .training import Run, RunSettings, eval_loss, is_main_process, run_attack
 
@@ -56,11 +57,18 @@ class Baseline:
                 "best_lr": self.best_lr, "steps": self.steps, "search": self.search.to_dict(),
                 "seed_runs": {s: r.to_dict() for s, r in self.seed_runs.items()}}
 
+    @classmethod
+    def from_dict(cls, attack: Attack, d: dict[str, Any]) -> Baseline:
+        """A baseline read back from a ``results.json``."""
+        runs = {float(r["lr"]): Run.from_dict(r) for r in d["search"]["runs"]}
+        best = runs.get(float(d["search"]["best_lr"])) if d["search"]["best_lr"] is not None else None
+        return cls(attack, d["target"], d["initial_loss"], d["reference_loss"], d["best_lr"],
+                   {int(k): v for k, v in d["steps"].items()}, Search(runs, best),
+                   {int(k): Run.from_dict(r) for k, r in d["seed_runs"].items()})
+
 
 def load_model(model: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any, str]:
     """The unprotected causal LM (float32) and its tokenizer, from a folder or as given."""
-    from ..record import get_record
-
     if isinstance(model, torch.nn.Module):
         if tokenizer is None:
             raise RedTeamError("run_redteam(model=<module>) needs tokenizer=...: the attack data are tokenized with it.")
@@ -104,7 +112,8 @@ class RedTeam:
         self.seconds += r.seconds
         outcome = f"{r.steps_to_target} steps" if r.reached else "diverged" if r.diverged else \
             f"not reached in {r.stopped_at} (loss {r.curve[-1][1]:.3f})"
-        logger.info("red team: %-20s %-18s lr=%-9g seed=%d  %s", attack.name, label, lr, seed, outcome)
+        logger.info("red team: %-20s %-18s lr=%-9g seed=%d  %s  (%.0f s)", attack.name, label, lr, seed, outcome,
+                    r.seconds)
         return r
 
     def reference(self, attack: Attack) -> Baseline:
@@ -180,46 +189,86 @@ def protect_variant(model: torch.nn.Module, name: str, cfg: RedTeamConfig, eval_
     start = time.perf_counter()
     report = protect(protected, spec, progress=False)
     seconds = time.perf_counter() - start
-    bf16 = bf16_deviation(model, protected, eval_ids[:2])
     info = {"config": spec.to_dict(), "pairs": len(report.results), "sites": report.sites,
-            "hot_modules": report.hot_modules, "notes": report.notes,
-            "deviation_float32": report.deviation, "deviation_bfloat16": bf16,
-            "bf16_exact": bf16 <= 1e-2, "protect_seconds": seconds}
-    logger.info("red team: variant %s protected (%s): deviation fp32 %s, bf16 %.3g", name, spec.to_json_string(),
-                info["deviation_float32"], bf16)
+            "hot_modules": report.hot_modules, "notes": report.notes, "protect_seconds": seconds,
+            **deviations(model, protected, eval_ids)}
+    logger.info("red team: variant %s protected (%s): deviation fp32 %.3g, bf16 %.3g", name, spec.to_json_string(),
+                info["deviation_float32"], info["deviation_bfloat16"])
     return protected.eval(), info
 
 
+def given_variant(model: torch.nn.Module, protected: Any, eval_ids: torch.Tensor) -> tuple[torch.nn.Module, dict]:
+    """A protected model passed in (a module or a folder), checked to compute the original's function."""
+    if not isinstance(protected, torch.nn.Module):
+        from transformers import AutoModelForCausalLM
+
+        path = Path(os.fspath(protected))
+        if not (path / "config.json").is_file():
+            raise RedTeamError(f"protected model {str(path)!r} is not a model folder (no config.json).")
+        protected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    protected = protected.float().eval()
+    info = {"config": (get_record(protected) or {}).get("config", {}), "pairs": None, "given": True,
+            **deviations(model, protected, eval_ids)}
+    if not info["deviation_float32"] <= 1e-3:
+        raise RedTeamError(f"the protected model does not compute the original's function (max relative logit "
+                           f"deviation {info['deviation_float32']:.3g} in float32); is it a protection of this model?")
+    return protected, info
+
+
+def deviations(original: torch.nn.Module, protected: torch.nn.Module, ids: torch.Tensor) -> dict[str, Any]:
+    """Max relative logit deviation of ``protected`` against ``original`` in float32 and in bfloat16."""
+    fp32 = logit_deviation(original, protected, ids[:2], None)
+    bf16 = logit_deviation(original, protected, ids[:2], torch.bfloat16)
+    return {"deviation_float32": fp32, "deviation_bfloat16": bf16, "bf16_exact": bf16 <= 1e-2}
+
+
 @torch.no_grad()
-def bf16_deviation(original: torch.nn.Module, protected: torch.nn.Module, ids: torch.Tensor) -> float:
-    """Max relative logit deviation of the protected model against the original, both run in bfloat16."""
-    a = copy.deepcopy(original).to(torch.bfloat16).eval()
-    b = copy.deepcopy(protected).to(torch.bfloat16).eval()
+def logit_deviation(original: torch.nn.Module, protected: torch.nn.Module, ids: torch.Tensor,
+                    dtype: torch.dtype | None) -> float:
+    """Max relative logit deviation of the protected model against the original, both run in ``dtype``."""
+    a = copy.deepcopy(original).to(dtype).eval() if dtype else original.eval()
+    b = copy.deepcopy(protected).to(dtype).eval() if dtype else protected.eval()
     dev = next(a.parameters()).device
     ref, out = a(input_ids=ids.to(dev)).logits.float(), b(input_ids=ids.to(dev)).logits.float()
     err = (out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
     return float(err) if torch.isfinite(err) else math.inf
 
 
-def run_variant(team: RedTeam, name: str, attacks: list[Attack], baselines: dict[str, Baseline]) -> dict[str, Any]:
-    """Every attack on one protected variant, and its summary."""
-    protected, info = protect_variant(team.model, name, team.cfg, team.data.eval)
-    frozen = tuple(deformed_parameter_names(protected))
+def run_variant(team: RedTeam, name: str, protected: torch.nn.Module, info: dict[str, Any], attacks: list[Attack],
+                baselines: dict[str, Baseline]) -> dict[str, Any]:
+    """Every attack on one protected model, and its summary."""
+    frozen = changed_parameter_names(team.model, protected)
+    has_recipe = bool((get_record(protected) or {}).get("pairs"))
     undone = undone_copy(protected) if any(a.train == "merge-undo" for a in attacks) else None
     entries: dict[str, Any] = {}
     bar = tqdm(attacks, desc=f"red team {name}", unit="attack", disable=not team.progress)
     for attack in bar:
         bar.set_postfix(attack=attack.name)
-        base = baselines[attack.baseline or attack.name]
-        if attack.bf16 and not info["bf16_exact"]:
-            entries[attack.name] = {"attack": attack.to_dict(), "skipped": (
-                f"the protection is not exact in bfloat16 (deviation {info['deviation_bfloat16']:.3g}); a bf16 "
-                "mixed-precision attacker would train a broken model")}
+        reason = skip_reason(attack, info, has_recipe)
+        if reason:
+            entries[attack.name] = {"attack": attack.to_dict(), "skipped": reason}
             continue
         target_model = undone if attack.train == "merge-undo" else protected
-        entries[attack.name] = team.measure(target_model, attack, base, name,
+        entries[attack.name] = team.measure(target_model, attack, baselines[attack.baseline or attack.name], name,
                                             frozen=frozen if attack.train == "bypass" else ())
-    return {**info, "attacks": entries, "summary": summarize(entries)}
+    return {**info, "frozen_by_bypass": len(frozen), "attacks": entries, "summary": summarize(entries)}
+
+
+def skip_reason(attack: Attack, info: dict[str, Any], has_recipe: bool) -> str | None:
+    """Why ``attack`` cannot be run on this protected model (None: it can)."""
+    if attack.bf16 and not info["bf16_exact"]:
+        return (f"the protection is not exact in bfloat16 (deviation {info['deviation_bfloat16']:.3g}); a bf16 "
+                "mixed-precision attacker would train a broken model")
+    if attack.knowledge == "recipe" and attack.informed and not has_recipe:
+        return "the protected model carries no full protection record (record='full'): there is no recipe to use"
+    return None
+
+
+def changed_parameter_names(original: torch.nn.Module, protected: torch.nn.Module) -> tuple[str, ...]:
+    """Parameters whose values the protection changed: what a bypass attacker freezes."""
+    ref = dict(original.named_parameters())
+    return tuple(n for n, p in protected.named_parameters()
+                 if n not in ref or p.shape != ref[n].shape or not torch.equal(p.detach(), ref[n].detach().to(p.dtype)))
 
 
 def summarize(entries: dict[str, Any]) -> dict[str, Any]:
@@ -251,7 +300,9 @@ def environment() -> dict[str, Any]:
 
 
 def run_redteam(model: Any, out: str | os.PathLike | None = None, config: RedTeamConfig | None = None, *,
-                tokenizer: Any = None, progress: bool = True) -> dict[str, Any]:
+                tokenizer: Any = None, protected: dict[str, Any] | None = None,
+                reuse_unprotected: str | os.PathLike | dict[str, Any] | None = None,
+                progress: bool = True) -> dict[str, Any]:
     """Fine-tune copies of ``model``, unprotected and protected, with the red-team suite; return (and write) results.
 
     Args:
@@ -259,10 +310,16 @@ def run_redteam(model: Any, out: str | os.PathLike | None = None, config: RedTea
         out: folder for ``results.json``, ``results.md`` and PNG plots (written only when the run completes; it must
             not exist yet). ``None``: write nothing.
         config: :class:`RedTeamConfig` (default: its defaults, the full suite on the default protection).
+        protected: name -> an already protected copy of ``model`` (a module or a folder), attacked as given in
+            addition to ``config.variants`` (e.g. a checkpoint you are about to publish, or your own protection).
+        reuse_unprotected: the ``results.json`` (path or dict) of an earlier run on the same model, data and settings:
+            its unprotected baselines (targets, steps, learning rates) are reused instead of re-run.
     """
     from .report import check_out_dir, write_results
 
     cfg = config or RedTeamConfig()
+    if not cfg.variants and not protected:
+        raise RedTeamError("nothing to attack: RedTeamConfig.variants is empty and no protected model was given.")
     if out is not None:
         check_out_dir(out)
     start = time.perf_counter()
@@ -273,17 +330,47 @@ def run_redteam(model: Any, out: str | os.PathLike | None = None, config: RedTea
                 len(data.eval))
     attacks = get_attacks(cfg.attacks)
     team = RedTeam(model, data, cfg, progress)
-    baselines = {a.name: team.reference(a) for a in tqdm(
+    given = {n: given_variant(model, p, data.eval) for n, p in (protected or {}).items()}
+    reused = reused_baselines(reuse_unprotected, cfg, data, attacks)
+    baselines = {a.name: reused.get(a.name) or team.reference(a) for a in tqdm(
         [a for a in attacks if not a.informed], desc="red team unprotected", unit="attack", disable=not team.progress)}
-    variants = {v: run_variant(team, v, attacks, baselines) for v in cfg.variants}
+    variants = {}
+    for v in cfg.variants:
+        variants[v] = run_variant(team, v, *protect_variant(model, v, cfg, data.eval), attacks, baselines)
+    for v, (pm, info) in given.items():
+        variants[v] = run_variant(team, v, pm, info, attacks, baselines)
+    head = next(iter(variants))
     results = {
         "model": name, "data": data.describe(), "settings": {**cfg.to_dict(), "budget": cfg.budget},
         "environment": environment(), "initial_eval_loss": eval_loss(model, data.eval),
-        "unprotected": {n: b.to_dict() for n, b in baselines.items()},
-        "variants": variants, "summary": {"variant": cfg.variants[0], **variants[cfg.variants[0]]["summary"],
-                                          "seeds": len(cfg.seeds), "preset": cfg.preset},
+        "unprotected": {n: b.to_dict() for n, b in baselines.items()}, "reused_unprotected": sorted(reused),
+        "variants": variants, "summary": {"variant": head, **variants[head]["summary"], "seeds": len(cfg.seeds),
+                                          "preset": cfg.preset},
         "wall_seconds": time.perf_counter() - start, "train_seconds": team.seconds,
     }
     if out is not None and is_main_process():
         write_results(results, out)
     return results
+
+
+SAME_SETTINGS = ("seeds", "seq_len", "batch_size", "eval_windows", "reference_steps", "budget_factor", "fraction",
+                 "divergence", "eval_every", "data", "text_field")
+
+
+def reused_baselines(source: Any, cfg: RedTeamConfig, data: AttackData, attacks: list[Attack]) -> dict[str, Baseline]:
+    """Baselines from an earlier ``results.json`` with the same settings and data (empty without a source)."""
+    if source is None:
+        return {}
+    import json
+
+    from .report import _json_safe
+
+    text = json.dumps(_json_safe(source)) if isinstance(source, dict) else Path(os.fspath(source)).read_text("utf-8")
+    old = json.loads(text)
+    mine = json.loads(json.dumps(cfg.to_dict()))
+    differ = [k for k in SAME_SETTINGS if old["settings"].get(k) != mine[k]]
+    if differ or old["data"] != data.describe():
+        raise RedTeamError(f"reuse_unprotected: the earlier run differs in {differ or ['data']}; its baselines would "
+                           "not be comparable. Run without reuse, or with the same settings.")
+    return {a.name: Baseline.from_dict(a, old["unprotected"][a.name]) for a in attacks
+            if not a.informed and a.name in old["unprotected"]}

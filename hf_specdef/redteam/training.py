@@ -69,6 +69,12 @@ class Run:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Run:
+        """A run read back from JSON (non-finite losses were stored as null)."""
+        curve = [(int(s), math.inf if v is None else float(v)) for s, v in d["curve"]]
+        return cls(**{**d, "curve": curve})
+
 
 def _copy(run: Run, **changes: Any) -> Run:
     new = copy.copy(run)
