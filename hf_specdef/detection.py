@@ -142,7 +142,7 @@ def estimate_axis(pair: Pair, tensors: Mapping[str, torch.Tensor], threshold: fl
     if pair.rotary:
         if d % 2:
             return None
-        rp, rc = rp[: d // 2] + rp[d // 2:], rc[: d // 2] + rc[d // 2:]
+        rp, rc = linalg.pair_scores(rp, pair.rotary), linalg.pair_scores(rc, pair.rotary)
     live = torch.nonzero((rp > 0) & (rc > 0)).flatten()
     if live.numel() < 2:
         return None
@@ -159,7 +159,7 @@ def estimate_axis(pair: Pair, tensors: Mapping[str, torch.Tensor], threshold: fl
     scores = sorted((math.exp(abs(float(bal[i] - bal[base].median()))) for i in bad), reverse=True)
     idx = torch.sort(live[bad]).values
     if pair.rotary:
-        idx = torch.cat([idx, idx + d // 2])
+        idx = linalg.pair_indices(idx, d, pair.rotary)
     m = Deformation(size=d, factor=snap_power_of_two(math.exp(shift)), indices=idx.to(torch.long))
     return SiteEstimate(pair, m, "axis", scores)
 

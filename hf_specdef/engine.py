@@ -199,7 +199,7 @@ def build_deformation(plan: Plan, block: torch.Tensor, cfg: SpecDefConfig,
     if plan.policy == "axis-float16":
         m = _exact16_deformation(plan, a, cfg, region)
     else:
-        m = linalg.axis_deformation(a, cfg.top_k, plan.factor, rotary_half=plan.pair.rotary)
+        m = linalg.axis_deformation(a, cfg.top_k, plan.factor, rotary=plan.pair.rotary)
     if block.shape[0] <= min(block.shape[1], _EXACT_SIDE):  # d x d Gram G; after M: D G D
         gram = a @ a.T
         d = torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
@@ -218,7 +218,7 @@ def _exact16_deformation(plan: Plan, block: torch.Tensor, cfg: SpecDefConfig, re
     log2 = exact_scaling.channel_log2([lines[b] for b in plan.pair.producers], [lines[b] for b in plan.pair.consumers],
                                       plan.dtype, int(round(math.log2(plan.factor))))
     norms = block.pow(2).sum(dim=1)
-    m = exact_scaling.exact_axis_deformation(norms, log2, cfg.top_k, rotary_half=plan.pair.rotary)
+    m = exact_scaling.exact_axis_deformation(norms, log2, cfg.top_k, rotary=plan.pair.rotary)
     if m.factor < precision.min_exact16_factor(cfg):
         raise precision.refuse_exact16(plan.pair.key, m.factor, cfg)
     return m

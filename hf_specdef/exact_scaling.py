@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from . import linalg
 from .linalg import Deformation
 
 
@@ -58,21 +59,19 @@ def channel_log2(producers: list[torch.Tensor], consumers: list[torch.Tensor], d
     return torch.stack([p.to(parts[0].device) for p in parts]).amin(dim=0)
 
 
-def exact_axis_deformation(norms: torch.Tensor, log2: torch.Tensor, k: int, rotary_half: bool = False) -> Deformation:
-    """Axis deformation on the ``k`` channels (or rotary pairs ``(i, i + d/2)``) with the largest exact exponent
-    (``log2``, per channel), ties broken by the larger ``norms`` (squared row norms); its factor is ``2**j`` for
-    the smallest ``j`` among the chosen channels (one factor per deformation)."""
+def exact_axis_deformation(norms: torch.Tensor, log2: torch.Tensor, k: int, rotary: str = "") -> Deformation:
+    """Axis deformation on the ``k`` channels (or rotary pairs, ``rotary`` = ``"half"`` / ``"adjacent"``: see
+    :func:`hf_specdef.linalg.pair_halves`) with the largest exact exponent (``log2``, per channel), ties broken by the
+    larger ``norms`` (squared row norms); its factor is ``2**j`` for the smallest ``j`` among the chosen channels (one
+    factor per deformation)."""
     d = norms.numel()
-    if rotary_half:
-        if d % 2:
-            raise ValueError(f"rotary pairing needs an even head dim, got {d}.")
-        half = d // 2
-        norms, log2 = norms[:half] + norms[half:], torch.minimum(log2[:half], log2[half:])
+    if rotary:
+        norms, log2 = linalg.pair_scores(norms, rotary), torch.minimum(*linalg.pair_halves(log2, rotary))
     if k > norms.numel():
         raise ValueError(f"top_k={k} exceeds the {norms.numel()} channels of the block; choose a smaller top_k.")
     by_norm = torch.argsort(norms.to(torch.float64), descending=True, stable=True)
     order = by_norm[torch.argsort(log2[by_norm], descending=True, stable=True)]
     chosen = torch.sort(order[:k]).values
     j = int(log2[chosen].min())
-    idx = torch.cat([chosen, chosen + d // 2]) if rotary_half else chosen
+    idx = linalg.pair_indices(chosen, d, rotary) if rotary else chosen
     return Deformation(size=d, factor=float(2**j), indices=idx)

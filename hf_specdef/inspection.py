@@ -26,7 +26,7 @@ import torch
 
 from . import linalg
 from .config import SpecDefConfig
-from .sites import NoSitesError, Pair, pairs_for
+from .sites import NoSitesError, Pair, drop_inexact, pairs_for
 
 DEFAULT_THRESHOLD = 20.0
 _TOP = 32  # singular values kept per matrix
@@ -143,6 +143,7 @@ def inspect_tensors(
         pairs = pairs_for(config or {}, shapes, SpecDefConfig(), class_name)
     except NoSitesError:
         pairs = []
+    pairs, _ = drop_inexact(pairs, lambda n: get(n).dtype)  # roles only from pairs that can be exact in these dtypes
     experts = {b.name for p in pairs for b in p.producers + p.consumers if len(shapes[b.name]) == 3}  # fused MoE
     weights = [n for n, s in shapes.items() if (len(s) == 2 and n.endswith("weight")) or n in experts]
     findings = {n: TensorFinding(n, tuple(shapes[n]), int(torch.Size(shapes[n]).numel())) for n in weights}

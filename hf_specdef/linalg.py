@@ -174,20 +174,46 @@ def top_singular_values(matrix: torch.Tensor, k: int) -> torch.Tensor:
     return top_left_singular(m, k)[1]
 
 
-def top_rows(block: torch.Tensor, k: int, rotary_half: bool = False) -> torch.Tensor:
-    """Indices of the ``k`` rows of largest norm; with ``rotary_half``, of the ``k`` rotary pairs
-    ``(i, i + d/2)`` of largest joint norm, returned as the ``2k`` row indices (both halves)."""
+def _check_layout(d: int, rotary: str) -> None:
+    if rotary not in ("half", "adjacent"):
+        raise ValueError(f"unknown rotary layout {rotary!r}; use 'half' or 'adjacent'.")
+    if d % 2:
+        raise ValueError(f"rotary pairing needs an even head dim, got {d}.")
+
+
+def pair_halves(x: torch.Tensor, rotary: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two dims of every rotary pair of a ``d``-vector ``x``, as two views of length ``d/2`` (pair ``j`` at ``j``).
+    Layouts: ``"half"``: pair ``j`` is ``(j, j + d/2)`` (Llama's ``rotate_half``); ``"adjacent"``: ``(2j, 2j + 1)``
+    (Flux, GPT-J)."""
+    d = x.numel()
+    _check_layout(d, rotary)
+    return (x[: d // 2], x[d // 2:]) if rotary == "half" else (x[0::2], x[1::2])
+
+
+def pair_scores(scores: torch.Tensor, rotary: str) -> torch.Tensor:
+    """Per rotary pair (see :func:`pair_halves`), the sum of the per-dim ``scores`` of its two dims."""
+    first, second = pair_halves(scores, rotary)
+    return first + second
+
+
+def pair_indices(pairs: torch.Tensor, d: int, rotary: str) -> torch.Tensor:
+    """The ``2k`` dims (sorted) of the rotary pairs numbered ``pairs`` (as in :func:`pair_halves`) of a ``d``-dim block."""
+    _check_layout(d, rotary)
+    dims = torch.cat([pairs, pairs + d // 2]) if rotary == "half" else torch.stack([2 * pairs, 2 * pairs + 1], 1).flatten()
+    return torch.sort(dims).values
+
+
+def top_rows(block: torch.Tensor, k: int, rotary: str = "") -> torch.Tensor:
+    """Indices of the ``k`` rows of largest norm; with a ``rotary`` layout (``"half"`` / ``"adjacent"``, see
+    :func:`pair_halves`), of the ``k`` rotary pairs of largest joint norm, returned as the ``2k`` row indices."""
     # accumulated in float32 (float64 for float64 weights): a ranking needs no more, and it is ten times faster
     norms = torch.linalg.vector_norm(block, dim=1, dtype=torch.promote_types(block.dtype, torch.float32)).pow(2)
     d = norms.numel()
-    if rotary_half:
-        if d % 2:
-            raise ValueError(f"rotary pairing needs an even head dim, got {d}.")
-        pair = norms[: d // 2] + norms[d // 2 :]
+    if rotary:
+        pair = pair_scores(norms, rotary)
         if k > d // 2:
             raise ValueError(f"top_k={k} exceeds the {d // 2} rotary pairs of a head; choose top_k <= {d // 2}.")
-        idx = torch.sort(torch.argsort(pair, descending=True, stable=True)[:k]).values
-        return torch.cat([idx, idx + d // 2])
+        return pair_indices(torch.argsort(pair, descending=True, stable=True)[:k], d, rotary)
     if k > d:
         raise ValueError(f"top_k={k} exceeds the block size {d}; choose top_k <= {d}.")
     return torch.sort(torch.argsort(norms, descending=True, stable=True)[:k]).values
@@ -199,9 +225,9 @@ def spectral_deformation(block: torch.Tensor, k: int, alpha: float) -> Deformati
     return Deformation(size=block.shape[0], factor=float(alpha), basis=u)
 
 
-def axis_deformation(block: torch.Tensor, k: int, alpha: float, rotary_half: bool = False) -> Deformation:
-    """Deformation that scales the ``k`` largest rows (or rotary pairs) of ``block`` by ``alpha``."""
-    return Deformation(size=block.shape[0], factor=float(alpha), indices=top_rows(block, k, rotary_half))
+def axis_deformation(block: torch.Tensor, k: int, alpha: float, rotary: str = "") -> Deformation:
+    """Deformation that scales the ``k`` largest rows (or rotary pairs, see :func:`top_rows`) of ``block`` by ``alpha``."""
+    return Deformation(size=block.shape[0], factor=float(alpha), indices=top_rows(block, k, rotary))
 
 
 def _apply(t: torch.Tensor, axis: int, start: int, stop: int, m: Deformation, side: str, inverse: bool,

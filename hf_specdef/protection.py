@@ -18,7 +18,7 @@ from .engine import PairResult, Plan
 from .linalg import Deformation
 from .record import check_not_protected, make_record, set_record
 from .report import ProtectionReport
-from .sites import NoSitesError, Pair, cfg_get, drop_inexact, lookup, pairs_for, select_pairs
+from .sites import NoSitesError, Pair, absent_sites, cfg_get, drop_inexact, lookup, pairs_for, select_pairs
 
 logger = logging.getLogger("hf_specdef")
 
@@ -101,8 +101,8 @@ def model_pairs(model: torch.nn.Module, cfg: SpecDefConfig, tensors: ParamTensor
             raise
         all_pairs, guessed = best_effort.verified_pairs(model, cfg, tensors, e)
     pairs, inexact = drop_inexact(select_pairs(all_pairs, cfg), lambda n: tensors[n].dtype)
-    skipped = [f"site type {s!r}: this architecture has none" for s in cfg.sites
-               if s not in {p.site for p in all_pairs} and not any(f"site type {s!r}" in g for g in guessed)]
+    skipped = [s for s in absent_sites(cfg, all_pairs, getattr(model, "config", {}), type(model).__name__)
+               if not any(s.split(":")[0] in g for g in guessed)]
     skipped += guessed + inexact
     tied = tied_parameter_names(model)
     keep = [p for p in pairs if not tied.intersection(p.names())]

@@ -73,7 +73,7 @@ from .pipeline_fold import TEXT_ENCODER, Fold, plan_fold, text_encoder_config
 from .protection import VerificationError, require_inflated
 from .record import check_not_protected, component_record, make_record, record_key
 from .report import ProtectionReport
-from .sites import NoSitesError, Pair, TensorBlock, drop_inexact, pairs_for, select_pairs
+from .sites import NoSitesError, Pair, TensorBlock, absent_sites, drop_inexact, pairs_for, select_pairs
 from .tensor_ops import TensorOp, apply_ops, merge_axis_steps, row_chunks
 
 logger = logging.getLogger("hf_specdef")
@@ -173,8 +173,7 @@ def plan_checkpoint(ckpt: Checkpoint, cfg: SpecDefConfig) -> StreamPlan:
     all_pairs = pairs_for(ckpt.config, shapes, cfg, ckpt.class_name)
     dtypes = ckpt.dtypes()
     pairs, inexact = drop_inexact(select_pairs(all_pairs, cfg), dtypes.__getitem__)
-    skipped = [f"site type {s!r}: this architecture has none" for s in cfg.sites if s not in {p.site for p in all_pairs}]
-    skipped += inexact
+    skipped = absent_sites(cfg, all_pairs, ckpt.config, ckpt.class_name) + inexact
     if not pairs:
         raise NoSitesError(f"every selected pair was skipped: {skipped}")
     # the engine plans from dtypes only: empty stand-ins (the weights themselves are checked when read)

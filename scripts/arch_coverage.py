@@ -3,8 +3,8 @@
 Each model is built on the meta device from a config with the published sizes (no download, no weights), its
 pairs are found by the site registry as ``protect`` would, and the share of parameters in deformed matrices and in
 hot matrices (consumers of an inflated activation) is reported, for float32 (every site) and for bfloat16 (pairs
-that cannot be exact there, e.g. Gemma's ``1 + w`` norm folds, are skipped). This is the coverage ``inspect_model``
-reports on the protected model; tied weights are counted once.
+that cannot be exact there, e.g. Gemma's ``1 + w`` norm folds and the AdaLN folds of SD3 / Flux, are skipped). This is
+the coverage ``inspect_model`` reports on the protected model; tied weights are counted once.
 
     python scripts/arch_coverage.py [--json]
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import diffusers
 import torch
 import transformers as tf
 
@@ -55,11 +56,41 @@ RELEASES = {
 }
 
 
-def coverage(name: str) -> dict[str, object]:
+# diffusers denoisers: the model class and its published config (transformer/config.json of each pipeline)
+_SD3 = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+            joint_attention_dim=4096, pooled_projection_dim=2048)
+_FLUX = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56))
+DIFFUSERS_RELEASES = {
+    "SD3-medium": ("SD3Transformer2DModel", dict(
+        _SD3, num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=192)),
+    "SD3.5-medium": ("SD3Transformer2DModel", dict(
+        _SD3, num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384,
+        qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))),
+    "SD3.5-large": ("SD3Transformer2DModel", dict(
+        _SD3, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192,
+        qk_norm="rms_norm")),
+    "FLUX.1-dev": ("FluxTransformer2DModel", dict(_FLUX, guidance_embeds=True)),
+    "FLUX.1-schnell": ("FluxTransformer2DModel", dict(_FLUX, guidance_embeds=False)),
+}
+
+
+def _build(name: str) -> tuple[torch.nn.Module, object, str]:
+    """The model on the meta device, its config and class name."""
+    if name in DIFFUSERS_RELEASES:
+        model_cls, sizes = DIFFUSERS_RELEASES[name]
+        with torch.device("meta"):
+            model = getattr(diffusers, model_cls)(**sizes)
+        return model, model.config, model_cls
     config_cls, model_cls, sizes = RELEASES[name]
     config = getattr(tf, config_cls)(**sizes)
     with torch.device("meta"):
         model = getattr(tf, model_cls)(config)
+    return model, config, model_cls
+
+
+def coverage(name: str) -> dict[str, object]:
+    model, config, model_cls = _build(name)
     params = dict(model.named_parameters())
     shapes = {n: tuple(p.shape) for n, p in params.items()}
     total = sum(p.numel() for p in params.values())
@@ -81,7 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    rows = [coverage(name) for name in RELEASES]
+    rows = [coverage(name) for name in [*RELEASES, *DIFFUSERS_RELEASES]]
     if args.json:
         print(json.dumps(rows, indent=2))
         return

@@ -1,6 +1,8 @@
 """The architectures of issue 19 (SPEC §5), each from a tiny config: exact function (float32 spectral <= 1e-4, the
 bfloat16 axis path bit-exact), sigma inflated by alpha on every claimed pair, stock reload in a fresh process,
-streaming equal to in-memory protection, blind detection of every pair, and inspect coverage."""
+streaming equal to in-memory protection, blind detection of every pair, and inspect coverage. The decoder LLMs and
+the diffusers MMDiT denoisers (SD3, SD3.5, Flux; streamed from a pipeline folder, also protected at load and save
+time) run through the same tests."""
 
 from __future__ import annotations
 
@@ -9,12 +11,13 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_archs import TINY_ARCHS
+from tiny_archs import TINY_ARCHS, TINY_DENOISERS
 
 from hf_specdef import SpecDefConfig, engine, inspect_model, protect, protect_checkpoint, verify
 from hf_specdef import probe as probe_mod
@@ -50,11 +53,20 @@ EXPECT = {
     "opt": ({"norm", "attn.qk", "attn.vo", "mlp"}, {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}, ""),
     "phi3": ({"norm", "attn.qk", "attn.vo", "mlp"}, {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}, ""),
 }
-ARCHS = sorted(TINY_ARCHS)
+# MMDiT: joint q/k/v over image (to_*) and text (add_*_proj) tokens, AdaLN folds into every q/k/v and the first
+# feed-forward projection ("proj" of ff.net.0.proj); no mlp site (GELU); the AdaLN folds are float32-only (offset)
+_JOINT_HOT = {"to_q", "to_k", "to_v", "to_out", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj"}
+EXPECT |= {
+    "sd3": ({"norm", "attn.qk", "attn.vo"}, _JOINT_HOT, OFFSET),
+    "sd35": ({"norm", "attn.qk", "attn.vo"}, _JOINT_HOT | {"norm_k", "norm_added_k"}, OFFSET),
+    "flux": ({"norm", "attn.qk", "attn.vo"}, _JOINT_HOT | {"norm_k", "norm_added_k", "proj_mlp", "proj_out"}, OFFSET),
+}
+MAKERS = {**TINY_ARCHS, **TINY_DENOISERS}
+ARCHS = sorted(MAKERS)
 
 
 def _leaf(module: str) -> str:
-    return module.rsplit(".", 1)[-1]
+    return module.replace("to_out.0", "to_out").rsplit(".", 1)[-1]
 
 
 def _check_inflated(results: list[engine.PairResult], before: dict[str, torch.Tensor], after: ParamTensors) -> None:
@@ -88,7 +100,7 @@ def _check_inflated(results: list[engine.PairResult], before: dict[str, torch.Te
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_float32_default_keeps_function_and_inflates_every_pair(arch: str) -> None:
-    model = TINY_ARCHS[arch]()
+    model = MAKERS[arch]()
     reference = copy.deepcopy(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     report = protect(model, cfg_for(arch), progress=False)
@@ -102,13 +114,16 @@ def test_float32_default_keeps_function_and_inflates_every_pair(arch: str) -> No
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bfloat16_axis_is_bit_exact(arch: str) -> None:
-    model = TINY_ARCHS[arch]().to(torch.bfloat16)
+    model = MAKERS[arch]().to(torch.bfloat16)
     inputs = probe_mod.probe_inputs(model)
     reference = probe_mod.run_probe(model, inputs)
     report = protect(model, SpecDefConfig(alpha=1024.0, mode="axis"), progress=False)
     assert report.deviation == 0.0
     assert torch.equal(probe_mod.run_probe(model, inputs), reference)
     assert all(r.sigma_after > 10 * r.sigma_before for r in report.results)
+    hot = {f.name for f in inspect_model(model).findings if f.role == "hot"}  # not from pairs skipped in bf16
+    params = dict(model.named_parameters())
+    assert hot == {b.name for r in report.results for b in r.pair.consumers if params[b.name].dim() >= 2}
     why = EXPECT[arch][2]
     skipped = [s for s in report.skipped if "this architecture has none" not in s]
     assert all(why in s for s in skipped) if why else skipped == []
@@ -117,7 +132,7 @@ def test_bfloat16_axis_is_bit_exact(arch: str) -> None:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_blind_detection_finds_every_pair_and_inspect_flags_them(arch: str) -> None:
-    model = TINY_ARCHS[arch]()
+    model = MAKERS[arch]()
     assert detect_deformations(model, progress=False).sites == []
     assert inspect_model(model).deformed == []
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -133,18 +148,25 @@ def test_blind_detection_finds_every_pair_and_inspect_flags_them(arch: str) -> N
 
 
 # --------------------------------------------------------------------------------------------
-# Files: streaming equals in-memory protection; stock transformers reloads every protected folder
+# Files: streaming equals in-memory protection; stock transformers / diffusers reload every protected folder
 # --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory):
-    """``get(arch)`` -> (original folder, in-memory protected + saved folder, report), built once per arch."""
+    """``get(arch)`` -> (original folder, in-memory protected + saved folder, report), built once per arch. A
+    denoiser's original folder is the ``transformer`` component of a pipeline folder (``model_index.json``)."""
     root, cache = tmp_path_factory.mktemp("archs"), {}
 
     def get(arch: str) -> tuple[Path, Path, object]:
         if arch not in cache:
-            model = TINY_ARCHS[arch]()
+            model = MAKERS[arch]()
             src, mem = root / arch / "src", root / arch / "mem"
+            if arch in TINY_DENOISERS:
+                src = root / arch / "pipe" / "transformer"
+                src.mkdir(parents=True)
+                (src.parent / "model_index.json").write_text(json.dumps(
+                    {"_class_name": "DiffusionPipeline", "transformer": ["diffusers", type(model).__name__]}))
+                torch.save(probe_mod.probe_inputs(model), root / arch / "inputs.pt")  # for the stock subprocess
             model.save_pretrained(str(src))
             report = protect(model, cfg_for(arch), progress=False)
             model.save_pretrained(str(mem))
@@ -161,35 +183,82 @@ def _tensors(root: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for name, t in got.items():
+        torch.testing.assert_close(t, expected[name], atol=1e-6, rtol=0, msg=name)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_streaming_equals_in_memory(arch: str, saved, tmp_path: Path) -> None:
     src, mem, mem_report = saved(arch)
+    denoiser = arch in TINY_DENOISERS
     dst = tmp_path / "dst"
-    report = protect_checkpoint(src, dst, cfg_for(arch), progress=False)
+    report = protect_checkpoint(src.parent if denoiser else src, dst, cfg_for(arch), progress=False)
     assert [r.pair.key for r in report.results] == [r.pair.key for r in mem_report.results]
     assert report.deviation is not None and report.deviation <= cfg_for(arch).tolerance
-    streamed, in_memory = _tensors(dst), _tensors(mem)
-    assert streamed.keys() == in_memory.keys()
-    for name, t in streamed.items():
-        torch.testing.assert_close(t, in_memory[name], atol=1e-6, rtol=0, msg=name)
-    assert json.loads((dst / "config.json").read_text())["specdef"]["num_pairs"] == len(report.results)
+    out = dst / "transformer" if denoiser else dst
+    _assert_same_tensors(_tensors(out), _tensors(mem))
+    key = "_specdef" if denoiser else "specdef"  # diffusers' private key / transformers' plain one
+    assert json.loads((out / "config.json").read_text())[key]["num_pairs"] == len(report.results)
+    if denoiser:  # streamed from the pipeline folder: the pipeline-level norm site does not apply, said so
+        assert report.component == "transformer"
+        assert any("pipeline has no text encoder" in n for n in report.notes)
+        assert any(s.startswith("site type 'mlp'") and "GELU" in s for s in report.skipped)
+        assert (dst / "model_index.json").exists()
 
 
-def test_stock_transformers_reloads_every_protected_architecture(saved) -> None:
+@pytest.mark.parametrize("arch", sorted(TINY_DENOISERS))
+def test_denoiser_load_and_save_time_protection_equal_in_memory(arch: str, saved, tmp_path: Path) -> None:
+    src, mem, _ = saved(arch)
+    cls = type(MAKERS[arch]())
+    in_memory = _tensors(mem)
+    loaded = cls.from_pretrained(src, specdef_config=cfg_for(arch))  # load time
+    _assert_same_tensors({n: t.detach() for n, t in loaded.state_dict().items()}, in_memory)
+    plain = cls.from_pretrained(src)
+    plain.save_pretrained(tmp_path / "save", specdef_config=cfg_for(arch))  # save time: files protected, model not
+    _assert_same_tensors(_tensors(tmp_path / "save"), in_memory)
+    _assert_same_tensors({n: t.detach() for n, t in plain.state_dict().items()}, _tensors(src))
+
+
+def test_flux_layer_order_cross_attention_selection_and_fused_qkv_refusal() -> None:
+    from hf_specdef.sites import pairs_for, select_pairs
+
+    model = TINY_DENOISERS["flux"]()
+    pairs = pairs_for(model.config, ParamTensors(model).shapes(), SpecDefConfig(), type(model).__name__)
+    first = select_pairs(pairs, SpecDefConfig(layers=[0]))
+    assert {p.block.split(".")[0] for p in first} == {"transformer_blocks"}  # the double-stream block runs first
+    cross = select_pairs(pairs, SpecDefConfig(layers="cross-attention"))
+    assert {p.site for p in cross} == {"attn.qk", "attn.vo"} and len({p.layer for p in cross}) == 3
+    model.fuse_qkv_projections()  # run-time fused copies (to_qkv) would not follow the deformation: refused with the fix
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+        protect(model, SpecDefConfig(), progress=False)
+
+
+def test_stock_libraries_reload_every_protected_architecture(saved) -> None:
+    """transformers (causal LMs) and diffusers (denoisers, on the probe batch saved beside them), with no hf_specdef."""
     folders = {arch: tuple(map(str, saved(arch)[:2])) for arch in ARCHS}
+    inputs = {arch: str(saved(arch)[1].parent / "inputs.pt") for arch in TINY_DENOISERS}
     code = textwrap.dedent(f"""
-        import sys, torch, transformers
+        import json, sys, torch, transformers, diffusers
         ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+        inputs = {inputs!r}
         for arch, (src, mem) in {folders!r}.items():
-            a = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
-            b = transformers.AutoModelForCausalLM.from_pretrained(mem).eval()
+            if arch in inputs:
+                cls = getattr(diffusers, json.load(open(src + "/config.json"))["_class_name"])
+                a, b, x = cls.from_pretrained(src).eval(), cls.from_pretrained(mem).eval(), torch.load(inputs[arch])
+            else:
+                a = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+                b = transformers.AutoModelForCausalLM.from_pretrained(mem).eval()
+                x = {{"input_ids": ids}}
             with torch.no_grad():
-                ra, rb = a(ids).logits.double(), b(ids).logits.double()
+                ra, rb = a(**x)[0].double(), b(**x)[0].double()
             print(arch, ((rb - ra).abs().max() / ra.abs().max()).item())
         assert "hf_specdef" not in sys.modules
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "specdef" not in proc.stderr, proc.stderr[-3000:]  # diffusers passes the private record key over silently
     deviations = dict(line.split() for line in proc.stdout.strip().splitlines())
     assert sorted(deviations) == ARCHS
     assert all(float(v) <= cfg_for(arch).tolerance for arch, v in deviations.items()), deviations
@@ -212,7 +281,7 @@ def test_qwen3_qk_on_the_projections_would_break_the_function() -> None:
     with torch.no_grad():
         for p in qk:
             block = engine.producer_block(p, tensors)
-            engine.apply_pair(p, tensors, engine.linalg.axis_deformation(block, 1, 1024.0, rotary_half=True))
+            engine.apply_pair(p, tensors, engine.linalg.axis_deformation(block, 1, 1024.0, rotary="half"))
     assert verify(reference, model).max_relative_deviation > 1e-2
 
 
@@ -240,6 +309,57 @@ def test_gemma_norm_fold_must_honour_the_offset_and_is_inexact_in_bfloat16() -> 
     assert fold(torch.float32, offset=True) <= 1e-5
     assert fold(torch.float32, offset=False) > 1e-2
     assert fold(torch.bfloat16, offset=True) > 0
+
+
+def _flux_variants() -> dict[str, Callable[..., list]]:
+    """Ways to deform a Flux transformer, as ``change(pairs, shapes, config) -> pairs``: the registered pairs, then
+    variants that look plausible and are not exact."""
+    from dataclasses import replace
+
+    from hf_specdef.sites.mmdit import SINGLE_ATTENTIONS, attention_pairs
+
+    def qk_on_projections(pairs, shapes, config):  # q/k rows of the single-stream blocks, ignoring the q/k RMSNorm
+        (streams, tags), = SINGLE_ATTENTIONS.values()
+        bare = tuple(replace(st, q_norm=None, k_norm=None) for st in streams)
+        blocks = sorted({p.block.rsplit(".", 1)[0] for p in pairs if p.block.startswith("single")})
+        return [q for b in blocks for q in attention_pairs(bare, b, "attn", 0, config, shapes, "adjacent", tags)
+                if q.site == "attn.qk"]
+
+    return {
+        "as registered": lambda pairs, *_: pairs,
+        "attn.qk on half-split rotary pairs": lambda pairs, *_: [
+            replace(p, rotary="half") for p in pairs if p.site == "attn.qk"],
+        "attn.qk on the projections": qk_on_projections,
+        "attn.vo on the image stream only": lambda pairs, *_: [
+            replace(p, producers=tuple(b for b in p.producers if "add_" not in b.name),
+                    consumers=tuple(b for b in p.consumers if "add_" not in b.name))
+            for p in pairs if p.site == "attn.vo" and p.block.startswith("transformer_blocks")],
+        "AdaLN fold without the 1 of 1 + scale": lambda pairs, *_: [
+            replace(p, producers=tuple(replace(b, offset=0.0) for b in p.producers)) for p in pairs if p.site == "norm"],
+    }
+
+
+def test_flux_sites_are_exact_and_the_plausible_alternatives_are_not() -> None:
+    """Flux rotates adjacent pairs (2i, 2i + 1) after per-head q/k RMSNorms, and its joint attention mixes the image and
+    text streams' values; its AdaLN modulation is x_hat (1 + scale) + shift. Axis-scaling (alpha=1024, float32) the
+    registered pairs keeps the function; half-split rotary pairs, q/k rows under the RMSNorm, an image-only attn.vo
+    or a fold that ignores the 1 of 1 + scale each break it."""
+    from hf_specdef.sites import pairs_for
+
+    deviations = {}
+    for what, change in _flux_variants().items():
+        model = TINY_DENOISERS["flux"]()
+        inputs = probe_mod.probe_inputs(model)
+        reference = probe_mod.run_probe(model, inputs)
+        tensors = ParamTensors(model)
+        shapes = tensors.shapes()
+        with torch.no_grad():
+            for p in change(pairs_for(model.config, shapes, SpecDefConfig(), type(model).__name__), shapes, model.config):
+                block = engine.producer_block(p, tensors)
+                engine.apply_pair(p, tensors, engine.linalg.axis_deformation(block, 1, 1024.0, rotary=p.rotary))
+        deviations[what] = probe_mod.max_relative_deviation(reference, probe_mod.run_probe(model, inputs))
+    assert deviations.pop("as registered") <= 1e-5
+    assert all(d > 1e-2 for d in deviations.values()), deviations
 
 
 def test_opt_post_ln_and_non_relu_variants_drop_the_sites_that_would_not_be_exact() -> None:

@@ -53,8 +53,12 @@ def test_axis_power_of_two_is_bit_exact_in_bf16():
 
 
 def test_rotary_pairs_are_scaled_together():
-    idx = linalg.top_rows(_rand(8, 5), 2, rotary_half=True)
+    idx = linalg.top_rows(_rand(8, 5), 2, rotary="half")
     assert len(idx) == 4 and set((idx[:2] + 4).tolist()) == set(idx[2:].tolist())
+    block = _rand(8, 5)
+    block[5] *= 100  # adjacent pairs (2i, 2i + 1): row 5 drags row 4 along
+    idx = linalg.top_rows(block, 1, rotary="adjacent")
+    assert idx.tolist() == [4, 5]
 
 
 def test_block_and_gram_paths_agree_with_svd():

@@ -117,3 +117,33 @@ TINY_ARCHS: dict[str, Callable[..., torch.nn.Module]] = {
     "qwen2_moe": tiny_qwen2_moe,
     "qwen3_moe": tiny_qwen3_moe,
 }
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers MMDiT denoisers (SD3, SD3.5 with q/k norms and a dual-attention block, Flux)
+# --------------------------------------------------------------------------------------------
+
+_MMDIT = dict(attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16)
+
+
+def tiny_sd3(seed: int = 0, **kw) -> torch.nn.Module:
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)  # the last block is context_pre_only (no to_add_out, AdaLayerNormContinuous context norm)
+    return _finish(SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                         caption_projection_dim=32, pos_embed_max_size=8, **_MMDIT, **kw))
+
+
+def tiny_sd35(seed: int = 0) -> torch.nn.Module:
+    return tiny_sd3(seed, qk_norm="rms_norm", dual_attention_layers=(0,))
+
+
+def tiny_flux(seed: int = 0) -> torch.nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return _finish(FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=2,
+                                          axes_dims_rope=(4, 6, 6), guidance_embeds=True, **_MMDIT))
+
+
+TINY_DENOISERS: dict[str, Callable[..., torch.nn.Module]] = {"sd3": tiny_sd3, "sd35": tiny_sd35, "flux": tiny_flux}

@@ -56,6 +56,7 @@ from ..record import check_not_protected, component_record, get_record, set_reco
 from ..report import ProtectionReport
 from ..sites import NoSitesError, Pair, TensorBlock
 from ..sites import diffusers as diffusers_sites
+from ..sites.mmdit import MMDIT_CLASSES
 from ..sites.registry import cfg_get
 from ..verification import DeformationCheckError, check_deformation  # one SPEC §7 check for both libraries
 from .diffusers_guard import guarded_load
@@ -165,6 +166,8 @@ def diffusers_probe(model: Any, seed: int = 0, batch: int = 2, tokens: int = 8) 
     plus ``added_cond_kwargs`` for SDXL-style ``text_time`` conditioning and ``class_labels`` when needed.
     Transformers get ``hidden_states`` at ``sample_size``, ``timestep``, ``class_labels`` (DiT / AdaLN-Zero),
     ``encoder_hidden_states`` (``caption_channels`` or ``cross_attention_dim``) and PixArt's ``added_cond_kwargs``.
+    SD3 / Flux transformers get a 4 x 4-token latent, ``tokens`` text tokens, ``pooled_projections`` (and Flux its
+    positions ``img_ids`` / ``txt_ids`` and ``guidance`` when guidance-distilled), see :func:`_mmdit_probe`.
     """
     if not isinstance(model, ModelMixin):
         return None
@@ -198,9 +201,31 @@ def diffusers_probe(model: Any, seed: int = 0, batch: int = 2, tokens: int = 8) 
             inputs["encoder_hidden_states"] = randn(batch, tokens, _int(dim))
         if name == "PixArtTransformer2DModel":
             inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+    elif name in MMDIT_CLASSES and cfg_get(c, "in_channels") is not None:
+        inputs = _mmdit_probe(c, name, batch, tokens, randn)
     else:
         return None
     return _to(inputs, ref)
+
+
+def _mmdit_probe(c: Any, name: str, batch: int, tokens: int, randn: Any) -> dict[str, Any]:
+    """Probe inputs of an SD3 / Flux transformer: a 4 x 4-token latent (at the model's patch size), ``tokens`` text
+    tokens of ``joint_attention_dim``, ``pooled_projections``; Flux: float timesteps in (0, 1), positions
+    ``img_ids`` (0, row, column) and ``txt_ids`` (zeros) as its pipeline builds them, ``guidance`` if distilled."""
+    side, patch = 4, _int(cfg_get(c, "patch_size", default=1))
+    inputs = {"encoder_hidden_states": randn(batch, tokens, c["joint_attention_dim"]),
+              "pooled_projections": randn(batch, c["pooled_projection_dim"])}
+    if name == "SD3Transformer2DModel":
+        return inputs | {"hidden_states": randn(batch, c["in_channels"], side * patch, side * patch),
+                         "timestep": torch.tensor([10, 500, 999, 250][:batch] + [1] * max(0, batch - 4))}
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    inputs |= {"hidden_states": randn(batch, side * side, c["in_channels"]),
+               "timestep": torch.tensor([0.01, 0.5, 0.999, 0.25][:batch] + [1.0] * max(0, batch - 4)),
+               "img_ids": torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float(),
+               "txt_ids": torch.zeros(tokens, 3)}
+    if cfg_get(c, "guidance_embeds"):
+        inputs["guidance"] = torch.full((batch,), 3.5)
+    return inputs
 
 
 def _to(obj: Any, ref: torch.Tensor) -> Any:
@@ -498,7 +523,8 @@ def check_claims(model: torch.nn.Module) -> None:
 def _check_by_inspection(model: torch.nn.Module, rec: dict[str, Any], where: str) -> None:
     from ..inspection import DEFAULT_THRESHOLD, inspect_model
 
-    hot = rec.get("hot_modules") or []
+    params = dict(model.named_parameters())  # 1-D norm weights (q/k-norm attn.qk pairs) carry no matrix evidence
+    hot = [m for m in rec.get("hot_modules") or [] if getattr(params.get(f"{m}.weight"), "ndim", 2) >= 2]
     if not hot:
         return
     alpha = float(rec.get("config", {}).get("alpha", DEFAULT_THRESHOLD * 2))

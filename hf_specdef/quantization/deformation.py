@@ -79,7 +79,7 @@ def units(pair: Pair, tensors: Mapping[str, torch.Tensor], formats: Sequence[Qua
     d = pair.size
     if not constraining:
         if pair.rotary:
-            return [torch.tensor([i, i + d // 2]) for i in range(d // 2)]
+            return [linalg.pair_indices(torch.tensor([i]), d, pair.rotary) for i in range(d // 2)]
         return [torch.tensor([i]) for i in range(d)]
     if pair.rotary:
         raise UnsupportedShapeError("a rotary pair scaled along an input dimension is not supported")

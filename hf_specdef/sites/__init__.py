@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..config import SpecDefConfig
-from . import decoders, moe  # noqa: F401  (register the decoder and MoE families of issue 19)
+from . import decoders, mmdit, moe  # noqa: F401  (register the decoder, MMDiT and MoE families of issue 19)
 from .base import AXIS_ONLY_SITES, Pair, TensorBlock
 from .registry import (
     REGISTRY,
@@ -24,7 +24,8 @@ from .registry import (
 
 __all__ = [
     "AXIS_ONLY_SITES", "ArchSpec", "Attention", "GatedMLP", "Linear", "Pair", "PreNorm", "REGISTRY", "TensorBlock",
-    "NoSitesError", "cfg_get", "drop_inexact", "find_pairs", "known_architectures", "lookup", "pairs_for", "pairs_from_site_map",
+    "NoSitesError", "absent_sites", "cfg_get", "drop_inexact", "find_pairs", "known_architectures", "lookup", "pairs_for",
+    "pairs_from_site_map",
     "register_architecture", "select_pairs",
 ]
 
@@ -74,6 +75,16 @@ def pairs_for(
     if not pairs:
         raise NoSitesError(f"the {spec.name} site registry found no pairs in this model's tensors. {SITE_MAP_HELP}")
     return pairs
+
+
+def absent_sites(cfg: SpecDefConfig, pairs: Sequence[Pair], config: Any, class_name: str | None = None) -> list[str]:
+    """``"site type 'mlp': this architecture has none (why)"`` for each site type of ``cfg`` that ``pairs`` (all pairs
+    of the model) lack; the reason comes from the registry entry's ``absent`` where it gives one."""
+    spec = lookup(cfg_get(config, "model_type"), class_name or cfg_get(config, "_class_name"))
+    why = dict(spec.absent) if spec is not None else {}
+    have = {p.site for p in pairs}
+    return [f"site type {s!r}: this architecture has none" + (f" ({why[s]})" if s in why else "")
+            for s in cfg.sites if s not in have]
 
 
 _OFFSET_EXACT = ("torch.float32", "torch.float64")  # storage dtypes in which an offset block can be scaled

@@ -12,6 +12,9 @@ from typing import Any
 
 # Site types whose map must be diagonal (SPEC §2 table).
 AXIS_ONLY_SITES = frozenset({"mlp", "norm"})
+# How rotary embeddings pair the dims of a head: "half" rotates (i, i + d/2) together (Llama's ``rotate_half``),
+# "adjacent" rotates (2i, 2i + 1) together (Flux, GPT-J's interleaved layout). "" means no rotary constraint.
+ROTARY_LAYOUTS = ("", "half", "adjacent")
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,10 @@ class Pair:
     (``X <- X M^-1``) along their block axes. Consumers are the *hot* side (they read the
     inflated activation); producers are *cold*.
 
-    ``rotary`` restricts ``M`` to one factor per rotary pair ``(i, i + d/2)`` (RoPE ``attn.qk``);
-    ``mlp`` / ``norm`` sites are diagonal only. ``spectrum`` says which producers (weight matrices,
-    not biases) define the spectrum that spectral mode inflates.
+    ``rotary`` restricts ``M`` to one factor per rotary pair (RoPE ``attn.qk``): ``"half"`` pairs
+    ``(i, i + d/2)``, ``"adjacent"`` pairs ``(2i, 2i + 1)`` (see :data:`ROTARY_LAYOUTS`; ``True`` / ``False``
+    are read as ``"half"`` / ``""``). ``diagonal`` restricts ``M`` to a diagonal (a pair of norm weights,
+    which are diagonal maps themselves); ``mlp`` / ``norm`` sites are diagonal only.
     """
 
     site: str
@@ -54,8 +58,15 @@ class Pair:
     group: int
     producers: tuple[TensorBlock, ...]
     consumers: tuple[TensorBlock, ...]
-    rotary: bool = False
+    rotary: str = ""
     tags: frozenset[str] = field(default_factory=frozenset)
+    diagonal: bool = False
+
+    def __post_init__(self) -> None:
+        layout = ("half" if self.rotary else "") if isinstance(self.rotary, bool) else self.rotary
+        if layout not in ROTARY_LAYOUTS:
+            raise ValueError(f"Pair.rotary={self.rotary!r} is not a rotary layout; use one of {ROTARY_LAYOUTS}.")
+        object.__setattr__(self, "rotary", layout)
 
     @property
     def size(self) -> int:
@@ -64,7 +75,7 @@ class Pair:
 
     @property
     def axis_only(self) -> bool:
-        return self.rotary or self.site in AXIS_ONLY_SITES
+        return bool(self.rotary) or self.diagonal or self.site in AXIS_ONLY_SITES
 
     @property
     def key(self) -> str:
@@ -91,7 +102,7 @@ class Pair:
             "consumers": [b.to_dict() for b in self.consumers],
             "rotary": self.rotary,
             "tags": sorted(self.tags),
-        }
+        } | ({"diagonal": True} if self.diagonal else {})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Pair:
@@ -103,8 +114,9 @@ class Pair:
                 group=int(d.get("group", 0)),
                 producers=tuple(TensorBlock(**b) for b in d["producers"]),
                 consumers=tuple(TensorBlock(**b) for b in d["consumers"]),
-                rotary=bool(d.get("rotary", False)),
+                rotary=d.get("rotary", ""),
                 tags=frozenset(d.get("tags", ())),
+                diagonal=bool(d.get("diagonal", False)),
             )
         except (KeyError, TypeError) as e:
             raise ValueError(

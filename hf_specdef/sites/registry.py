@@ -71,10 +71,11 @@ class Attention:
     Layouts: separate q/k/v projections; ``fused``: q, k, v are consecutive parts of one projection's outputs
     (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``); ``interleaved``: one projection holding ``[q_h, k_h, v_h]`` per head
     (GPT-NeoX ``query_key_value``). ``rotary``: RoPE on the first ``rotary_dims`` of each head (partial rotary
-    from the config); ``attn.qk`` then scales rotary pairs of that part only. ``qk_norms``: per-head q/k norms
-    (one weight of ``head_dim`` shared by all heads, after the projection: Qwen3, Gemma 3) normalise away any
-    scaling of q/k rows, so ``attn.qk`` scales the *norm weights'* rotary pairs instead (one pair per layer);
-    ``norm_offset``: those norms compute ``x * (offset + w)`` (Gemma).
+    from the config); ``attn.qk`` then scales rotary pairs of that part only (``True``/``"half"``: pairs
+    ``(i, i + d/2)``; ``"adjacent"``: pairs ``(2i, 2i + 1)``). ``qk_norms``: per-head q/k norms (one weight of
+    ``head_dim`` shared by all heads, after the projection: Qwen3, Gemma 3) normalise away any scaling of q/k
+    rows, so ``attn.qk`` scales the *norm weights* instead (their rotary pairs with RoPE; one diagonal pair per
+    layer); ``norm_offset``: those norms compute ``x * (offset + w)`` (Gemma).
     """
 
     q: Linear
@@ -82,7 +83,7 @@ class Attention:
     v: Linear
     o: Linear
     heads: Callable[[Any, str, ShapeOf], tuple[int, int, int]]
-    rotary: bool = False
+    rotary: bool | str = False
     fused: bool = False
     tags: frozenset[str] = frozenset()
     interleaved: bool = False
@@ -125,7 +126,8 @@ class PreNorm:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where the sites of one architecture are. ``block`` is a regex with a named group ``block``."""
+    """Where the sites of one architecture are. ``block`` is a regex with a named group ``block``. ``absent``:
+    ``(site type, why)`` for site types the architecture has no exact pair of (said when they are skipped)."""
 
     name: str
     block: str
@@ -135,6 +137,7 @@ class ArchSpec:
     model_types: tuple[str, ...] = ()
     class_names: tuple[str, ...] = ()
     extra_pairs: Callable[[Any, ShapeOf], list[Pair]] | None = field(default=None)
+    absent: tuple[tuple[str, str], ...] = ()
 
 
 def _natural(s: str) -> list[Any]:
@@ -209,6 +212,7 @@ def _attention_pairs(att: Attention, block: str, layer: int, config: Any, shape_
             consumers=(TensorBlock(f"{kn}.weight", 0, 0, rot, att.norm_offset),),
             rotary=att.rotary,
             tags=att.tags,
+            diagonal=True,
         ))
     return pairs
 
