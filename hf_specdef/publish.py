@@ -40,6 +40,7 @@ import torch
 from . import __version__, release_dtypes
 from .config import SpecDefConfig
 from .record import get_record
+from .resistance import MeasureConfig, ResistanceError, measure_resistance, redteam_measure  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("hf_specdef")
 
@@ -680,108 +681,6 @@ def render_card(
     return ModelCard.from_template(data, template_path=str(template or template_path()), **kwargs)
 
 
-# --------------------------------------------------------------------------------------------------- measure
-
-
-@dataclass
-class MeasureConfig:
-    """The quick resistance measurement of ``publish(measure=...)`` (causal language models).
-
-    A synthetic next-token task (a fixed random map on ``vocab`` tokens: learnable by any causal LM) is
-    fine-tuned with Adam at each of ``lrs`` for ``steps`` steps, on the original and on the protected model,
-    training the deformed parameters (``sites``) and, honestly, everything else (``bypass``, not slowed). The
-    target loss is halfway between the initial loss and the best loss the original reaches; the best learning
-    rate per variant counts.
-    """
-
-    steps: int = 100
-    lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-    batch_size: int = 8
-    seq_len: int = 32
-    vocab: int = 64
-    num_batches: int = 16
-    seed: int = 0
-    bypass: bool = True
-
-
-def _synthetic_batches(vocab_size: int, mc: MeasureConfig) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(mc.seed)
-    v = min(mc.vocab, vocab_size)
-    nxt = torch.randperm(v, generator=g)  # token t is always followed by nxt[t]
-    out = []
-    for _ in range(mc.num_batches):
-        seq = [torch.randint(0, v, (mc.batch_size,), generator=g)]
-        for _ in range(mc.seq_len - 1):
-            seq.append(nxt[seq[-1]])
-        out.append(torch.stack(seq, dim=1))
-    return out
-
-
-def measure_resistance(original: Path, protected: Path, info: SourceInfo, cfg: SpecDefConfig,
-                       mc: MeasureConfig | None = None, progress: bool = True) -> dict[str, Any]:
-    """Quick resistance measurement with the evaluation harness (:mod:`hf_specdef.evaluation.runner`).
-
-    Returns ``{"description", "rows": [{"variant", "steps", "slowdown"}], "summary", "target", "config"}``.
-    """
-    mc = mc or MeasureConfig()
-    if info.kind != "transformers" or not info.class_name.endswith(_CAUSAL_LM):
-        raise PublishError(f"measure=True supports causal language models (...ForCausalLM) in this build, not "
-                           f"{info.class_name}; for diffusion models run scripts/convergence_bench.py instead")
-    try:
-        from .evaluation import runner
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("hf_specdef"):
-            raise
-        raise PublishError("measure=True needs the evaluation harness (hf_specdef.evaluation), which is not available "
-                           "in this build; publish without --measure") from None
-    import transformers
-
-    cls = getattr(transformers, info.class_name)
-    models = {k: cls.from_pretrained(p, dtype=torch.float32) for k, p in (("original", original), ("protected", protected))}
-    batches = _synthetic_batches(models["original"].config.vocab_size, mc)
-    device = next(models["original"].parameters()).device
-    names = runner.site_parameter_names(models["original"], cfg)
-
-    def loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(device)
-        return model(input_ids=batch, labels=batch).loss
-
-    modes = ("sites", "bypass") if mc.bypass else ("sites",)
-    runs: dict[tuple[str, str], list[Any]] = {}
-    for train in modes:
-        for which, model in models.items():
-            ac = runner.AttackConfig(train=train, optimizer="adam", steps=mc.steps, seed=mc.seed, site_names=names)
-            runs[which, train] = runner.sweep(model, loss_fn, lambda s: runner.cycle(batches, s), ac, mc.lrs,
-                                              label=f"{which}/{train}", progress=progress)
-    ref = runs["original", "sites"]
-    start = max(r.curve[0] for r in ref if r.curve)
-    best = min((v for r in ref for v in r.curve if math.isfinite(v)), default=start)
-    target = start - 0.5 * (start - best)
-    rows, summary = [], {}
-    for train in modes:
-        steps = {w: runner.best_run(runs[w, train], target) for w in models}
-        base = steps["original"].steps_to_target
-        for which, r in steps.items():
-            n, reached = r.steps_to_target, r.steps_to_target <= mc.steps
-            slow = n / base if base else float("nan")
-            rows.append({
-                "variant": f"{which}, training the {'deformed' if train == 'sites' else 'other (undeformed)'} parameters",
-                "steps": n if reached else f"> {mc.steps} (not reached)",
-                "slowdown": f"{slow:.1f}x" + ("" if reached else " (lower bound)"),
-                "best_lr": r.lr,
-            })
-            summary[f"{which}_{train}_steps"] = n
-        summary[f"slowdown_{train}"] = steps["protected"].steps_to_target / max(base, 1)
-    description = (
-        f"Quick measurement (Adam, best of {len(mc.lrs)} learning rates {', '.join(f'{x:g}' for x in mc.lrs)}, "
-        f"{mc.steps} steps) on a synthetic next-token task over {min(mc.vocab, models['original'].config.vocab_size)} "
-        f"tokens: steps until the loss falls halfway from its start ({start:.3g}) to the best loss the original reaches "
-        f"({best:.3g}), i.e. target {target:.3g}. A run that never reaches it counts as {mc.steps + 1}. This is an "
-        "indication on a toy task, not a guarantee; an informed attacker undoes the deformation (see below)."
-    )
-    return {"description": description, "rows": rows, "summary": summary, "target": target, "config": asdict(mc)}
-
-
 # --------------------------------------------------------------------------------------------------- push
 
 
@@ -846,6 +745,7 @@ def publish(
     device: str | torch.device | None = None,
     progress: bool = True,
     quantize: tuple[str, ...] | list[str] = (),
+    redteam: str | os.PathLike | dict[str, Any] | None = None,
 ) -> PublishResult:
     """Protect ``model``, verify it, write a model card and push it to ``repo_id`` (or only write it: ``dry_run``).
 
@@ -859,6 +759,9 @@ def publish(
             uses a temporary folder that is removed afterwards. Must not exist unless ``overwrite``.
         measure: also run a quick resistance measurement (evaluation harness) and put it in the card; a
             :class:`MeasureConfig` sets its budget.
+        redteam: the ``results.json`` of ``hf-specdef redteam`` on this model and configuration (path or dict): its
+            worst case and per-attack slowdowns go into the card instead of the quick measurement (checked first:
+            results of another protection are refused).
         token: Hub token; default ``HF_TOKEN`` or the ``huggingface_hub`` login. Never printed, logged or written.
         commit_message: default names the source, alpha, sites and the verified deviation.
         base_model: the source's Hub id for the card metadata when ``model`` is a local folder.
@@ -900,6 +803,7 @@ def publish(
         raise PublishError(f"output_dir {out} already exists; choose another folder or pass overwrite=True (--overwrite)")
     if out is not None and (out == src or src in out.parents or out in src.parents):
         raise ValueError(f"output_dir {out} overlaps the source {src}; the source is never modified, choose another folder")
+    red_team = redteam_measure(redteam, cfg) if redteam is not None else None  # checked before any work
     if measure and not (info.kind == "transformers" and info.class_name.endswith(_CAUSAL_LM)):
         raise PublishError(f"measure=True supports causal language models (...ForCausalLM) in this build, not "
                            f"{info.class_name}; for diffusion models run scripts/convergence_bench.py instead")
@@ -916,8 +820,8 @@ def publish(
         quantized = quantization_checks(src, staged, info, cfg, tuple(dict.fromkeys((*cfg.quantization_safe,
                                                                                        *quantize))))
         _refuse_if_bad_quantized(quantized)
-        measured = None
-        if measure:
+        measured = red_team
+        if measure and measured is None:
             mc = measure if isinstance(measure, MeasureConfig) else None
             measured = measure_resistance(src, staged, info, cfg, mc, progress=progress)
         card = render_card(info, repo_id, cfg, checks, staged, pipeline_check=pipeline_check, measure=measured,

@@ -454,3 +454,31 @@ def test_diffusers_pipeline_dry_run(tmp_path):
     assert stock.returncode == 0, stock.stderr[-3000:]
     _, maxabs, cls = next(x for x in stock.stdout.splitlines() if x.startswith("MAXABS")).split()
     assert float(maxabs) <= 1e-4 and cls == "StableDiffusionPipeline"
+
+
+def _redteam_results(cfg: SpecDefConfig) -> dict:
+    """A minimal red-team results.json of the shape `hf-specdef redteam` writes."""
+    attack = {"name": "full-adamw", "informed": False, "description": "full fine-tuning, AdamW, constant LR"}
+    entry = {"attack": attack, "steps": {"0": 30}, "unprotected_steps": {"0": 8}, "best_lr": 2e-6,
+             "median": {"ratio": 3.75, "lower_bound": False, "min": 3.75, "max": 3.75, "seeds": 1}}
+    summary = {"variant": "default", "worst_case_slowdown": 3.75, "worst_case_attack": "full-adamw",
+               "worst_case_lower_bound": False, "uninformed_attacks": 1, "seeds": 1}
+    settings = {"preset": "quick", "per_decade": 3, "reference_steps": 8, "budget": 80}
+    return {"model": "SmolLM2", "data": {"source": "shipped corpus"}, "settings": settings, "summary": summary,
+            "variants": {"default": {"config": cfg.to_dict(), "attacks": {"full-adamw": entry}}}}
+
+
+def test_redteam_worst_case_goes_on_the_card_and_other_protections_are_refused(llama_src, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from hf_specdef.resistance import ResistanceError
+
+    cfg = SpecDefConfig()
+    with pytest.raises(ResistanceError, match="another protection.*alpha=100"):
+        publish(llama_src[0], "me/r", cfg, dry_run=True, output_dir=tmp_path / "no",
+                redteam=_redteam_results(cfg.replace(alpha=100.0)))
+    assert not (tmp_path / "no").exists()
+    out = tmp_path / "rt"
+    publish(llama_src[0], "me/r", cfg, dry_run=True, output_dir=out, progress=False, redteam=_redteam_results(cfg))
+    text = ModelCard.load(out / "README.md").text
+    assert "Worst case over 1 uninformed attacks" in text and "3.75x" in text and "full-adamw" in text

@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
     parser.add_argument("--force", action="store_true", help="protect even if the source is already protected")
     parser.add_argument("--measure", action="store_true", help="also measure resistance (evaluation harness) for the card")
+    parser.add_argument("--redteam", metavar="RESULTS_JSON", default=None,
+                        help="put the worst case of `hf-specdef redteam` (its results.json, same configuration) on the card")
     parser.add_argument("--commit-message", help="commit message of the upload (default names alpha, sites, deviation)")
     parser.add_argument("--template", help="custom Jinja model-card template (default: the packaged one)")
     parser.add_argument("--device", help="device for the protection math (default: the best available)")
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = publish(
         args.model, args.repo_id, config_from_args(args), private=args.private, dry_run=args.dry_run,
-        output_dir=args.output_dir, measure=args.measure, commit_message=args.commit_message,
+        output_dir=args.output_dir, measure=args.measure, redteam=args.redteam, commit_message=args.commit_message,
         base_model=args.base_model, overwrite=args.overwrite, force=args.force, template=args.template,
         device=args.device, progress=not args.json, quantize=args.quantize,
     )
