@@ -25,10 +25,10 @@ from typing import Any
 import torch
 
 from . import linalg
-from .config import SpecDefConfig
+from .config import INSPECT_THRESHOLD, SpecDefConfig
 from .sites import NoSitesError, Pair, pairs_for
 
-DEFAULT_THRESHOLD = 20.0
+DEFAULT_THRESHOLD = INSPECT_THRESHOLD
 _TOP = 32  # singular values kept per matrix
 
 

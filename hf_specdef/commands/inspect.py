@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..inspection import DEFAULT_THRESHOLD
+from ..config import INSPECT_THRESHOLD as DEFAULT_THRESHOLD  # not ..inspection: argparse set-up imports no torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
