@@ -1,6 +1,7 @@
 """``hf-specdef inspect PATH``: spectral report and protection coverage of a checkpoint, from its files.
 
-Tensors are read one at a time from the safetensors shards; the model is never built.
+Tensors are read shard by shard from the memory-mapped safetensors files, each once, several at a time; the
+model is never built.
 
 Example::
 
