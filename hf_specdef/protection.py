@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections import defaultdict
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import engine, probe
+from . import batched, engine, probe
 from .config import SpecDefConfig
 from .engine import PairResult, Plan
 from .linalg import Deformation
@@ -70,6 +69,10 @@ class Backup:
             t = tensors[b.name]
             rows = (m.indices.to(t.device) + b.start) if m.is_axis else torch.arange(b.start, b.stop, device=t.device)
             self.saved.append((b.name, b.axis, rows, t.index_select(b.axis, rows).to("cpu", copy=True)))
+
+    def add(self, name: str, axis: int, rows: torch.Tensor, old: torch.Tensor) -> None:
+        """Record the exact values ``old`` of ``rows`` of tensor ``name`` along ``axis`` (taken before a change)."""
+        self.saved.append((name, axis, rows, old))
 
     def restore(self, tensors: MutableMapping[str, torch.Tensor]) -> None:
         for name, axis, rows, old in reversed(self.saved):
@@ -177,10 +180,9 @@ def deform_verified(
     reference = _as_list(run()) if run is not None else None
     backup, results = Backup(), []
     try:
-        with torch.no_grad():
-            for plan in tqdm(plans, desc="SpecDef protect", unit="pair", disable=not progress, leave=False):
-                results.append(engine.deform_pair(plan, tensors, cfg, before_apply=functools.partial(
-                    _save_backup, backup, plan.pair, tensors)))
+        with torch.no_grad(), tqdm(total=len(plans), desc="SpecDef protect", unit="pair", disable=not progress,
+                                   leave=False) as bar:
+            results = batched.deform(plans, tensors, cfg, save=backup.add, done=bar.update)
         deviation = None
         if reference is not None:
             deviation = max(probe.max_relative_deviation(r, o) for r, o in zip(reference, _as_list(run()), strict=True))
@@ -196,10 +198,6 @@ def deform_verified(
         backup.restore(tensors)
         raise
     return results, backup, deviation
-
-
-def _save_backup(backup: Backup, pair: Pair, tensors: MutableMapping[str, torch.Tensor], m: Deformation) -> None:
-    backup.save(pair, m, tensors)
 
 
 def _as_list(out: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
