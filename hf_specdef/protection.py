@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 from . import batched, engine, probe
 from .config import SpecDefConfig
 from .engine import PairResult, Plan
-from .linalg import Deformation
 from .record import check_not_protected, make_record, set_record
 from .report import ProtectionReport
 from .sites import NoSitesError, Pair, pairs_for, select_pairs
@@ -63,12 +62,6 @@ class Backup:
 
     def __init__(self) -> None:
         self.saved: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
-
-    def save(self, pair: Pair, m: Deformation, tensors: MutableMapping[str, torch.Tensor]) -> None:
-        for b in pair.producers + pair.consumers:
-            t = tensors[b.name]
-            rows = (m.indices.to(t.device) + b.start) if m.is_axis else torch.arange(b.start, b.stop, device=t.device)
-            self.saved.append((b.name, b.axis, rows, t.index_select(b.axis, rows).to("cpu", copy=True)))
 
     def add(self, name: str, axis: int, rows: torch.Tensor, old: torch.Tensor) -> None:
         """Record the exact values ``old`` of ``rows`` of tensor ``name`` along ``axis`` (taken before a change)."""
