@@ -9,8 +9,12 @@ Copies to the CPU that would be device-to-host transfers on a GPU (``.cpu()``, `
 eigenproblems solved on the host; ``.tolist()``, ``.item()``) are counted by wrapping those Tensor methods
 while the run is profiled (``.cpu()`` is a no-op on a CPU run, but is counted as the transfer it would be).
 
+With ``--device cuda`` the model is moved there first and the CUDA runtime calls are counted as well
+(``cudaLaunchKernel``, ``cudaMemcpyAsync``, synchronizations): the real figures the CPU run stands in for.
+
     python scripts/profile_deform.py
     python scripts/profile_deform.py --layers 4 --json-out profile.json
+    python scripts/profile_deform.py --device cuda
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--device", default="cpu", help="where the model sits (cpu, cuda)")
     p.add_argument("--top", type=int, default=12, help="operators listed by count")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
@@ -74,14 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=2048, tie_word_embeddings=False)).eval()
+        max_position_embeddings=2048, tie_word_embeddings=False)).eval().to(args.device)
+    cuda = torch.device(args.device).type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     cfg = SpecDefConfig()
     protect_model(copy.deepcopy(model), cfg, verify=False, progress=False)  # warm-up
     counter, originals = count_host_copies()
     try:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.profile(activities=activities) as prof:
             t0 = time.perf_counter()
             report = protect_model(model, cfg, verify=False, progress=False)
+            if cuda:
+                torch.cuda.synchronize()
             wall = time.perf_counter() - t0
     finally:
         for name, orig in originals:
@@ -101,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         "host_copies": dict(counter),
         "top_ops": counts.most_common(args.top),
     }
+    if cuda:
+        result["cuda_runtime"] = {k: v for k, v in by_name.items() if k.startswith("cuda")}
     print(json.dumps(result, indent=2))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(result, indent=2))
