@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 logging.getLogger("hf_specdef").addHandler(logging.NullHandler())
 
-# name -> module; imported on first use so `import hf_specdef` stays light and integrations
-# (transformers hook, PEFT tuner) register themselves when their module is imported.
+# name -> module; imported on first use so `import hf_specdef` stays light (no torch, transformers, diffusers
+# or PEFT). The integrations install themselves when their library is imported (see hf_specdef.integrations).
 _LAZY = {
     "SpecDefConfig": "config",
     "protect": "protection",

@@ -22,6 +22,7 @@ CONFIG_KEY = "specdef"  # name of the protection record in a saved transformers 
 # ... and in a diffusers config.json: diffusers warns about every unexpected public key (printing its value, the whole
 # record) but passes "_" keys over silently, and keeps them in model.config and on save
 DIFFUSERS_CONFIG_KEY = "_specdef"
+INSPECT_THRESHOLD = 20.0  # outlier ratio above which inspect_model flags a matrix as deformed
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:

@@ -18,21 +18,25 @@ that actually slow fine-tuning (SPEC §2).
 from __future__ import annotations
 
 import json
+import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import linalg
-from .config import SpecDefConfig
+from .config import INSPECT_THRESHOLD, SpecDefConfig
 from .sites import NoSitesError, Pair, drop_inexact, pairs_for
 
-DEFAULT_THRESHOLD = 20.0
+DEFAULT_THRESHOLD = INSPECT_THRESHOLD
 _TOP = 32  # singular values kept per matrix
 # row-norm statistics need rows of a few entries: a 1-output gate's columns (Qwen2-MoE shared_expert_gate) are single
 # numbers whose median/min ratio over 64+ columns exceeds the threshold in an untouched model
 _MIN_ROW = 4
+RTOL = 1e-4  # relative accuracy of the reported singular values (linalg.top_singular_values)
 
 
 @dataclass
@@ -97,19 +101,25 @@ def _ratio(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a / b.clamp_min(torch.finfo(b.dtype).tiny))
 
 
+def _norm_evidence(norms: torch.Tensor, label: str) -> dict[str, float]:
+    med = norms.median()
+    return {f"{label}_high": _ratio(norms.max(), med), f"{label}_low": _ratio(med, norms.min())}
+
+
 def matrix_evidence(w: torch.Tensor) -> tuple[list[float], dict[str, float]]:
-    """Top singular values and outlier evidence of one weight (2-D, or 3-D fused experts stacked along the rows)."""
-    a = w.detach().reshape(-1, w.shape[-1]).to(linalg.compute_dtype(w.device))
-    s = linalg.top_singular_values(a, min(_TOP, min(a.shape)))
+    """Top singular values (to a relative ``RTOL``) and outlier evidence of one weight (2-D, or 3-D fused experts
+    stacked along the rows)."""
+    a = w.detach().reshape(-1, w.shape[-1]).to(torch.promote_types(w.dtype, torch.float32))  # one copy
+    s = linalg.top_singular_values(a, min(_TOP, min(a.shape)), rtol=RTOL)
     ev = {}
     if s.numel() > 1:
         ev["top_gap"] = max(_ratio(s[i], s[i + 1]) for i in range(s.numel() - 1))
-    for axis, label in ((1, "row"), (0, "col")):
-        norms = a.norm(dim=axis)
-        med = norms.median()
-        ev[f"{label}_high"] = _ratio(norms.max(), med)
-        ev[f"{label}_low"] = _ratio(med, norms.min())
-    return s.tolist(), ev
+    # row and column norms from one pass over the squares, by products with a ones vector: a reduction over
+    # the long strided axis is ten times slower
+    sq = a.square()
+    rows = (sq @ sq.new_ones(sq.shape[1])).sqrt().double()
+    cols = (sq.new_ones(sq.shape[0]) @ sq).sqrt().double()
+    return s.tolist(), ev | _norm_evidence(rows, "row") | _norm_evidence(cols, "col")
 
 
 def block_evidence(t: torch.Tensor, b: Any, pair: Pair) -> dict[str, float]:
@@ -130,6 +140,19 @@ def block_evidence(t: torch.Tensor, b: Any, pair: Pair) -> dict[str, float]:
     return ev
 
 
+def tensor_evidence(t: torch.Tensor, blocks: Sequence[tuple[Any, Pair]]) -> tuple[list[float], dict[str, float]]:
+    """Matrix evidence of one weight and the largest per-block evidence of its ``(block, pair)`` uses."""
+    top, ev = matrix_evidence(t)
+    for b, p in blocks:
+        for k, v in block_evidence(t, b, p).items():
+            ev[k] = max(ev.get(k, 1.0), v)
+    return top, ev
+
+
+def _workers(workers: int | None) -> int:
+    return max(1, workers if workers is not None else min(torch.get_num_threads(), os.cpu_count() or 1))
+
+
 def inspect_tensors(
     shapes: Mapping[str, Sequence[int]],
     get: Callable[[str], torch.Tensor],
@@ -137,8 +160,18 @@ def inspect_tensors(
     class_name: str | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     trainable: set[str] | None = None,
+    groups: Sequence[Sequence[str]] | None = None,
+    done: Callable[[str], None] | None = None,
+    group_done: Callable[[int], None] | None = None,
+    workers: int | None = None,
 ) -> InspectionReport:
-    """Inspect tensors given by name (``get(name)``): the shared core of model and file inspection."""
+    """Inspect tensors given by name (``get(name)``): the shared core of model and file inspection.
+
+    Each weight is read once and all its evidence computed from it, several weights at a time
+    (``workers`` threads; default: torch's thread count). ``groups`` orders the work (e.g. one group
+    per shard, in file order): a group is finished before the next starts, then ``group_done(i)`` is
+    called; ``done(name)`` is called once a tensor's evidence is computed (e.g. to let its pages go).
+    """
     try:
         pairs = pairs_for(config or {}, shapes, SpecDefConfig(), class_name)
     except NoSitesError:
@@ -147,18 +180,33 @@ def inspect_tensors(
     experts = {b.name for p in pairs for b in p.producers + p.consumers if len(shapes[b.name]) == 3}  # fused MoE
     weights = [n for n, s in shapes.items() if (len(s) == 2 and n.endswith("weight")) or n in experts]
     findings = {n: TensorFinding(n, tuple(shapes[n]), int(torch.Size(shapes[n]).numel())) for n in weights}
-    for name, f in findings.items():
-        f.top_singular_values, f.evidence = matrix_evidence(get(name))
-        f.outlier_ratio = f.evidence.get("top_gap", 1.0)
+    uses: dict[str, list[tuple[Any, Pair]]] = {n: [] for n in findings}
     for p in pairs:
         for b in p.producers + p.consumers:
-            role = "hot" if b in p.consumers else "cold"
             f = findings.get(b.name)
             if f is None:  # 1-D norm producers: the evidence sits with the consumers
                 continue
-            f.role = "hot" if role == "hot" or f.role == "hot" else "cold"
-            for k, v in block_evidence(get(b.name), b, p).items():
-                f.evidence[k] = max(f.evidence.get(k, 1.0), v)
+            f.role = "hot" if b in p.consumers or f.role == "hot" else "cold"
+            uses[b.name].append((b, p))
+
+    def job(name: str) -> tuple[str, list[float], dict[str, float]]:
+        top, ev = tensor_evidence(get(name), uses[name])
+        if done is not None:
+            done(name)
+        return name, top, ev
+
+    order = [[n for n in g if n in findings] for g in groups] if groups is not None else [sorted(findings)]
+    missing = set(findings) - {n for g in order for n in g}
+    if missing:
+        order.append(sorted(missing))
+    with ThreadPoolExecutor(max_workers=_workers(workers), thread_name_prefix="hf-specdef-inspect") as pool:
+        for i, group in enumerate(order):
+            for name, top, ev in pool.map(job, group):
+                f = findings[name]
+                f.top_singular_values, f.evidence = top, ev
+                f.outlier_ratio = ev.get("top_gap", 1.0)
+            if group_done is not None:
+                group_done(i)
     for f in findings.values():  # known architecture: per-block evidence only (matrix-level norms are noisy)
         f.deformed = _is_deformed(f.evidence, threshold, blocks_only=bool(pairs))
     names = trainable if trainable is not None else set(shapes)
@@ -173,11 +221,14 @@ def _is_deformed(ev: dict[str, float], threshold: float, blocks_only: bool) -> b
 def inspect_model(model_or_path: Any, threshold: float = DEFAULT_THRESHOLD) -> InspectionReport:
     """Spectral report and coverage of a model (``torch.nn.Module``) or a checkpoint folder (path).
 
-    Files are read tensor by tensor (``safetensors.safe_open``), never the whole model at once.
+    Files are memory-mapped and read shard by shard, several tensors at a time, each once (zero-copy; its
+    pages are let go once its evidence is computed), never the whole model at once.
     """
     if isinstance(model_or_path, torch.nn.Module):
         model = model_or_path
         params = dict(model.named_parameters())
+        for device in {p.device for p in params.values()}:
+            linalg.load_solvers(device)  # before the worker threads (lazy CUDA solvers are not thread-safe)
         return inspect_tensors(
             {n: tuple(p.shape) for n, p in params.items()}, lambda n: params[n].data,
             getattr(model, "config", None), type(model).__name__, threshold,
@@ -186,4 +237,12 @@ def inspect_model(model_or_path: Any, threshold: float = DEFAULT_THRESHOLD) -> I
     from .checkpoint import open_checkpoint
 
     with open_checkpoint(model_or_path) as ckpt:
-        return inspect_tensors(ckpt.shapes(), ckpt.get_tensor, ckpt.config, ckpt.class_name, threshold)
+        lock = threading.Lock()
+
+        def view(name: str) -> torch.Tensor:  # zero-copy, read-only; the lock guards mapping a shard on first use
+            with lock:
+                return ckpt.view(name)
+
+        return inspect_tensors(ckpt.shapes(), view, ckpt.config, ckpt.class_name, threshold,
+                               groups=[ckpt.keys_of(f) for f in ckpt.files], done=ckpt.drop_pages,
+                               group_done=lambda i: ckpt.release(ckpt.files[i]))

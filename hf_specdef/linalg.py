@@ -167,11 +167,33 @@ def top_left_singular(block: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     return u[:, :k], s[:k]
 
 
-def top_singular_values(matrix: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-``k`` singular values of a 2-D tensor without a full SVD (see :func:`top_left_singular`)."""
-    m = matrix if matrix.shape[0] <= matrix.shape[1] else matrix.T
-    k = min(k, min(m.shape))
-    return top_left_singular(m, k)[1]
+def gram_of_short_side(matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``A A^T`` or ``A^T A`` of a 2-D tensor, whichever is smaller, computed in ``dtype``."""
+    a = matrix.to(dtype)
+    return a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+
+
+def top_singular_values(matrix: torch.Tensor, k: int, rtol: float | None = None) -> torch.Tensor:
+    """Top-``k`` singular values of a 2-D tensor, descending (float64, or float32 where the device has no float64).
+
+    No SVD and no eigenvectors: the eigenvalues of the Gram matrix of the short side (``d x d``, O(d^2 n) to
+    form, one symmetric eigenvalue solve). With ``rtol=None`` everything is computed in float64. With
+    ``rtol``, the Gram product and the solve are first done in float32 (about three times faster); the
+    result is kept when its estimated relative error ``sqrt(d) u32 sigma_1^2 / sigma_k^2`` (u32 the float32
+    unit roundoff: the solver's backward error on the Gram matrix, relative to ``sigma_k^2``) is at most
+    ``rtol``, and recomputed in float64 otherwise -- which a deformed matrix, with ``sigma_1 / sigma_k``
+    near alpha, always is.
+    """
+    k = min(k, min(matrix.shape))
+    dt = compute_dtype(matrix.device)
+    if k <= 0:
+        return torch.zeros(0, dtype=dt, device=matrix.device)
+    if rtol is not None and dt != torch.float32:
+        g = gram_of_short_side(matrix, torch.float32)
+        lam = eigvalsh(g).flip(0)[:k].to(dt)
+        if bool(lam[-1] > 0) and math.sqrt(g.shape[0]) * unit_roundoff(torch.float32) * float(lam[0] / lam[-1]) <= rtol:
+            return lam.sqrt()
+    return eigvalsh(gram_of_short_side(matrix, dt)).flip(0)[:k].clamp_min(0).sqrt()
 
 
 def _check_layout(d: int, rotary: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import best_effort, engine, probe
+from . import batched, best_effort, engine, probe
 from .config import SpecDefConfig
 from .engine import PairResult, Plan
 from .linalg import Deformation
@@ -65,11 +65,16 @@ class Backup:
     def __init__(self) -> None:
         self.saved: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
 
-    def save(self, pair: Pair, m: Deformation, tensors: MutableMapping[str, torch.Tensor]) -> None:
+    def add(self, name: str, axis: int, rows: torch.Tensor, old: torch.Tensor) -> None:
+        """Record the exact values ``old`` of ``rows`` of tensor ``name`` along ``axis`` (taken before a change)."""
+        self.saved.append((name, axis, rows, old))
+
+    def save(self, pair: Pair, tensors: MutableMapping[str, torch.Tensor], m: Deformation) -> None:
+        """Record the values of every row/column of ``pair``'s blocks that ``m`` is about to change."""
         for b in pair.producers + pair.consumers:
             t = tensors[b.name]
             rows = (m.indices.to(t.device) + b.start) if m.is_axis else torch.arange(b.start, b.stop, device=t.device)
-            self.saved.append((b.name, b.axis, rows, t.index_select(b.axis, rows).to("cpu", copy=True)))
+            self.add(b.name, b.axis, rows, t.index_select(b.axis, rows).to("cpu", copy=True))
 
     def restore(self, tensors: MutableMapping[str, torch.Tensor]) -> None:
         for name, axis, rows, old in reversed(self.saved):
@@ -245,12 +250,17 @@ def deform_verified(
     reference = _as_list(run()) if run is not None else None
     backup, results = Backup(), []
     try:
-        with torch.no_grad():
-            for plan in tqdm(plans, desc="SpecDef protect", unit="pair", disable=not progress, leave=False):
-                result = engine.deform_pair(plan, tensors, cfg, before_apply=functools.partial(
-                    _save_backup, backup, plan.pair, tensors))
-                if result is not None:  # None: skipped by the plan's guard (quantization-safe planning)
-                    results.append(result)
+        with torch.no_grad(), tqdm(total=len(plans), desc="SpecDef protect", unit="pair", disable=not progress,
+                                   leave=False) as bar:
+            if batched.supports(plans):
+                results = batched.deform(plans, tensors, cfg, save=backup.add, done=bar.update)
+            else:  # plans the batched engine does not know (guards, float16-exact, inverted, offset, adjacent rotary)
+                for plan in plans:
+                    result = engine.deform_pair(plan, tensors, cfg, before_apply=functools.partial(
+                        backup.save, plan.pair, tensors))
+                    if result is not None:  # None: skipped by the plan's guard (quantization-safe planning)
+                        results.append(result)
+                    bar.update()
         deviation = None
         if reference is not None:
             deviation = max(probe.max_relative_deviation(r, o) for r, o in zip(reference, _as_list(run()), strict=True))
@@ -266,10 +276,6 @@ def deform_verified(
         backup.restore(tensors)
         raise
     return results, backup, deviation
-
-
-def _save_backup(backup: Backup, pair: Pair, tensors: MutableMapping[str, torch.Tensor], m: Deformation) -> None:
-    backup.save(pair, m, tensors)
 
 
 def _as_list(out: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -3,7 +3,8 @@
 #   1. the test suite with CUDA present (the CUDA-only tests run; protect_checkpoint and the load hook pick cuda);
 #   2. load-time overhead on cuda (SPEC §6: protected from_pretrained <= 1.05 x plain), with a cost breakdown;
 #   3. in-memory protect on cuda;
-#   4. streaming protect_checkpoint vs a plain shard-by-shard copy, deforming on cuda and on the CPU.
+#   4. streaming protect_checkpoint vs a plain shard-by-shard copy, deforming on cuda and on the CPU;
+#   5. kernel launches, memcpys and syncs of in-memory deformation on cuda (scripts/profile_deform.py).
 # Each step has its own time limit, so one hang does not cost the others; logs and JSON go to $OUT.
 # On the H200 machine (2026-11-30) `import hf_specdef` took ~13 s in each fresh process, and the streaming benchmark
 # starts one per run: 3 rounds of its 3 kinds fit in about 150 s. The whole script took ~8 minutes there.
@@ -37,3 +38,4 @@ step bench_load_cuda 120 python3 scripts/bench_load.py --device cuda --runs 7 --
 TAIL=45 step bench_protect_cuda 60 python3 scripts/bench_protect.py --device cuda --runs 3 --profile
 step bench_streaming_cpu 170 python3 scripts/bench_streaming.py --device cpu --repeats "${REPEATS:-3}" --json
 step bench_load_cuda_noverify 60 python3 scripts/bench_load.py --device cuda --runs 5 --no-verify
+TAIL=30 step profile_deform_cuda 60 python3 scripts/profile_deform.py --device cuda --json-out "$OUT/profile_deform_cuda.json"

@@ -1,6 +1,7 @@
 """``hf-specdef inspect PATH``: spectral report and protection coverage of a checkpoint, from its files.
 
-Tensors are read one at a time from the safetensors shards; the model is never built.
+Tensors are read shard by shard from the memory-mapped safetensors files, each once, several at a time; the
+model is never built.
 
 Example::
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..inspection import DEFAULT_THRESHOLD
+from ..config import INSPECT_THRESHOLD as DEFAULT_THRESHOLD  # not ..inspection: argparse set-up imports no torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

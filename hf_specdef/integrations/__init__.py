@@ -1,22 +1,61 @@
-"""Integrations with transformers, diffusers and PEFT, installed when ``hf_specdef`` is imported."""
+"""Integrations with transformers, diffusers and PEFT, installed when their library is imported.
+
+``import hf_specdef`` imports none of these libraries. :func:`install_all` (run by ``import hf_specdef``)
+registers post-import hooks (:mod:`hf_specdef.import_hooks`): each integration module is imported -- and
+installs its hooks -- once the module of the library that defines the hooked classes has been imported,
+or right away if it already is. So ``from_pretrained(..., specdef_config=...)`` and the SpecUndo PEFT
+method work whether ``hf_specdef`` is imported before or after the library.
+"""
 
 from __future__ import annotations
 
 import importlib
-import logging
+import sys
+from collections.abc import Callable
 
-logger = logging.getLogger("hf_specdef")
+from .. import import_hooks
 
-# full module names under hf_specdef; each registers hooks on import
-_MODULES = ("integrations.transformers", "integrations.diffusers", "tuners.specundo")
+__all__ = ["HOOKS", "install_all"]
+
+
+def _import(name: str) -> Callable[[], None]:
+    """Import ``hf_specdef.<name>`` unless it is imported (or being imported) already."""
+    full = f"hf_specdef.{name}"
+
+    def callback() -> None:
+        if full not in sys.modules:
+            importlib.import_module(full)
+
+    return callback
+
+
+def _auto_classes() -> None:
+    """``AutoModel*.from_pretrained`` gets the transformers integration on its first call: a process that only
+    imports ``AutoTokenizer`` (which imports ``auto_factory``) does not pay for importing ``modeling_utils``."""
+    if "hf_specdef.integrations.transformers" in sys.modules:
+        return
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    import_hooks.call_through(_BaseAutoModelClass, "from_pretrained", _import("integrations.transformers"))
+
+
+# (module whose import makes the hooks needed, what to do then, label); run in this order
+HOOKS: tuple[tuple[str, Callable[[], None], str], ...] = (
+    ("transformers.modeling_utils", _import("integrations.transformers"), "transformers"),
+    ("transformers.models.auto.auto_factory", _auto_classes, "transformers (Auto classes)"),
+    ("diffusers.models.modeling_utils", _import("integrations.diffusers"), "diffusers"),
+    ("diffusers.pipelines.pipeline_utils", _import("integrations.diffusers"), "diffusers"),
+    ("peft", _import("tuners.specundo"), "PEFT (SpecUndo)"),
+)
+
+_installed = False
 
 
 def install_all() -> None:
-    """Import each integration module; each registers its hooks on import (idempotent)."""
-    for name in _MODULES:
-        try:
-            importlib.import_module(f"hf_specdef.{name}")
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("hf_specdef"):
-                continue  # integration not written yet / not shipped
-            logger.debug("hf-specdef: %s integration unavailable (%s)", name, e)
+    """Register the post-import hooks of every integration (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+    for module, callback, label in HOOKS:
+        import_hooks.when_imported(module, callback, label)

@@ -1,6 +1,7 @@
 """diffusers integration: protect pipelines and denoisers at load, in memory and at save (SPEC §2, §4, §5, §7).
 
-Importing ``hf_specdef`` imports this module, which, once (idempotent):
+This module is imported once ``hf_specdef`` and diffusers' ``ModelMixin`` or ``DiffusionPipeline`` both are
+(post-import hook, see :mod:`hf_specdef.integrations`), and then, once (idempotent):
 
 * registers the diffusers denoiser sites (:mod:`hf_specdef.sites.diffusers`) and a probe builder for
   denoisers in :data:`hf_specdef.probe.PROBE_BUILDERS`;

@@ -1,6 +1,7 @@
 """transformers integration: ``from_pretrained(..., specdef_config=cfg)`` and ``save_protected`` (SPEC §1, §4, §7).
 
-Importing ``hf_specdef`` imports this module, which
+This module is imported once ``hf_specdef`` and ``transformers.modeling_utils`` both are (post-import hook, see
+:mod:`hf_specdef.integrations`; ``AutoModel*.from_pretrained`` imports it on its first call), and then
 
 * registers the ``"specdef"`` quantizer (:mod:`.transformers_quantizer`), so
   ``from_pretrained(path, quantization_config=SpecDefConfig(...))`` deforms the weights once loaded;

@@ -1,6 +1,6 @@
 """SpecUndo: the attacker's undo of a SpecDef deformation as a PEFT tuner (SPEC §3).
 
-Importing this module (``import hf_specdef`` does) registers the method with PEFT: ``SPECUNDO`` is
+Importing this module (``hf_specdef`` does once ``peft`` is imported) registers the method with PEFT: ``SPECUNDO`` is
 added to ``peft.utils.PeftType`` (PEFT's ``register_peft_method`` only accepts names already in the
 enum) and then registered normally, so ``get_peft_model(model, SpecUndoConfig(...))``,
 ``save_pretrained``, ``PeftModel.from_pretrained`` and ``merge_and_unload`` work as for LoRA.
