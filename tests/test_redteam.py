@@ -131,6 +131,20 @@ def test_search_brackets_the_optimum_at_three_points_per_decade():
     assert len(calls) == len(set(calls)) <= 10  # no lr run twice
 
 
+def test_search_moves_down_when_every_run_diverges():
+    calls: list[float] = []
+
+    def run(lr, stop):  # diverges above 1e-7 in one step; below, reaches the target in 20 steps
+        calls.append(lr)
+        if lr > 1.5e-7:
+            return Run("a", lr, 0, 100, [(0, 5.0), (1, 9.0)], 4.2, None, True, 1)
+        return Run("a", lr, 0, 100, [(0, 5.0), (20, 4.1)], 4.2, 20, False, 20)
+
+    found = search_lr(run, 4.64e-4, steps_key, prune=True)
+    assert found.best.reached and found.best.lr <= 1.5e-7
+    assert min(calls) < found.best.lr  # and the optimum is bracketed from below too
+
+
 def test_search_prunes_runs_at_the_best_steps_so_far():
     seen: list[int | None] = []
     base = _fake_run(1e-3, [])

@@ -25,16 +25,19 @@ logger = logging.getLogger("hf_specdef")
 LR_MIN, LR_MAX = 1e-12, 1e4  # wide: a deformation can move the optimum by many decades either way
 
 
-def steps_key(run: Run) -> tuple[float, float, float]:
-    """Fewest steps to the target first; then not diverged; then the lowest held-out loss."""
-    return (run.steps_to_target if run.reached else math.inf, float(run.diverged), run.best_loss)
+def steps_key(run: Run) -> tuple[float, float, float, float]:
+    """Fewest steps to the target first; then not diverged; then the lowest held-out loss; among diverged runs
+    the lower learning rate (divergence says the rate is too high: the search must move down, not stop)."""
+    return (run.steps_to_target if run.reached else math.inf, float(run.diverged), run.best_loss,
+            run.lr if run.diverged else 0.0)
 
 
-def loss_at_key(step: int) -> Callable[[Run], tuple[float, float]]:
-    """Lowest held-out loss after ``step`` steps (diverged runs last)."""
-    def key(run: Run) -> tuple[float, float]:
+def loss_at_key(step: int) -> Callable[[Run], tuple[float, float, float]]:
+    """Lowest held-out loss after ``step`` steps (diverged runs last, the lower learning rate first among them)."""
+    def key(run: Run) -> tuple[float, float, float]:
         value = run.loss_at(step)
-        return (float(run.diverged or not math.isfinite(value)), value)
+        bad = run.diverged or not math.isfinite(value)
+        return (float(bad), math.inf if bad else value, run.lr if bad else 0.0)
     return key
 
 
