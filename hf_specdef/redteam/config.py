@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# protection variant name -> SpecDefConfig fields ("default": the library's defaults)
+# protection variant name -> SpecDefConfig fields ("default": the library's defaults, i.e. what `hf-specdef protect`
+# does to the checkpoint: on a bfloat16 checkpoint, precision="auto" makes it bit-exact axis mode, alpha 1024)
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "spectral-a1000": {"alpha": 1000.0, "mode": "spectral"},
@@ -14,6 +15,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "spectral-a100": {"alpha": 100.0, "mode": "spectral"},
     "spectral-a10": {"alpha": 10.0, "mode": "spectral"},
 }
+
+# variants protected as float32 releases (spectral mode needs float32); the others in the checkpoint's storage dtype
+FLOAT32_RELEASES = frozenset({"spectral-a1000", "spectral-a100", "spectral-a10"})
 
 QUICK_ATTACKS = ("full-adamw", "lora16-qkvo", "specundo-blind")
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..record import get_record
 from .attacks import Attack, get_attacks
-from .config import VARIANTS, RedTeamConfig
+from .config import FLOAT32_RELEASES, VARIANTS, RedTeamConfig
 from .data import AttackData, build_attack_data
 from .prepare import prepare_model, undone_copy
 from .search import Search, loss_at_key, search_lr, steps_key
@@ -65,6 +65,21 @@ class Baseline:
         return cls(attack, d["target"], d["initial_loss"], d["reference_loss"], d["best_lr"],
                    {int(k): v for k, v in d["steps"].items()}, Search(runs, best),
                    {int(k): Run.from_dict(r) for k, r in d["seed_runs"].items()})
+
+
+def storage_dtype(model: Any) -> torch.dtype:
+    """The dtype the checkpoint is stored in (its config.json's ``dtype``); float32 when unknown."""
+    if isinstance(model, torch.nn.Module):
+        return next(p.dtype for p in model.parameters() if p.is_floating_point())
+    try:
+        import json
+
+        conf = json.loads((Path(os.fspath(model)) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return torch.float32
+    value = conf.get("dtype") or conf.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(value).replace("torch.", ""), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def load_model(model: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any, str]:
@@ -177,19 +192,26 @@ def median_slowdown(values: Any) -> dict[str, Any] | None:
     return {**mid, "min": vals[0]["ratio"], "max": vals[-1]["ratio"], "seeds": len(vals)}
 
 
-def protect_variant(model: torch.nn.Module, name: str, cfg: RedTeamConfig, eval_ids: torch.Tensor
-                    ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A protected copy of ``model`` (record "full", so the recipe attack can use it) and what was measured of it."""
+def protect_variant(model: torch.nn.Module, name: str, cfg: RedTeamConfig, eval_ids: torch.Tensor,
+                    storage: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A protected copy of ``model`` (record "full", so the recipe attack can use it) and what was measured of it.
+
+    The copy is protected in the checkpoint's ``storage`` dtype, as ``hf-specdef protect`` would protect the release
+    (``precision="auto"``: a bfloat16 checkpoint gets bit-exact axis mode), except the float32-release variants
+    (``spectral-*``), which are protected in float32."""
     from ..config import SpecDefConfig
     from ..protection import protect
 
     fields = cfg.protection if name == "custom" else VARIANTS[name]
     spec = SpecDefConfig(**{**fields, "record": "full"})
-    protected = copy.deepcopy(model)
+    release = torch.float32 if name in FLOAT32_RELEASES else storage
+    protected = copy.deepcopy(model).to(release)  # protected as a release in that dtype would be (precision="auto")
     start = time.perf_counter()
     report = protect(protected, spec, progress=False)
     seconds = time.perf_counter() - start
-    info = {"config": spec.to_dict(), "pairs": len(report.results), "sites": report.sites,
+    protected.float()  # exact: the attacker trains in float32
+    info = {"config": spec.to_dict(), "release_dtype": str(release).replace("torch.", ""),
+            "precision": getattr(report, "precision", None), "pairs": len(report.results), "sites": report.sites,
             "hot_modules": report.hot_modules, "notes": report.notes, "protect_seconds": seconds,
             **deviations(model, protected, eval_ids)}
     logger.info("red team: variant %s protected (%s): deviation fp32 %.3g, bf16 %.3g", name, spec.to_json_string(),
@@ -323,6 +345,7 @@ def run_redteam(model: Any, out: str | os.PathLike | None = None, config: RedTea
     if out is not None:
         check_out_dir(out)
     start = time.perf_counter()
+    storage = storage_dtype(model)
     model, tokenizer, name = load_model(model, tokenizer)
     data = build_attack_data(tokenizer, cfg.data, seq_len=cfg.seq_len, eval_windows=cfg.eval_windows,
                              min_train_windows=cfg.batch_size * 4, text_field=cfg.text_field)
@@ -336,7 +359,7 @@ def run_redteam(model: Any, out: str | os.PathLike | None = None, config: RedTea
         [a for a in attacks if not a.informed], desc="red team unprotected", unit="attack", disable=not team.progress)}
     variants = {}
     for v in cfg.variants:
-        variants[v] = run_variant(team, v, *protect_variant(model, v, cfg, data.eval), attacks, baselines)
+        variants[v] = run_variant(team, v, *protect_variant(model, v, cfg, data.eval, storage), attacks, baselines)
     for v, (pm, info) in given.items():
         variants[v] = run_variant(team, v, pm, info, attacks, baselines)
     head = next(iter(variants))
