@@ -242,6 +242,23 @@ def test_redteam_attacks_a_given_protected_model_reusing_the_unprotected_baselin
         run_redteam(tiny_lm_dir, None, cfg, protected={"broken": other}, progress=False)
 
 
+def test_variant_protected_in_bfloat16_keeps_the_float32_function(tiny_lm_dir):
+    """The copy is protected as a bf16 release; casting the whole model would also round the rotary inv_freq buffer
+    (a different function, 1.4e-3 on SmolLM2): only the parameters are cast."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef.redteam.suite import protect_variant
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).to(torch.bfloat16).float()  # bf16-valued weights
+    model.model.rotary_emb.inv_freq.mul_(1.0 + 1e-6)  # not a bf16 value: a buffer cast would change it
+    ids = build_attack_data(byte_tokenizer(), seq_len=16, eval_windows=4).eval
+    protected, info = protect_variant(model, "default", RedTeamConfig(), ids, torch.bfloat16)
+    assert info["release_dtype"] == "bfloat16" and info["precision"]["used"] == "axis"
+    assert info["deviation_float32"] == 0.0 and info["deviation_bfloat16"] == 0.0
+    assert torch.equal(protected.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq)
+    assert all(p.dtype == torch.float32 for p in protected.parameters())
+
+
 def test_redteam_bad_inputs_leave_nothing(tiny_lm_dir, tmp_path):
     from hf_specdef.redteam.suite import run_redteam
 
