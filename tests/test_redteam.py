@@ -61,6 +61,17 @@ def test_suite_has_at_least_12_uninformed_attacks_and_the_informed_ones():
     assert all(atk.SUITE[a.baseline] and not atk.SUITE[a.baseline].informed for a in atk.SUITE.values() if a.informed)
 
 
+def test_linears_attack_trains_linear_weights_only(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef.redteam.prepare import prepare_model
+
+    work = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), atk.SUITE["linears-adamw"], 0)
+    trained = {n for n, p in work.named_parameters() if p.requires_grad}
+    assert trained and all(n.endswith(("_proj.weight", "lm_head.weight")) for n in trained)
+    assert not any("norm" in n or "embed" in n for n in trained)
+
+
 def test_get_attacks_adds_baselines_first_and_rejects_unknown_names():
     names = [a.name for a in atk.get_attacks(["specundo-blind"])]
     assert names == ["lora16-qkvo", "specundo-blind"]

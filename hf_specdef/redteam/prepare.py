@@ -22,8 +22,13 @@ def prepare_model(model: torch.nn.Module, attack: Attack, seed: int, *, frozen: 
     work = copy.deepcopy(model)
     work.train()
     torch.manual_seed(seed)  # adapter initialisation
-    if attack.train in ("full", "merge-undo", "bypass"):
-        frozen = set(frozen) if attack.train == "bypass" else set()
+    if attack.train == "linears":
+        linear = {f"{n}.weight" for n, mod in work.named_modules() if isinstance(mod, torch.nn.Linear)}
+        frozen = {n for n, _ in work.named_parameters()} - linear  # a head tied to the embeddings stays frozen
+        if len(frozen) == len(dict(work.named_parameters())):
+            raise ValueError("attack 'linears': the model has no torch.nn.Linear weight to train.")
+    if attack.train in ("full", "linears", "merge-undo", "bypass"):
+        frozen = set(frozen) if attack.train in ("bypass", "linears") else set()
         named = dict(work.named_parameters())
         missing = sorted(frozen - set(named))
         if missing:
