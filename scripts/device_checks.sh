@@ -39,3 +39,8 @@ TAIL=45 step bench_protect_cuda 60 python3 scripts/bench_protect.py --device cud
 step bench_streaming_cpu 170 python3 scripts/bench_streaming.py --device cpu --repeats "${REPEATS:-3}" --json
 step bench_load_cuda_noverify 60 python3 scripts/bench_load.py --device cuda --runs 5 --no-verify
 TAIL=30 step profile_deform_cuda 60 python3 scripts/profile_deform.py --device cuda --json-out "$OUT/profile_deform_cuda.json"
+# 6. the red team's full suite on SmolLM2 (only when the checkpoint was brought along: see scripts/redteam_device.sh,
+#    the model does not fit one call's 64 MiB carry); ~9 minutes for the default variant on an H200
+if [ -f "${SMOLLM2:-.smollm2/bf16}/config.json" ]; then
+  TAIL=40 step redteam_full 570 env OUT="$OUT" bash scripts/redteam_device.sh
+fi
