@@ -47,8 +47,9 @@ def tier_exponents(n: int, base: int, ratio: float = 1.5, seed: int = 0) -> torc
 
 @torch.no_grad()
 def tiered(model: torch.nn.Module, residual: int = 10, norm_base: int = 16, mlp_norm_base: int = 21, inner_base: int = 2,
-           ratio: float = 1.5, seed: int = 0) -> torch.nn.Module:
-    """Deform a Llama-family ``model`` in place (see the module docstring)."""
+           ratio: float = 1.5, seed: int = 0, hot: int = 0) -> torch.nn.Module:
+    """Deform a Llama-family ``model`` in place (see the module docstring). ``hot`` > 0: in every norm / v / up block
+    one channel (the slowest tier's first) is instead *inflated* by ``2^hot`` (gain x, readers / : the classic site)."""
     cfg = model.config
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     nq, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -68,14 +69,21 @@ def tiered(model: torch.nn.Module, residual: int = 10, norm_base: int = 16, mlp_
         for norm, readers, base, k in ((layer.input_layernorm, (a.q_proj, a.k_proj, a.v_proj), norm_base, 1),
                                        (layer.post_attention_layernorm, (m.gate_proj, m.up_proj), mlp_norm_base, 2)):
             f = 2.0 ** tier_exponents(norm.weight.numel(), base, ratio, s + k)
+            if hot:
+                f[int(f.argmax())] = 2.0 ** -hot
             norm.weight.div_(f.to(norm.weight.dtype))
             for r in readers:
                 r.weight.mul_(f.to(r.weight.dtype))
         f = 2.0 ** tier_exponents(nkv * hd, inner_base, ratio, s + 3)  # per value row
+        if hot:
+            for h in range(nkv):
+                f[h * hd + int(f[h * hd:(h + 1) * hd].argmax())] = 2.0 ** -hot
         a.v_proj.weight.div_(f.to(a.v_proj.weight.dtype)[:, None])
         fo = torch.cat([f[(h // (nq // nkv)) * hd:(h // (nq // nkv) + 1) * hd] for h in range(nq)])
         a.o_proj.weight.mul_(fo.to(a.o_proj.weight.dtype)[None, :])
         f = 2.0 ** tier_exponents(m.up_proj.weight.shape[0], inner_base, ratio, s + 4)
+        if hot:
+            f[int(f.argmax())] = 2.0 ** -hot
         m.up_proj.weight.div_(f.to(m.up_proj.weight.dtype)[:, None])
         m.down_proj.weight.mul_(f.to(m.down_proj.weight.dtype)[None, :])
     return model
@@ -90,13 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlp-norm-base", type=int, default=21, help="above inner_base + the mlp tiers (16 for 1536 rows)")
     p.add_argument("--inner-base", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hot", type=int, default=0, help="log2 of the inflation of one classic (hot) channel per block")
     args = p.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.dst.exists():
         raise SystemExit(f"{args.dst} exists; pass a new folder")
     model = AutoModelForCausalLM.from_pretrained(args.src)
-    tiered(model, args.residual, args.norm_base, args.mlp_norm_base, args.inner_base, seed=args.seed)
+    tiered(model, args.residual, args.norm_base, args.mlp_norm_base, args.inner_base, seed=args.seed, hot=args.hot)
     model.save_pretrained(args.dst)
     AutoTokenizer.from_pretrained(args.src).save_pretrained(args.dst)
     ids = torch.arange(1, 65)[None] * 37 % model.config.vocab_size
