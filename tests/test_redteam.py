@@ -341,3 +341,40 @@ def test_accelerate_launch_ddp_reproduces_single_process_steps(tiny_lm_dir, tmp_
     assert a["steps"] is not None and a["steps"] == b["steps"]
     for (sa, la), (sb, lb) in zip(a["curve"], b["curve"], strict=True):
         assert sa == sb and la == pytest.approx(lb, rel=1e-4)
+
+
+def test_interrupted_redteam_resumes_from_its_journal_without_rerunning_finished_runs(tiny_lm_dir, tmp_path,
+                                                                                     monkeypatch):
+    from hf_specdef.redteam import suite
+    from hf_specdef.redteam.journal import JournalError, journal_path
+
+    cfg = RedTeamConfig.preset_config("tiny", attacks=("full-adamw",), max_runs=4)
+    whole = suite.run_redteam(tiny_lm_dir, tmp_path / "whole", cfg, progress=False)
+    assert not journal_path(tmp_path / "whole").exists()  # removed once the results are written
+    real, calls = suite.run_attack, []
+
+    def interrupted_after_3(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(kwargs["lr"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(suite, "run_attack", interrupted_after_3)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        suite.run_redteam(tiny_lm_dir, out, cfg, progress=False)
+    journal = journal_path(out)
+    assert not out.exists() and len(journal.read_text().splitlines()) == 1 + 3  # header + the 3 finished runs
+    with pytest.raises(JournalError, match="--resume"):
+        suite.run_redteam(tiny_lm_dir, out, cfg, progress=False)
+    with pytest.raises(JournalError, match="other settings"):
+        suite.run_redteam(tiny_lm_dir, out, RedTeamConfig.preset_config("tiny", attacks=("full-adamw",), max_runs=5),
+                          progress=False, resume=True)
+    monkeypatch.setattr(suite, "run_attack", lambda *a, **k: calls.append(k["lr"]) or real(*a, **k))
+    res = suite.run_redteam(tiny_lm_dir, out, cfg, progress=False, resume=True)
+    total = len(whole["unprotected"]["full-adamw"]["search"]["runs"]) + \
+        len(whole["variants"]["default"]["attacks"]["full-adamw"]["search"]["runs"])
+    assert len(calls) == total  # the 3 journalled runs were not trained again
+    assert res["summary"]["worst_case_slowdown"] == whole["summary"]["worst_case_slowdown"]
+    assert res["unprotected"]["full-adamw"]["best_lr"] == whole["unprotected"]["full-adamw"]["best_lr"]
+    assert (out / "results.json").is_file() and not journal.exists()

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-factor", type=int, default=None, help="budget = reference steps x this")
     p.add_argument("--batch-size", type=int, default=None, help="global batch size")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per training window")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted red team with the same --out and options: its finished runs "
+                        "(kept in OUT.runs.jsonl as they finish) are not run again")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = RedTeamConfig.preset_config(preset, **kw)
     start = time.perf_counter()
     results = run_redteam(args.model, args.out, cfg, protected=protected, reuse_unprotected=args.reuse_unprotected,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, resume=args.resume)
     if is_main_process():
         print(headline(results))
         print(f"wrote {args.out}/results.json, results.md and plots in {(time.perf_counter() - start) / 60:.1f} min")

@@ -5,7 +5,8 @@
 * :mod:`~hf_specdef.redteam.data`: the attack data (a corpus shipped with the package, or your own);
 * :mod:`~hf_specdef.redteam.training`: one run on ``Trainer`` with a steps-to-target callback;
 * :mod:`~hf_specdef.redteam.search`: the learning-rate search;
-* :mod:`~hf_specdef.redteam.suite`: :func:`run_redteam`; :mod:`~hf_specdef.redteam.report`: the output files.
+* :mod:`~hf_specdef.redteam.suite`: :func:`run_redteam`; :mod:`~hf_specdef.redteam.report`: the output files;
+* :mod:`~hf_specdef.redteam.journal`: finished runs kept as they finish, so an interrupted red team resumes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ _LAZY = {
     "RedTeamConfig": "config", "VARIANTS": "config",
     "AttackData": "data", "AttackDataError": "data", "build_attack_data": "data",
     "RedTeamError": "suite", "run_redteam": "suite",
+    "JournalError": "journal", "RunJournal": "journal",
 }
 
 __all__ = sorted(_LAZY)

@@ -28,6 +28,7 @@ from ..record import get_record
 from .attacks import Attack, get_attacks
 from .config import FLOAT32_RELEASES, VARIANTS, RedTeamConfig
 from .data import AttackData, build_attack_data
+from .journal import RunJournal, journal_path, run_key
 from .prepare import prepare_model, undone_copy
 from .search import Search, loss_at_key, search_lr, steps_key
 from .training import Run, RunSettings, eval_loss, is_main_process, run_attack
@@ -112,18 +113,26 @@ def load_model(model: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any,
 class RedTeam:
     """Runs the searches of one red team (see :func:`run_redteam`)."""
 
-    def __init__(self, model: torch.nn.Module, data: AttackData, cfg: RedTeamConfig, progress: bool) -> None:
-        self.model, self.data, self.cfg = model, data, cfg
+    def __init__(self, model: torch.nn.Module, data: AttackData, cfg: RedTeamConfig, progress: bool,
+                 journal: RunJournal | None = None) -> None:
+        self.model, self.data, self.cfg, self.journal = model, data, cfg, journal
         self.settings = RunSettings(batch_size=cfg.batch_size, eval_every=cfg.eval_every, divergence=cfg.divergence)
         self.progress = progress and is_main_process()
         self.seconds = 0.0
 
     def run(self, model: torch.nn.Module, attack: Attack, lr: float, seed: int, *, target: float | None,
             stop_after: int | None, frozen: tuple[str, ...] = (), label: str = "") -> Run:
-        work = prepare_model(model, attack, seed, frozen=frozen)
-        r = run_attack(work, attack, self.data, lr=lr, seed=seed, budget=self.cfg.budget, target=target,
-                       stop_after=stop_after, settings=self.settings)
-        del work
+        key = run_key(label, attack.name, lr, seed, target, stop_after)
+        r = self.journal.get(key) if self.journal else None
+        if r is None:
+            work = prepare_model(model, attack, seed, frozen=frozen)
+            r = run_attack(work, attack, self.data, lr=lr, seed=seed, budget=self.cfg.budget, target=target,
+                           stop_after=stop_after, settings=self.settings)
+            del work
+            if self.journal and is_main_process():
+                self.journal.add(key, r)
+            elif self.journal:
+                self.journal.runs[key] = r
         self.seconds += r.seconds
         outcome = f"{r.steps_to_target} steps" if r.reached else "diverged" if r.diverged else \
             f"not reached in {r.stopped_at} (loss {r.curve[-1][1]:.3f})"
@@ -336,7 +345,7 @@ def environment() -> dict[str, Any]:
 def run_redteam(model: Any, out: str | os.PathLike | None = None, config: RedTeamConfig | None = None, *,
                 tokenizer: Any = None, protected: dict[str, Any] | None = None,
                 reuse_unprotected: str | os.PathLike | dict[str, Any] | None = None,
-                progress: bool = True) -> dict[str, Any]:
+                progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Fine-tune copies of ``model``, unprotected and protected, with the red-team suite; return (and write) results.
 
     Args:
@@ -348,6 +357,8 @@ def run_redteam(model: Any, out: str | os.PathLike | None = None, config: RedTea
             addition to ``config.variants`` (e.g. a checkpoint you are about to publish, or your own protection).
         reuse_unprotected: the ``results.json`` (path or dict) of an earlier run on the same model, data and settings:
             its unprotected baselines (targets, steps, learning rates) are reused instead of re-run.
+        resume: reuse the finished runs journalled by an interrupted red team with the same ``out`` and settings
+            (``<out>.runs.jsonl``, see :mod:`hf_specdef.redteam.journal`); without it an existing journal is an error.
     """
     from .report import check_out_dir, write_results
 
@@ -364,7 +375,29 @@ def run_redteam(model: Any, out: str | os.PathLike | None = None, config: RedTea
     logger.info("red team: %s on %s (%d training windows, %d held out)", name, data.source, len(data.train),
                 len(data.eval))
     attacks = get_attacks(cfg.attacks)
-    team = RedTeam(model, data, cfg, progress)
+    journal = None
+    if out is not None:
+        header = {"model": name, "data": data.describe(), "settings": cfg.to_dict(), "protected": sorted(protected or {})}
+        journal = RunJournal(journal_path(out), header, resume=resume)
+    try:
+        results = _attack_all(RedTeam(model, data, cfg, progress, journal), name, data, cfg, storage, attacks,
+                              protected, reuse_unprotected)
+    except BaseException:
+        if journal is not None and journal.runs and is_main_process():
+            logger.error("red team: stopped; its %d finished runs are kept in %s: run the same command with --resume "
+                         "to continue from them", len(journal.runs), journal.path)
+        raise
+    results["wall_seconds"] = time.perf_counter() - start
+    if out is not None and is_main_process():
+        write_results(results, out)
+        journal.remove()
+    return results
+
+
+def _attack_all(team: RedTeam, name: str, data: AttackData, cfg: RedTeamConfig, storage: torch.dtype,
+                attacks: list[Attack], protected: dict[str, Any] | None, reuse_unprotected: Any) -> dict[str, Any]:
+    """The baselines, then every attack on every variant; the results dict (without its wall time)."""
+    model = team.model
     given = {n: given_variant(model, p, data.eval) for n, p in (protected or {}).items()}
     reused = reused_baselines(reuse_unprotected, cfg, data, attacks)
     baselines = {a.name: reused.get(a.name) or team.reference(a) for a in tqdm(
@@ -375,17 +408,14 @@ def run_redteam(model: Any, out: str | os.PathLike | None = None, config: RedTea
     for v, (pm, info) in given.items():
         variants[v] = run_variant(team, v, pm, info, attacks, baselines)
     head = next(iter(variants))
-    results = {
+    return {
         "model": name, "data": data.describe(), "settings": {**cfg.to_dict(), "budget": cfg.budget},
         "environment": environment(), "initial_eval_loss": eval_loss(model, data.eval),
         "unprotected": {n: b.to_dict() for n, b in baselines.items()}, "reused_unprotected": sorted(reused),
         "variants": variants, "summary": {"variant": head, **variants[head]["summary"], "seeds": len(cfg.seeds),
                                           "preset": cfg.preset},
-        "wall_seconds": time.perf_counter() - start, "train_seconds": team.seconds,
+        "train_seconds": team.seconds,
     }
-    if out is not None and is_main_process():
-        write_results(results, out)
-    return results
 
 
 SAME_SETTINGS = ("seeds", "seq_len", "batch_size", "eval_windows", "reference_steps", "budget_factor", "fraction",
