@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..precision import describe as describe_precision
 from ..record import get_record
 from .attacks import Attack, get_attacks
 from .config import FLOAT32_RELEASES, VARIANTS, RedTeamConfig
@@ -224,7 +225,8 @@ def protect_variant(model: torch.nn.Module, name: str, cfg: RedTeamConfig, eval_
             "precision": getattr(report, "precision", None), "pairs": len(report.results), "sites": report.sites,
             "hot_modules": report.hot_modules, "notes": report.notes, "protect_seconds": seconds,
             **deviations(model, protected, eval_ids)}
-    logger.info("red team: variant %s protected (%s): deviation fp32 %.3g, bf16 %.3g", name, spec.to_json_string(),
+    logger.info("red team: variant %s: %d pairs, %s; deviation fp32 %.3g, bf16 %.3g", name, info["pairs"],
+                describe_precision(info["precision"]) if info["precision"] else spec.to_json_string(),
                 info["deviation_float32"], info["deviation_bfloat16"])
     if not info["deviation_float32"] <= spec.tolerance:  # the attacker must start from the original's function
         raise RedTeamError(f"variant {name!r}: the protected copy deviates by {info['deviation_float32']:.3g} from the "
