@@ -378,3 +378,14 @@ def test_interrupted_redteam_resumes_from_its_journal_without_rerunning_finished
     assert res["summary"]["worst_case_slowdown"] == whole["summary"]["worst_case_slowdown"]
     assert res["unprotected"]["full-adamw"]["best_lr"] == whole["unprotected"]["full-adamw"]["best_lr"]
     assert (out / "results.json").is_file() and not journal.exists()
+
+
+def test_report_describes_a_given_checkpoint_without_a_record_and_a_resolved_precision():
+    """A protection made elsewhere (no SpecDef record) must not crash the report at the end of an hour's run."""
+    from hf_specdef.redteam.report import describe_protection
+
+    assert describe_protection({"config": {}, "pairs": None}) == "a given checkpoint without a SpecDef record"
+    text = describe_protection({"config": {"alpha": 1000.0, "mode": "spectral"}, "pairs": 270,
+                                "precision": {"requested": "auto", "used": "axis", "factors": [1024.0],
+                                              "storage_dtype": "bfloat16", "exact_dtypes": ["bfloat16", "float32"]}})
+    assert "used axis, alpha 1024" in text and text.endswith("270 pairs")

@@ -55,6 +55,18 @@ def write_results(results: dict[str, Any], out: str | os.PathLike) -> Path:
     return out
 
 
+def describe_protection(variant: dict[str, Any]) -> str:
+    """What protected this variant: the resolved precision when this red team protected it, else the record's."""
+    conf = variant.get("config") or {}
+    what = {k: conf[k] for k in ("alpha", "mode", "sites", "top_k", "quantization_safe") if conf.get(k) is not None}
+    text = json.dumps(what) if what else "a given checkpoint without a SpecDef record"
+    if variant.get("precision"):
+        from ..precision import describe
+
+        text += f" ({describe(variant['precision'])})"
+    return text + (f", {variant['pairs']} pairs" if variant.get("pairs") else "")
+
+
 def fmt_ratio(m: dict[str, Any] | None) -> str:
     if not m:
         return "n/a"
@@ -104,8 +116,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for name, v in results["variants"].items():
         lines += [f"## Variant `{name}`", "",
-                  f"Protection {json.dumps({k: v['config'][k] for k in ('alpha', 'mode', 'sites', 'top_k')})}: "
-                  f"{v['pairs']} pairs, deviation float32 {v['deviation_float32']}, bfloat16 "
+                  f"Protection: {describe_protection(v)}; deviation float32 {v['deviation_float32']}, bfloat16 "
                   f"{v['deviation_bfloat16']:.3g} ({'bf16-exact' if v['bf16_exact'] else 'NOT exact in bf16'}).", "",
                   "| attack | informed | best lr unprotected -> protected | steps unprotected | steps protected "
                   "| slowdown (median) | range |", "|---|---|---|---|---|---|---|"]
