@@ -129,6 +129,7 @@ def test_card_metadata_and_content(llama_src, tmp_path, caplog):
     assert f"{dev:.2e}" in text and "float32" in text  # the measured deviation and its dtype
     assert "undo the deformation by reparameterization" in text and "linear in model size" in text
     assert "Only the deformed parameters are slowed" in text and "not slowed at all" in text
+    assert "No red team was run on this\nrelease" in text and "(0.62×)" in text  # the real-model scale, unmeasured here
     assert f"{res.checks[0].coverage:.1%}" in text  # coverage from inspect_model
     assert "arXiv:2602.18868" in text and "Limits of Convergence-Rate Control for Open-Weight Safety" in text
     assert "LlamaForCausalLM.from_pretrained(\"me/tiny-llama-specdef\")" in text
@@ -482,3 +483,4 @@ def test_redteam_worst_case_goes_on_the_card_and_other_protections_are_refused(l
     publish(llama_src[0], "me/r", cfg, dry_run=True, output_dir=out, progress=False, redteam=_redteam_results(cfg))
     text = ModelCard.load(out / "README.md").text
     assert "Worst case over 1 uninformed attacks" in text and "3.75x" in text and "full-adamw" in text
+    assert "No red team was run" not in text
