@@ -32,18 +32,14 @@ import time
 from typing import Any
 
 import torch
+from _llama_shape import add_llama_shape_args, llama_config  # scripts/_llama_shape.py
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="device for device_map (cpu, cuda, cuda:0, auto); default cpu")
     p.add_argument("--runs", type=int, default=5, help="interleaved runs of each kind (default 5)")
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_llama_shape_args(p, hidden=768, layers=12, intermediate=2048, heads=12, kv_heads=4, vocab=32000)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--alpha", type=float, default=1000.0)
     p.add_argument("--sites", default="attn.vo,attn.qk,mlp,norm", help="comma-separated site types")
@@ -59,14 +55,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_and_save(args: argparse.Namespace, directory: str) -> int:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=2048, tie_word_embeddings=False,
-    )
+    config = llama_config(args, 2048)
     model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
     n = sum(p.numel() for p in model.parameters())
     model.save_pretrained(directory)

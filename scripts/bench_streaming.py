@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _llama_shape import add_llama_shape_args, llama_config  # scripts/_llama_shape.py
+
 
 def _status(key: str) -> int:
     """A ``/proc/self/status`` memory figure in bytes (VmRSS, VmHWM)."""
@@ -50,15 +52,11 @@ def _reset_peak() -> bool:
 
 def build_checkpoint(root: Path, args: argparse.Namespace) -> Path:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     src = root / "src"
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=256, tie_word_embeddings=False,
-    )
+    config = llama_config(args, 256)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model = model.to_empty(device="cpu")
@@ -124,12 +122,7 @@ def worker(kind: str, src: Path, dst: Path, opts: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--intermediate", type=int, default=2816)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=16000)
+    add_llama_shape_args(ap, hidden=1024, layers=6, intermediate=2816, heads=16, kv_heads=4, vocab=16000)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--shard-size", default="100MB")
     ap.add_argument("--repeats", type=int, default=3)

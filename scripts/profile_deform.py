@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from _llama_shape import add_llama_shape_args, llama_config  # scripts/_llama_shape.py
 
 
 def count_host_copies() -> tuple[collections.Counter, list]:
@@ -58,28 +59,20 @@ def count_host_copies() -> tuple[collections.Counter, list]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_llama_shape_args(p, hidden=768, layers=12, intermediate=2048, heads=12, kv_heads=4, vocab=32000)
     p.add_argument("--device", default="cpu", help="where the model sits (cpu, cuda)")
     p.add_argument("--top", type=int, default=12, help="operators listed by count")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     import hf_specdef
     from hf_specdef import SpecDefConfig
     from hf_specdef.protection import protect_model
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=2048, tie_word_embeddings=False)).eval().to(args.device)
+    model = LlamaForCausalLM(llama_config(args, 2048)).eval().to(args.device)
     cuda = torch.device(args.device).type == "cuda"
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     cfg = SpecDefConfig()
