@@ -389,3 +389,26 @@ def test_report_describes_a_given_checkpoint_without_a_record_and_a_resolved_pre
                                 "precision": {"requested": "auto", "used": "axis", "factors": [1024.0],
                                               "storage_dtype": "bfloat16", "exact_dtypes": ["bfloat16", "float32"]}})
     assert "used axis, alpha 1024" in text and text.endswith("270 pairs")
+
+
+def test_cli_stopped_by_sigterm_keeps_its_journal_and_says_resume(tiny_lm_dir, tmp_path):
+    """A scheduler's time limit (SIGTERM) stops the red team like Ctrl-C: finished runs kept, --resume named."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from hf_specdef.redteam.journal import journal_path
+
+    out = tmp_path / "rt"
+    proc = subprocess.Popen([sys.executable, "-m", "hf_specdef", "redteam", str(tiny_lm_dir), "--out", str(out),
+                             "--tiny", "--attacks", "full-adamw", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    journal, deadline = journal_path(out), time.monotonic() + 240
+    while not journal.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert journal.exists(), "no run finished"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "--resume" in err and "interrupted" in err
+    assert journal.exists() and len(journal.read_text().splitlines()) >= 2 and not out.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import time
 
 
@@ -46,6 +47,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (a batch scheduler's time limit, ``kill``) stops the red team like Ctrl-C: the journal names its
+    finished runs for ``--resume``."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..redteam.config import RedTeamConfig
     from ..redteam.report import headline
@@ -74,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if protected and args.variants is None:
         kw["variants"] = ()
     cfg = RedTeamConfig.preset_config(preset, **kw)
+    _interrupt_on_sigterm()
     start = time.perf_counter()
     results = run_redteam(args.model, args.out, cfg, protected=protected, reuse_unprotected=args.reuse_unprotected,
                           progress=not args.no_progress, resume=args.resume)
