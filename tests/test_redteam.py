@@ -378,6 +378,8 @@ def test_interrupted_redteam_resumes_from_its_journal_without_rerunning_finished
     assert res["summary"]["worst_case_slowdown"] == whole["summary"]["worst_case_slowdown"]
     assert res["unprotected"]["full-adamw"]["best_lr"] == whole["unprotected"]["full-adamw"]["best_lr"]
     assert (out / "results.json").is_file() and not journal.exists()
+    assert 0 < res["resumed_train_seconds"] and "resumed from the journal" in (out / "results.md").read_text()
+    assert whole["resumed_train_seconds"] == 0.0
 
 
 def test_report_describes_a_given_checkpoint_without_a_record_and_a_resolved_precision():

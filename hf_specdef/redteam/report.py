@@ -130,5 +130,8 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{e['best_lr']:g} | {_steps(e['unprotected_steps'])} | {_steps(e['steps'])} | "
                          f"{fmt_ratio(m)} | {rng} |")
         lines += ["", summary_line(v["summary"]), ""]
-    lines += [f"Wall time {results['wall_seconds'] / 60:.1f} min (training {results['train_seconds'] / 60:.1f} min).", ""]
+    resumed = results.get("resumed_train_seconds") or 0.0
+    more = f"; plus {resumed / 60:.1f} min of runs resumed from the journal" if resumed else ""
+    lines += [f"Wall time {results['wall_seconds'] / 60:.1f} min (training {results['train_seconds'] / 60:.1f} min{more}).",
+              ""]
     return "\n".join(lines)

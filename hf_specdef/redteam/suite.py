@@ -119,13 +119,17 @@ class RedTeam:
         self.model, self.data, self.cfg, self.journal = model, data, cfg, journal
         self.settings = RunSettings(batch_size=cfg.batch_size, eval_every=cfg.eval_every, divergence=cfg.divergence)
         self.progress = progress and is_main_process()
-        self.seconds = 0.0
+        self.seconds = 0.0  # training in this process
+        self.resumed_seconds = 0.0  # training of the runs taken from the journal
 
     def run(self, model: torch.nn.Module, attack: Attack, lr: float, seed: int, *, target: float | None,
             stop_after: int | None, frozen: tuple[str, ...] = (), label: str = "") -> Run:
         key = run_key(label, attack.name, lr, seed, target, stop_after)
         r = self.journal.get(key) if self.journal else None
-        if r is None:
+        resumed = r is not None
+        if resumed:
+            self.resumed_seconds += r.seconds
+        else:
             work = prepare_model(model, attack, seed, frozen=frozen)
             r = run_attack(work, attack, self.data, lr=lr, seed=seed, budget=self.cfg.budget, target=target,
                            stop_after=stop_after, settings=self.settings)
@@ -134,11 +138,11 @@ class RedTeam:
                 self.journal.add(key, r)
             elif self.journal:
                 self.journal.runs[key] = r
-        self.seconds += r.seconds
+            self.seconds += r.seconds
         outcome = f"{r.steps_to_target} steps" if r.reached else "diverged" if r.diverged else \
             f"not reached in {r.stopped_at} (loss {r.curve[-1][1]:.3f})"
-        logger.info("red team: %-20s %-18s lr=%-9g seed=%d  %s  (%.0f s)", attack.name, label, lr, seed, outcome,
-                    r.seconds)
+        logger.info("red team: %-20s %-18s lr=%-9g seed=%d  %s  (%.0f s%s)", attack.name, label, lr, seed, outcome,
+                    r.seconds, ", from the journal" if resumed else "")
         return r
 
     def reference(self, attack: Attack) -> Baseline:
@@ -416,7 +420,7 @@ def _attack_all(team: RedTeam, name: str, data: AttackData, cfg: RedTeamConfig, 
         "unprotected": {n: b.to_dict() for n, b in baselines.items()}, "reused_unprotected": sorted(reused),
         "variants": variants, "summary": {"variant": head, **variants[head]["summary"], "seeds": len(cfg.seeds),
                                           "preset": cfg.preset},
-        "train_seconds": team.seconds,
+        "train_seconds": team.seconds, "resumed_train_seconds": team.resumed_seconds,
     }
 
 
