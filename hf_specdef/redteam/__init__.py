@@ -6,6 +6,7 @@
 * :mod:`~hf_specdef.redteam.training`: one run on ``Trainer`` with a steps-to-target callback;
 * :mod:`~hf_specdef.redteam.search`: the learning-rate search;
 * :mod:`~hf_specdef.redteam.suite`: :func:`run_redteam`; :mod:`~hf_specdef.redteam.report`: the output files;
+* :mod:`~hf_specdef.redteam.variants`: the protected copies attacked, checked to compute the original's function;
 * :mod:`~hf_specdef.redteam.journal`: finished runs kept as they finish, so an interrupted red team resumes.
 """
 
@@ -18,7 +19,7 @@ _LAZY = {
     "Attack": "attacks", "SUITE": "attacks", "get_attacks": "attacks",
     "RedTeamConfig": "config", "VARIANTS": "config",
     "AttackData": "data", "AttackDataError": "data", "build_attack_data": "data",
-    "RedTeamError": "suite", "run_redteam": "suite",
+    "RedTeamError": "errors", "run_redteam": "suite",
     "JournalError": "journal", "RunJournal": "journal",
 }
 

@@ -68,8 +68,12 @@ class RunJournal:
         """The finished run under ``key``, or None."""
         return self.runs.get(key)
 
-    def add(self, key: str, run: Run) -> None:
-        """Record a finished run (the file, with its header, is created on the first one)."""
+    def add(self, key: str, run: Run, *, write: bool = True) -> None:
+        """Record a finished run (the file, with its header, is created on the first one); ``write=False`` (the
+        other processes of a distributed run) keeps it in memory only."""
+        self.runs[key] = run
+        if not write:
+            return
         from .report import _json_safe
 
         new = not self.path.exists()
@@ -79,7 +83,6 @@ class RunJournal:
             f.write(json.dumps({"key": key, "run": _json_safe(run.to_dict())}) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        self.runs[key] = run
 
     def remove(self) -> None:
         """Delete the journal (the results it fed are written)."""

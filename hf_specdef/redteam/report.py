@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .suite import RedTeamError
+from .errors import RedTeamError
 
 
 def check_out_dir(out: str | os.PathLike) -> Path:

@@ -11,7 +11,6 @@ and its slowdown is reported as a lower bound (``>=``).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -24,21 +23,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..precision import describe as describe_precision
 from ..record import get_record
 from .attacks import Attack, get_attacks
-from .config import FLOAT32_RELEASES, VARIANTS, RedTeamConfig
+from .config import RedTeamConfig
 from .data import AttackData, build_attack_data
+from .errors import RedTeamError
 from .journal import RunJournal, journal_path, run_key
 from .prepare import prepare_model, undone_copy
 from .search import Search, loss_at_key, search_lr, steps_key
 from .training import Run, RunSettings, eval_loss, is_main_process, run_attack
+from .variants import changed_parameter_names, given_variant, protect_variant, storage_dtype
+
+__all__ = ["RedTeamError", "run_redteam", "protect_variant", "given_variant"]
 
 logger = logging.getLogger("hf_specdef")
-
-
-class RedTeamError(ValueError):
-    """The red team cannot run or cannot prove anything with these inputs."""
 
 
 @dataclass
@@ -67,21 +65,6 @@ class Baseline:
         return cls(attack, d["target"], d["initial_loss"], d["reference_loss"], d["best_lr"],
                    {int(k): v for k, v in d["steps"].items()}, Search(runs, best),
                    {int(k): Run.from_dict(r) for k, r in d["seed_runs"].items()})
-
-
-def storage_dtype(model: Any) -> torch.dtype:
-    """The dtype the checkpoint is stored in (its config.json's ``dtype``); float32 when unknown."""
-    if isinstance(model, torch.nn.Module):
-        return next(p.dtype for p in model.parameters() if p.is_floating_point())
-    try:
-        import json
-
-        conf = json.loads((Path(os.fspath(model)) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return torch.float32
-    value = conf.get("dtype") or conf.get("torch_dtype") or "float32"
-    dtype = getattr(torch, str(value).replace("torch.", ""), None)
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
 def load_model(model: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any, str]:
@@ -134,10 +117,8 @@ class RedTeam:
             r = run_attack(work, attack, self.data, lr=lr, seed=seed, budget=self.cfg.budget, target=target,
                            stop_after=stop_after, settings=self.settings)
             del work
-            if self.journal and is_main_process():
-                self.journal.add(key, r)
-            elif self.journal:
-                self.journal.runs[key] = r
+            if self.journal:
+                self.journal.add(key, r, write=is_main_process())
             self.seconds += r.seconds
         outcome = f"{r.steps_to_target} steps" if r.reached else "diverged" if r.diverged else \
             f"not reached in {r.stopped_at} (loss {r.curve[-1][1]:.3f})"
@@ -206,83 +187,6 @@ def median_slowdown(values: Any) -> dict[str, Any] | None:
     return {**mid, "min": vals[0]["ratio"], "max": vals[-1]["ratio"], "seeds": len(vals)}
 
 
-def protect_variant(model: torch.nn.Module, name: str, cfg: RedTeamConfig, eval_ids: torch.Tensor,
-                    storage: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A protected copy of ``model`` (record "full", so the recipe attack can use it) and what was measured of it.
-
-    The copy is protected in the checkpoint's ``storage`` dtype, as ``hf-specdef protect`` would protect the release
-    (``precision="auto"``: a bfloat16 checkpoint gets bit-exact axis mode), except the float32-release variants
-    (``spectral-*``), which are protected in float32."""
-    from ..config import SpecDefConfig
-    from ..protection import protect
-
-    fields = cfg.protection if name == "custom" else VARIANTS[name]
-    spec = SpecDefConfig(**{**fields, "record": "full"})
-    release = torch.float32 if name in FLOAT32_RELEASES else storage
-    protected = copy.deepcopy(model)
-    cast_parameters(protected, release)  # protected as a release in that dtype would be (precision="auto")
-    start = time.perf_counter()
-    report = protect(protected, spec, progress=False)
-    seconds = time.perf_counter() - start
-    cast_parameters(protected, torch.float32)  # exact: the attacker trains in float32
-    info = {"config": spec.to_dict(), "release_dtype": str(release).replace("torch.", ""),
-            "precision": getattr(report, "precision", None), "pairs": len(report.results), "sites": report.sites,
-            "hot_modules": report.hot_modules, "notes": report.notes, "protect_seconds": seconds,
-            **deviations(model, protected, eval_ids)}
-    logger.info("red team: variant %s: %d pairs, %s; deviation fp32 %.3g, bf16 %.3g", name, info["pairs"],
-                describe_precision(info["precision"]) if info["precision"] else spec.to_json_string(),
-                info["deviation_float32"], info["deviation_bfloat16"])
-    if not info["deviation_float32"] <= spec.tolerance:  # the attacker must start from the original's function
-        raise RedTeamError(f"variant {name!r}: the protected copy deviates by {info['deviation_float32']:.3g} from the "
-                           f"original in float32 (tolerance {spec.tolerance:g}); refusing to measure a different model.")
-    return protected.eval(), info
-
-
-def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast the floating-point parameters only: ``model.to(dtype)`` would also round buffers such as the rotary
-    ``inv_freq`` (measured: a bfloat16 round trip of SmolLM2's changes its float32 logits by 1.4e-3)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            p.data = p.data.to(dtype)
-
-
-def given_variant(model: torch.nn.Module, protected: Any, eval_ids: torch.Tensor) -> tuple[torch.nn.Module, dict]:
-    """A protected model passed in (a module or a folder), checked to compute the original's function."""
-    if not isinstance(protected, torch.nn.Module):
-        from transformers import AutoModelForCausalLM
-
-        path = Path(os.fspath(protected))
-        if not (path / "config.json").is_file():
-            raise RedTeamError(f"protected model {str(path)!r} is not a model folder (no config.json).")
-        protected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    protected = protected.float().eval()
-    info = {"config": (get_record(protected) or {}).get("config", {}), "pairs": None, "given": True,
-            **deviations(model, protected, eval_ids)}
-    if not info["deviation_float32"] <= 1e-3:
-        raise RedTeamError(f"the protected model does not compute the original's function (max relative logit "
-                           f"deviation {info['deviation_float32']:.3g} in float32); is it a protection of this model?")
-    return protected, info
-
-
-def deviations(original: torch.nn.Module, protected: torch.nn.Module, ids: torch.Tensor) -> dict[str, Any]:
-    """Max relative logit deviation of ``protected`` against ``original`` in float32 and in bfloat16."""
-    fp32 = logit_deviation(original, protected, ids[:2], None)
-    bf16 = logit_deviation(original, protected, ids[:2], torch.bfloat16)
-    return {"deviation_float32": fp32, "deviation_bfloat16": bf16, "bf16_exact": bf16 <= 1e-2}
-
-
-@torch.no_grad()
-def logit_deviation(original: torch.nn.Module, protected: torch.nn.Module, ids: torch.Tensor,
-                    dtype: torch.dtype | None) -> float:
-    """Max relative logit deviation of the protected model against the original, both run in ``dtype``."""
-    a = copy.deepcopy(original).to(dtype).eval() if dtype else original.eval()
-    b = copy.deepcopy(protected).to(dtype).eval() if dtype else protected.eval()
-    dev = next(a.parameters()).device
-    ref, out = a(input_ids=ids.to(dev)).logits.float(), b(input_ids=ids.to(dev)).logits.float()
-    err = (out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
-    return float(err) if torch.isfinite(err) else math.inf
-
-
 def run_variant(team: RedTeam, name: str, protected: torch.nn.Module, info: dict[str, Any], attacks: list[Attack],
                 baselines: dict[str, Baseline]) -> dict[str, Any]:
     """Every attack on one protected model, and its summary."""
@@ -311,13 +215,6 @@ def skip_reason(attack: Attack, info: dict[str, Any], has_recipe: bool) -> str |
     if attack.knowledge == "recipe" and attack.informed and not has_recipe:
         return "the protected model carries no full protection record (record='full'): there is no recipe to use"
     return None
-
-
-def changed_parameter_names(original: torch.nn.Module, protected: torch.nn.Module) -> tuple[str, ...]:
-    """Parameters whose values the protection changed: what a bypass attacker freezes."""
-    ref = dict(original.named_parameters())
-    return tuple(n for n, p in protected.named_parameters()
-                 if n not in ref or p.shape != ref[n].shape or not torch.equal(p.detach(), ref[n].detach().to(p.dtype)))
 
 
 def summarize(entries: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,7 @@
+"""The red team's error type (a module of its own so every red-team module can raise it)."""
+
+from __future__ import annotations
+
+
+class RedTeamError(ValueError):
+    """The red team cannot run or cannot prove anything with these inputs."""
