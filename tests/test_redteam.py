@@ -414,3 +414,41 @@ def test_cli_stopped_by_sigterm_keeps_its_journal_and_says_resume(tiny_lm_dir, t
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "--resume" in err and "interrupted" in err
     assert journal.exists() and len(journal.read_text().splitlines()) >= 2 and not out.exists()
+
+
+def test_cut_takes_an_earlier_run_only_where_it_is_the_run_asked_for():
+    from hf_specdef.redteam.reuse import cut
+    from hf_specdef.redteam.training import Run
+
+    long = Run("full-adamw", 1e-3, 0, 20, [(s, 5.0 - 0.1 * s) for s in range(11)], target=3.5, stopped_at=10)
+    short = cut(long, 6)
+    assert short.stopped_at == 6 and short.curve[-1] == (6, pytest.approx(4.4)) and not short.reached
+    assert cut(long, 12) is None  # it stopped at 10: whether it reaches the target by 12 is unknown
+    reached = long.with_target(4.65)  # first at or below 4.65: step 4
+    reached.stopped_at = 4
+    assert cut(reached, 12) is reached and cut(reached, 3).steps_to_target is None
+    diverged = Run("full-adamw", 1.0, 0, 20, [(0, 5.0), (1, 9.0)], diverged=True, stopped_at=1)
+    assert cut(diverged, 8) is diverged
+
+
+def test_reuse_runs_adds_a_seed_and_an_attack_training_only_the_new_runs(tiny_lm_dir, tmp_path, monkeypatch):
+    from hf_specdef.redteam import suite
+
+    cfg = RedTeamConfig.preset_config("tiny", attacks=("full-adamw",), max_runs=4)
+    first = suite.run_redteam(tiny_lm_dir, None, cfg, progress=False)
+    real, calls = suite.run_attack, []
+    monkeypatch.setattr(suite, "run_attack", lambda *a, **k: calls.append((a[1].name, k["seed"])) or real(*a, **k))
+    more = RedTeamConfig.preset_config("tiny", attacks=("full-adamw", "bypass"), seeds=(0, 1), max_runs=4)
+    res = suite.run_redteam(tiny_lm_dir, tmp_path / "more", more, reuse_runs=[first],
+                            progress=False)
+    bypass_runs = len(res["variants"]["default"]["attacks"]["bypass"]["search"]["runs"])
+    assert sorted(calls) == sorted([("full-adamw", 1)] * 2 + [("bypass", 0)] * bypass_runs + [("bypass", 1)])
+    old, new = first["variants"]["default"]["attacks"]["full-adamw"], res["variants"]["default"]["attacks"]["full-adamw"]
+    assert new["best_lr"] == old["best_lr"] and new["steps"][0] == old["steps"][0]
+    assert set(new["slowdown"]) == {0, 1} and res["summary"]["seeds"] == 2
+    assert res["reused_runs"]["runs_taken"] == len(old["search"]["runs"]) + \
+        len(first["unprotected"]["full-adamw"]["search"]["runs"])
+    with pytest.raises(RedTeamError, match="differs in"):
+        suite.run_redteam(tiny_lm_dir, None, RedTeamConfig.preset_config("tiny", attacks=("full-adamw",),
+                                                                        reference_steps=3),
+                          reuse_runs=first, progress=False)

@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also attack an already protected copy of MODEL (repeatable); without --variants, only these")
     p.add_argument("--reuse-unprotected", default=None, metavar="RESULTS_JSON",
                    help="reuse the unprotected baselines of an earlier run with the same settings and data")
+    p.add_argument("--reuse-runs", action="append", default=[], metavar="RESULTS_JSON",
+                   help="take the runs of an earlier red team on the same model, data and settings (seeds aside) "
+                        "instead of training them again, e.g. to add seeds or attacks to it (repeatable)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1); the headline is their median")
     p.add_argument("--data", default=None, help="attack data: a .txt or .jsonl file (default: the shipped corpus)")
     p.add_argument("--text-field", default="text", help="field of the .jsonl records holding the text")
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     _interrupt_on_sigterm()
     start = time.perf_counter()
     results = run_redteam(args.model, args.out, cfg, protected=protected, reuse_unprotected=args.reuse_unprotected,
-                          progress=not args.no_progress, resume=args.resume)
+                          reuse_runs=args.reuse_runs, progress=not args.no_progress, resume=args.resume)
     if is_main_process():
         print(headline(results))
         print(f"wrote {args.out}/results.json, results.md and plots in {(time.perf_counter() - start) / 60:.1f} min")

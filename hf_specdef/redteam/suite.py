@@ -30,6 +30,7 @@ from .data import AttackData, build_attack_data
 from .errors import RedTeamError
 from .journal import RunJournal, journal_path, run_key
 from .prepare import prepare_model, undone_copy
+from .reuse import EarlierRuns
 from .search import Search, loss_at_key, search_lr, steps_key
 from .training import Run, RunSettings, eval_loss, is_main_process, run_attack
 from .variants import changed_parameter_names, given_variant, protect_variant, storage_dtype
@@ -98,21 +99,27 @@ class RedTeam:
     """Runs the searches of one red team (see :func:`run_redteam`)."""
 
     def __init__(self, model: torch.nn.Module, data: AttackData, cfg: RedTeamConfig, progress: bool,
-                 journal: RunJournal | None = None) -> None:
+                 journal: RunJournal | None = None, earlier: EarlierRuns | None = None) -> None:
         self.model, self.data, self.cfg, self.journal = model, data, cfg, journal
+        self.earlier = earlier or EarlierRuns()
         self.settings = RunSettings(batch_size=cfg.batch_size, eval_every=cfg.eval_every, divergence=cfg.divergence)
         self.progress = progress and is_main_process()
         self.seconds = 0.0  # training in this process
-        self.resumed_seconds = 0.0  # training of the runs taken from the journal
+        self.resumed_seconds = 0.0  # training of the runs taken from the journal or from earlier red teams
 
     def run(self, model: torch.nn.Module, attack: Attack, lr: float, seed: int, *, target: float | None,
             stop_after: int | None, frozen: tuple[str, ...] = (), label: str = "") -> Run:
         key = run_key(label, attack.name, lr, seed, target, stop_after)
-        r = self.journal.get(key) if self.journal else None
-        resumed = r is not None
-        if resumed:
+        r, origin = (self.journal.get(key) if self.journal else None), "the journal"
+        if r is None:
+            r = self.earlier.take(label, attack.name, lr, seed, target, stop_after, self.cfg.budget)
+            origin = "an earlier red team"
+            if r is not None and self.journal:
+                self.journal.add(key, r, write=is_main_process())
+        if r is not None:
             self.resumed_seconds += r.seconds
         else:
+            origin = ""
             work = prepare_model(model, attack, seed, frozen=frozen)
             r = run_attack(work, attack, self.data, lr=lr, seed=seed, budget=self.cfg.budget, target=target,
                            stop_after=stop_after, settings=self.settings)
@@ -123,7 +130,7 @@ class RedTeam:
         outcome = f"{r.steps_to_target} steps" if r.reached else "diverged" if r.diverged else \
             f"not reached in {r.stopped_at} (loss {r.curve[-1][1]:.3f})"
         logger.info("red team: %-20s %-18s lr=%-9g seed=%d  %s  (%.0f s%s)", attack.name, label, lr, seed, outcome,
-                    r.seconds, ", from the journal" if resumed else "")
+                    r.seconds, f", from {origin}" if origin else "")
         return r
 
     def reference(self, attack: Attack) -> Baseline:
@@ -191,6 +198,7 @@ def run_variant(team: RedTeam, name: str, protected: torch.nn.Module, info: dict
                 baselines: dict[str, Baseline]) -> dict[str, Any]:
     """Every attack on one protected model, and its summary."""
     frozen = changed_parameter_names(team.model, protected)
+    team.earlier.check_variant(name, info.get("config"))
     has_recipe = bool((get_record(protected) or {}).get("pairs"))
     undone = undone_copy(protected) if any(a.train == "merge-undo" for a in attacks) else None
     entries: dict[str, Any] = {}
@@ -248,7 +256,7 @@ def environment() -> dict[str, Any]:
 def run_redteam(model: Any, out: str | os.PathLike | None = None, config: RedTeamConfig | None = None, *,
                 tokenizer: Any = None, protected: dict[str, Any] | None = None,
                 reuse_unprotected: str | os.PathLike | dict[str, Any] | None = None,
-                progress: bool = True, resume: bool = False) -> dict[str, Any]:
+                reuse_runs: Any = None, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Fine-tune copies of ``model``, unprotected and protected, with the red-team suite; return (and write) results.
 
     Args:
@@ -260,6 +268,9 @@ def run_redteam(model: Any, out: str | os.PathLike | None = None, config: RedTea
             addition to ``config.variants`` (e.g. a checkpoint you are about to publish, or your own protection).
         reuse_unprotected: the ``results.json`` (path or dict) of an earlier run on the same model, data and settings:
             its unprotected baselines (targets, steps, learning rates) are reused instead of re-run.
+        reuse_runs: ``results.json`` files (paths, folders or dicts; one or a list) of earlier red teams on the same
+            model, data and settings, seeds aside: their runs are taken instead of trained wherever they are the runs
+            asked for (:mod:`hf_specdef.redteam.reuse`), e.g. to add seeds, attacks or variants to an earlier run.
         resume: reuse the finished runs journalled by an interrupted red team with the same ``out`` and settings
             (``<out>.runs.jsonl``, see :mod:`hf_specdef.redteam.journal`); without it an existing journal is an error.
     """
@@ -278,13 +289,14 @@ def run_redteam(model: Any, out: str | os.PathLike | None = None, config: RedTea
     logger.info("red team: %s on %s (%d training windows, %d held out)", name, data.source, len(data.train),
                 len(data.eval))
     attacks = get_attacks(cfg.attacks)
+    earlier = EarlierRuns.load(reuse_runs, cfg, data.describe())
     journal = None
     if out is not None:
         header = {"model": name, "data": data.describe(), "settings": cfg.to_dict(), "protected": sorted(protected or {})}
         journal = RunJournal(journal_path(out), header, resume=resume)
     try:
-        results = _attack_all(RedTeam(model, data, cfg, progress, journal), name, data, cfg, storage, attacks,
-                              protected, reuse_unprotected)
+        team = RedTeam(model, data, cfg, progress, journal, earlier)
+        results = _attack_all(team, name, data, cfg, storage, attacks, protected, reuse_unprotected)
     except BaseException:
         if journal is not None and journal.runs and is_main_process():
             logger.error("red team: stopped; its %d finished runs are kept in %s: run the same command with --resume "
@@ -318,6 +330,7 @@ def _attack_all(team: RedTeam, name: str, data: AttackData, cfg: RedTeamConfig, 
         "variants": variants, "summary": {"variant": head, **variants[head]["summary"], "seeds": len(cfg.seeds),
                                           "preset": cfg.preset},
         "train_seconds": team.seconds, "resumed_train_seconds": team.resumed_seconds,
+        "reused_runs": team.earlier.describe(),
     }
 
 
