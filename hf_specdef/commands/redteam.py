@@ -21,13 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="3 attacks (full-adamw, lora16-qkvo, specundo-blind), 1 seed, default protection: "
                            "<= 30 min for SmolLM2-135M on 2 CPU cores")
     size.add_argument("--full", action="store_true",
-                      help="every attack, 5 protection variants, 3 seeds (meant for a GPU)")
+                      help="every attack, 6 protection variants, 3 seeds (meant for a GPU)")
     size.add_argument("--tiny", action="store_true", help="a smoke test of seconds on tiny models")
     p.add_argument("--attacks", type=_names, default=None,
                    help="comma-separated attack names (see --list-attacks); default: the preset's")
     p.add_argument("--variants", type=_names, default=None,
-                   help="protection variants: default, spectral-a1000, axis-a1024, quant-safe, spectral-a100, spectral-a10, "
-                        "custom")
+                   help="protection variants: default, spectral-a1000, axis-a1024, axis-a65536, quant-safe, spectral-a100, "
+                        "spectral-a10, custom")
     p.add_argument("--protection", default=None,
                    help="JSON of SpecDefConfig fields for the 'custom' variant, e.g. '{\"alpha\": 100}'")
     p.add_argument("--protected", action="append", default=[], metavar="NAME=PATH",

@@ -11,6 +11,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "spectral-a1000": {"alpha": 1000.0, "mode": "spectral"},
     "axis-a1024": {"alpha": 1024.0, "mode": "axis"},
+    "axis-a65536": {"alpha": 65536.0, "mode": "axis"},  # bit-exact in float32/bfloat16; no float16 release
     "quant-safe": {"alpha": 1024.0, "mode": "axis", "quantization_safe": "all"},
     "spectral-a100": {"alpha": 100.0, "mode": "spectral"},
     "spectral-a10": {"alpha": 10.0, "mode": "spectral"},
@@ -108,8 +109,8 @@ class RedTeamConfig:
         or ``"tiny"`` (a smoke test of tiny models)."""
         presets: dict[str, dict[str, Any]] = {
             "quick": dict(attacks=QUICK_ATTACKS, seeds=(0,), reference_steps=8, budget_factor=10),
-            "full": dict(attacks=None, variants=("spectral-a1000", "axis-a1024", "quant-safe", "spectral-a100",
-                                                 "spectral-a10"),
+            "full": dict(attacks=None, variants=("spectral-a1000", "axis-a1024", "axis-a65536", "quant-safe",
+                                                 "spectral-a100", "spectral-a10"),
                          seeds=(0, 1, 2), reference_steps=20, budget_factor=10),
             "tiny": dict(attacks=("full-adamw", "lora16-qkvo", "specundo-blind"), seeds=(0,), seq_len=16,
                          batch_size=4, eval_windows=4, reference_steps=4, budget_factor=4, max_runs=10),
