@@ -181,6 +181,10 @@ def test_slowdown_is_a_lower_bound_when_the_target_is_never_reached():
     assert slowdown(None, 10, 100) == {"ratio": 10.1, "lower_bound": True}
     m = median_slowdown([slowdown(30, 10, 100), slowdown(None, 10, 100), slowdown(20, 10, 100)])
     assert m["ratio"] == 3.0 and m["min"] == 2.0 and m["max"] == 10.1 and not m["lower_bound"]
+    assert m["max_lower_bound"] and not m["min_lower_bound"]
+    from hf_specdef.redteam.report import _range
+
+    assert _range(m) == "2.00 to >=10.10"  # never reached within the budget: only a lower bound is proven
     m2 = median_slowdown([slowdown(40, 10, 100), slowdown(30, 10, 100)])
     assert m2["ratio"] == 3.0  # the lower median: conservative for the defence
 

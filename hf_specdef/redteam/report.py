@@ -100,6 +100,14 @@ def summary_line(s: dict[str, Any]) -> str:
     return f"Worst uninformed: {worst}; largest informed: {informed}."
 
 
+def _range(m: dict[str, Any]) -> str:
+    """The seeds' range; an end that is a lower bound (never reached within the budget) is marked ``>=``."""
+    if not m:
+        return ""
+    lo, hi = (">=" if m.get(f"{end}_lower_bound") else "" for end in ("min", "max"))
+    return f"{lo}{m['min']:.2f} to {hi}{m['max']:.2f}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """``results.md``: the headline, how the target was set, and per variant a table of attacks."""
     st = results["settings"]
@@ -125,13 +133,14 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(f"| {a} | | skipped: {e['skipped']} | | | | |")
                 continue
             m = e["median"] or {}
-            rng = f"{m['min']:.2f}-{m['max']:.2f}" if m else ""
+            rng = _range(m)
             lines.append(f"| {a} | {'yes' if e['attack']['informed'] else ''} | {e['unprotected_best_lr']:g} -> "
                          f"{e['best_lr']:g} | {_steps(e['unprotected_steps'])} | {_steps(e['steps'])} | "
                          f"{fmt_ratio(m)} | {rng} |")
         lines += ["", summary_line(v["summary"]), ""]
     resumed = results.get("resumed_train_seconds") or 0.0
-    more = f"; plus {resumed / 60:.1f} min of runs resumed from the journal" if resumed else ""
+    more = f"; plus {resumed / 60:.1f} min of runs resumed from the journal or taken from earlier red teams" \
+        if resumed else ""
     lines += [f"Wall time {results['wall_seconds'] / 60:.1f} min (training {results['train_seconds'] / 60:.1f} min{more}).",
               ""]
     return "\n".join(lines)

@@ -191,7 +191,8 @@ def median_slowdown(values: Any) -> dict[str, Any] | None:
     if not vals:
         return None
     mid = vals[(len(vals) - 1) // 2]
-    return {**mid, "min": vals[0]["ratio"], "max": vals[-1]["ratio"], "seeds": len(vals)}
+    return {**mid, "min": vals[0]["ratio"], "max": vals[-1]["ratio"], "min_lower_bound": vals[0]["lower_bound"],
+            "max_lower_bound": vals[-1]["lower_bound"], "seeds": len(vals)}
 
 
 def run_variant(team: RedTeam, name: str, protected: torch.nn.Module, info: dict[str, Any], attacks: list[Attack],
