@@ -72,6 +72,29 @@ def test_linears_attack_trains_linear_weights_only(tiny_lm_dir):
     assert not any("norm" in n or "embed" in n for n in trained)
 
 
+def test_outlier_frozen_attack_freezes_where_two_pairs_compensated_sides_meet(tiny_lm_dir):
+    """With no knowledge of SpecDef, freezing the tensors whose gradient peaks far above the rest finds k_proj on a
+    protected model (its rows compensate the query/key pair and its columns the norm pair: alpha^2) and nothing on
+    the original."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef import SpecDefConfig, protect
+    from hf_specdef.redteam.prepare import prepare_model
+
+    batch = build_attack_data(byte_tokenizer(), seq_len=16, eval_windows=4).train[:4]
+    attack = atk.SUITE["full-adamw-freeze-outliers"]
+    plain = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), attack, 0, first_batch=batch)
+    assert all(p.requires_grad for p in plain.parameters())
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    protect(model, SpecDefConfig(alpha=65536.0, mode="axis"), progress=False)
+    work = prepare_model(model, attack, 0, first_batch=batch)
+    frozen = {n for n, p in work.named_parameters() if not p.requires_grad}
+    assert frozen and {n.split(".")[-2] for n in frozen} == {"k_proj"}
+    assert all(p.grad is None for p in work.parameters())
+    with pytest.raises(ValueError, match="first_batch"):
+        prepare_model(model, attack, 0)
+
+
 def test_get_attacks_adds_baselines_first_and_rejects_unknown_names():
     names = [a.name for a in atk.get_attacks(["specundo-blind"])]
     assert names == ["lora16-qkvo", "specundo-blind"]

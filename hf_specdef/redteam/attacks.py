@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
-TRAIN_KINDS = ("full", "linears", "lora", "specundo", "merge-undo", "bypass")
+TRAIN_KINDS = ("full", "linears", "outlier-frozen", "lora", "specundo", "merge-undo", "bypass")
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,9 @@ class Attack:
     Args:
         name: short identifier (used on the command line and in the report).
         train: ``"full"`` (every parameter), ``"linears"`` (every linear layer's weight; norms and embeddings frozen,
-            as memory-saving recipes do), ``"lora"`` (PEFT LoRA), ``"specundo"`` (the SpecUndo adapter),
+            as memory-saving recipes do), ``"outlier-frozen"`` (every parameter except the tensors whose gradient
+            on the first batch peaks far above the others': what an attacker tries when every rate diverges),
+            ``"lora"`` (PEFT LoRA), ``"specundo"`` (the SpecUndo adapter),
             ``"merge-undo"`` (blind in-place undo, then every parameter) or ``"bypass"`` (every parameter except
             the deformed ones).
         optim: ``transformers`` optimizer name (``TrainingArguments.optim``).
@@ -95,6 +97,9 @@ UNINFORMED: tuple[Attack, ...] = (
     _full("full-adafactor", "full fine-tuning, Adafactor (fixed LR)", optim="adafactor", lr_start=1e-4),
     _full("full-adamw-bf16", "full fine-tuning, AdamW, bf16 mixed precision", bf16=True),
     Attack("linears-adamw", "linears", description="every linear layer's weight (norms, embeddings frozen), AdamW"),
+    Attack("full-adamw-freeze-outliers", "outlier-frozen",
+           description="full fine-tuning, AdamW, the tensors whose first-batch gradient peaks > 100x the median "
+                       "peak frozen (no knowledge of SpecDef: a generic fix for training that diverges)"),
     _lora("lora16-qkvo", "LoRA r=16 on q/k/v/o, AdamW"),
     _lora("lora16-qkvo-cosine", "LoRA r=16 on q/k/v/o, AdamW, 10% warmup + cosine", schedule="cosine", warmup=0.1),
     _lora("lora16-qkvo-sgd", "LoRA r=16 on q/k/v/o, SGD with momentum 0.9", optim="sgd", optim_args=SGD, lr_start=1e-1),

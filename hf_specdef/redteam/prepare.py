@@ -13,22 +13,31 @@ from .attacks import Attack
 logger = logging.getLogger("hf_specdef")
 
 
-def prepare_model(model: torch.nn.Module, attack: Attack, seed: int, *, frozen: Iterable[str] = ()) -> torch.nn.Module:
+OUTLIER_FACTOR = 100.0  # "outlier-frozen": a tensor whose gradient peaks this far above the median peak is frozen
+
+
+def prepare_model(model: torch.nn.Module, attack: Attack, seed: int, *, frozen: Iterable[str] = (),
+                  first_batch: torch.Tensor | None = None) -> torch.nn.Module:
     """A deep copy of ``model`` ready for ``attack`` (``model`` itself is left untouched).
 
     ``frozen`` names the parameters a ``"bypass"`` attack must not train (the deformed ones). A ``"merge-undo"``
-    attack expects ``model`` to be the already undone copy (see :func:`undone_copy`).
+    attack expects ``model`` to be the already undone copy (see :func:`undone_copy`). ``first_batch`` (token ids)
+    is what an ``"outlier-frozen"`` attack measures its gradients on.
     """
     work = copy.deepcopy(model)
     work.train()
     torch.manual_seed(seed)  # adapter initialisation
+    if attack.train == "outlier-frozen":
+        if first_batch is None:
+            raise ValueError(f"attack {attack.name!r} needs first_batch= (the token ids it measures gradients on).")
+        frozen = gradient_outliers(work, first_batch)
     if attack.train == "linears":
         linear = {f"{n}.weight" for n, mod in work.named_modules() if isinstance(mod, torch.nn.Linear)}
         frozen = {n for n, _ in work.named_parameters()} - linear  # a head tied to the embeddings stays frozen
         if len(frozen) == len(dict(work.named_parameters())):
             raise ValueError("attack 'linears': the model has no torch.nn.Linear weight to train.")
-    if attack.train in ("full", "linears", "merge-undo", "bypass"):
-        frozen = set(frozen) if attack.train in ("bypass", "linears") else set()
+    if attack.train in ("full", "linears", "outlier-frozen", "merge-undo", "bypass"):
+        frozen = set(frozen) if attack.train in ("bypass", "linears", "outlier-frozen") else set()
         named = dict(work.named_parameters())
         missing = sorted(frozen - set(named))
         if missing:
@@ -51,6 +60,24 @@ def prepare_model(model: torch.nn.Module, attack: Attack, seed: int, *, frozen: 
     targets = None if attack.targets == "all-linear" else list(attack.targets)
     return get_peft_model(work, SpecUndoConfig(r=attack.r, lora_alpha=attack.r, target_modules=targets,
                                                knowledge=attack.knowledge))
+
+
+def gradient_outliers(model: torch.nn.Module, batch: torch.Tensor, factor: float = OUTLIER_FACTOR) -> set[str]:
+    """The parameters whose gradient on ``batch`` peaks (max absolute value) above ``factor`` x the median peak.
+
+    What an attacker who sees training diverge at every learning rate looks at first (per-tensor gradient norms), with
+    no knowledge of SpecDef; on a protected model it finds the weights where two pairs' compensated sides meet.
+    """
+    model.zero_grad(set_to_none=True)
+    batch = batch.to(next(model.parameters()).device)
+    model(input_ids=batch, labels=batch).loss.backward()
+    peaks = {n: float(p.grad.abs().max()) for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    median = sorted(peaks.values())[(len(peaks) - 1) // 2]
+    out = {n for n, v in peaks.items() if v > factor * median}
+    logger.info("red team: %d of %d tensors have gradient peaks > %g x the median (%.3g): frozen", len(out),
+                len(peaks), factor, median)
+    return out
 
 
 def undone_copy(model: torch.nn.Module, knowledge: str = "blind") -> torch.nn.Module:

@@ -120,7 +120,7 @@ class RedTeam:
             self.resumed_seconds += r.seconds
         else:
             origin = ""
-            work = prepare_model(model, attack, seed, frozen=frozen)
+            work = prepare_model(model, attack, seed, frozen=frozen, first_batch=self.data.train[: self.cfg.batch_size])
             r = run_attack(work, attack, self.data, lr=lr, seed=seed, budget=self.cfg.budget, target=target,
                            stop_after=stop_after, settings=self.settings)
             del work
