@@ -30,7 +30,7 @@ from .data import AttackData, build_attack_data
 from .errors import RedTeamError
 from .journal import RunJournal, journal_path, run_key
 from .prepare import prepare_model, undone_copy
-from .reuse import EarlierRuns
+from .reuse import RUN_SETTINGS, EarlierRuns
 from .search import Search, loss_at_key, search_lr, steps_key
 from .training import Run, RunSettings, eval_loss, is_main_process, run_attack
 from .variants import changed_parameter_names, given_variant, protect_variant, storage_dtype
@@ -335,8 +335,7 @@ def _attack_all(team: RedTeam, name: str, data: AttackData, cfg: RedTeamConfig, 
     }
 
 
-SAME_SETTINGS = ("seeds", "seq_len", "batch_size", "eval_windows", "reference_steps", "budget_factor", "fraction",
-                 "divergence", "eval_every", "data", "text_field")
+SAME_SETTINGS = ("seeds", "fraction", *RUN_SETTINGS)  # baselines: also the same seeds and target rule
 
 
 def reused_baselines(source: Any, cfg: RedTeamConfig, data: AttackData, attacks: list[Attack]) -> dict[str, Baseline]:
