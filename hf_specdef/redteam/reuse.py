@@ -64,16 +64,15 @@ class EarlierRuns:
         pool = cls()
         items = sources if isinstance(sources, list | tuple) else [sources] if sources is not None else []
         for source in items:
-            pool.add_results(_read(source), cfg, data_description, str(source) if not isinstance(source, dict) else
+            pool.add_results(read_results(source), cfg, data_description, str(source) if not isinstance(source, dict) else
                              "<dict>")
         return pool
 
     def add_results(self, old: dict[str, Any], cfg: RedTeamConfig, data_description: dict[str, Any],
                     name: str) -> None:
-        mine = json.loads(json.dumps(cfg.to_dict()))
-        differ = [k for k in RUN_SETTINGS if old.get("settings", {}).get(k) != mine[k]]
-        if differ or old.get("data") != json.loads(json.dumps(data_description)):
-            raise RedTeamError(f"reuse_runs {name}: the earlier red team differs in {differ or ['data']}; its runs "
+        differ = settings_differ(old, cfg, data_description, RUN_SETTINGS)
+        if differ:
+            raise RedTeamError(f"reuse_runs {name}: the earlier red team differs in {differ}; its runs "
                                "would not be the runs asked for. Reuse only runs of the same model, data and settings.")
         first_seed = (old["settings"].get("seeds") or [0])[0]
         for base in old.get("unprotected", {}).values():
@@ -127,14 +126,25 @@ class EarlierRuns:
         return {"sources": self.sources, "runs_taken": self.taken}
 
 
-def _read(source: Any) -> dict[str, Any]:
+def settings_differ(old: dict[str, Any], cfg: RedTeamConfig, data_description: dict[str, Any],
+                    keys: tuple[str, ...]) -> list[str]:
+    """The ``keys`` of ``cfg`` (and ``"data"`` for the attack data) in which an earlier ``results.json`` differs."""
+    mine = json.loads(json.dumps(cfg.to_dict()))
+    differ = [k for k in keys if old.get("settings", {}).get(k) != mine[k]]
+    return differ + (["data"] if old.get("data") != json.loads(json.dumps(data_description)) else [])
+
+
+def read_results(source: Any) -> dict[str, Any]:
+    """An earlier red team's results: a ``results.json`` path, its folder, or the results dict itself."""
     if isinstance(source, dict):
-        return json.loads(json.dumps(source, default=str))
+        from .report import _json_safe
+
+        return json.loads(json.dumps(_json_safe(source)))
     path = Path(os.fspath(source))
     if path.is_dir():
         path = path / "results.json"
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise RedTeamError(f"reuse_runs: cannot read {str(path)!r} ({e}); pass the results.json of an earlier red "
+        raise RedTeamError(f"cannot read the earlier red team {str(path)!r} ({e}); pass the results.json of an earlier red "
                            "team (or its folder).") from None

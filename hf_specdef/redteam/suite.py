@@ -30,7 +30,7 @@ from .data import AttackData, build_attack_data
 from .errors import RedTeamError
 from .journal import RunJournal, journal_path, run_key
 from .prepare import prepare_model, undone_copy
-from .reuse import RUN_SETTINGS, EarlierRuns
+from .reuse import RUN_SETTINGS, EarlierRuns, read_results, settings_differ
 from .search import Search, loss_at_key, search_lr, steps_key
 from .training import Run, RunSettings, eval_loss, is_main_process, run_attack
 from .variants import changed_parameter_names, given_variant, protect_variant, storage_dtype
@@ -342,16 +342,10 @@ def reused_baselines(source: Any, cfg: RedTeamConfig, data: AttackData, attacks:
     """Baselines from an earlier ``results.json`` with the same settings and data (empty without a source)."""
     if source is None:
         return {}
-    import json
-
-    from .report import _json_safe
-
-    text = json.dumps(_json_safe(source)) if isinstance(source, dict) else Path(os.fspath(source)).read_text("utf-8")
-    old = json.loads(text)
-    mine = json.loads(json.dumps(cfg.to_dict()))
-    differ = [k for k in SAME_SETTINGS if old["settings"].get(k) != mine[k]]
-    if differ or old["data"] != data.describe():
-        raise RedTeamError(f"reuse_unprotected: the earlier run differs in {differ or ['data']}; its baselines would "
+    old = read_results(source)
+    differ = settings_differ(old, cfg, data.describe(), SAME_SETTINGS)
+    if differ:
+        raise RedTeamError(f"reuse_unprotected: the earlier run differs in {differ}; its baselines would "
                            "not be comparable. Run without reuse, or with the same settings.")
     return {a.name: Baseline.from_dict(a, old["unprotected"][a.name]) for a in attacks
             if not a.informed and a.name in old["unprotected"]}
