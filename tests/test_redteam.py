@@ -16,7 +16,7 @@ from hf_specdef.redteam import attacks as atk
 from hf_specdef.redteam.config import RedTeamConfig
 from hf_specdef.redteam.data import AttackDataError, build_attack_data, default_corpus
 from hf_specdef.redteam.search import grid_lr, loss_at_key, search_lr, steps_key
-from hf_specdef.redteam.suite import RedTeamError, median_slowdown, slowdown
+from hf_specdef.redteam.suite import RedTeamError, median_slowdown, run_redteam, slowdown
 from hf_specdef.redteam.training import Run
 
 
@@ -165,6 +165,29 @@ def test_search_brackets_the_optimum_at_three_points_per_decade():
     assert len(calls) == len(set(calls)) <= 10  # no lr run twice
 
 
+def test_fine_steps_look_first_towards_the_better_decade_neighbour():
+    # the quick red team's freeze-outliers search: start 2.15e-5 reaches in 57 steps, 2.15e-4 diverges, 2.15e-6 is
+    # slower; the optimum 9.98e-6 lies below the start, 4.63e-5 runs long without diverging
+    table = {2.15e-5: 57, 9.98e-6: 33, 4.63e-6: 40, 2.15e-6: 70, 4.63e-5: 90, 9.98e-7: 95}
+    calls: list[tuple[float, int | None]] = []
+
+    def run(lr, stop):
+        calls.append((lr, stop))
+        if lr > 1e-4:
+            return Run("a", lr, 0, 80, [(0, 4.0), (1, 9.0)], 3.0, None, True, 1)
+        need = table.get(lr, 99)
+        hit = need if need <= (stop or 80) else None
+        last = hit or (stop or 80)
+        return Run("a", lr, 0, 80, [(0, 4.0), (last, 3.0 if hit else 3.5)], 3.0, hit, False, last)
+
+    found = search_lr(run, 2.15e-5, steps_key, prune=True)
+    assert found.best.lr == 9.98e-6 and found.best.steps_to_target == 33
+    order = [lr for lr, _ in calls]
+    assert order.index(9.98e-6) == 3  # right after the decade neighbours, before any rate above the start
+    assert 4.63e-5 not in order  # the best's neighbours (2.15e-5 and 4.63e-6) bracket it: never needed
+    assert dict(calls)[4.63e-6] == 33  # pruned at the better run's steps
+
+
 def test_search_moves_down_when_every_run_diverges():
     calls: list[float] = []
 
@@ -249,6 +272,21 @@ def test_redteam_cli_tiny_writes_results_with_the_worst_case(tiny_lm_dir, tmp_pa
     assert entry["median"]["ratio"] == pytest.approx(s["worst_case_slowdown"])
     assert {"results.md", "worst_attack_loss.png", "slowdown_default.png"} <= {p.name for p in out.iterdir()}
     assert "Worst case over 1 uninformed" in (out / "results.md").read_text()
+
+
+def test_a_baseline_added_for_an_informed_attack_runs_on_the_unprotected_model_only(tiny_lm_dir):
+    res = run_redteam(tiny_lm_dir, None, RedTeamConfig.preset_config("tiny", attacks=("bypass",), max_runs=4),
+                      progress=False)
+    assert set(res["unprotected"]) == {"full-adamw"}  # bypass's baseline: its target and unprotected steps
+    assert set(res["variants"]["default"]["attacks"]) == {"bypass"}
+    entry = res["variants"]["default"]["attacks"]["bypass"]
+    assert entry["target"] == pytest.approx(res["unprotected"]["full-adamw"]["target"])
+    assert "worst_case_slowdown" not in res["summary"] and res["summary"]["undo_attack"] == "bypass"
+
+
+def test_quick_preset_runs_the_strongest_uninformed_attack_and_the_undo():
+    cfg = RedTeamConfig.preset_config("quick")
+    assert cfg.attacks == ("full-adamw-freeze-outliers", "specundo-blind") and cfg.budget == 80
 
 
 def test_redteam_attacks_a_given_protected_model_reusing_the_unprotected_baselines(tiny_lm_dir, tmp_path):

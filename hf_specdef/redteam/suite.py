@@ -290,6 +290,11 @@ def run_redteam(model: Any, out: str | os.PathLike | None = None, config: RedTea
     logger.info("red team: %s on %s (%d training windows, %d held out)", name, data.source, len(data.train),
                 len(data.eval))
     attacks = get_attacks(cfg.attacks)
+    if cfg.attacks is not None:  # a baseline added only for an informed attack is not itself run on the variants
+        baseline_only = [a.name for a in attacks if a.name not in cfg.attacks]
+        if baseline_only:
+            logger.info("red team: %s run on the unprotected model only (the baseline of an informed attack)",
+                        ", ".join(baseline_only))
     earlier = EarlierRuns.load(reuse_runs, cfg, data.describe())
     journal = None
     if out is not None:
@@ -318,11 +323,12 @@ def _attack_all(team: RedTeam, name: str, data: AttackData, cfg: RedTeamConfig, 
     reused = reused_baselines(reuse_unprotected, cfg, data, attacks)
     baselines = {a.name: reused.get(a.name) or team.reference(a) for a in tqdm(
         [a for a in attacks if not a.informed], desc="red team unprotected", unit="attack", disable=not team.progress)}
+    attacked = [a for a in attacks if cfg.attacks is None or a.name in cfg.attacks]
     variants = {}
     for v in cfg.variants:
-        variants[v] = run_variant(team, v, *protect_variant(model, v, cfg, data.eval, storage), attacks, baselines)
+        variants[v] = run_variant(team, v, *protect_variant(model, v, cfg, data.eval, storage), attacked, baselines)
     for v, (pm, info) in given.items():
-        variants[v] = run_variant(team, v, pm, info, attacks, baselines)
+        variants[v] = run_variant(team, v, pm, info, attacked, baselines)
     head = next(iter(variants))
     return {
         "model": name, "data": data.describe(), "settings": {**cfg.to_dict(), "budget": cfg.budget},
