@@ -154,8 +154,14 @@ def protect_model(
     inputs: dict[str, Any] | None = None,
     force: bool = False,
     progress: bool = True,
+    restore_on_failure: bool = True,
 ) -> ProtectionReport:
-    """Protect a single ``torch.nn.Module`` (a transformers or diffusers model) in place."""
+    """Protect a single ``torch.nn.Module`` (a transformers or diffusers model) in place.
+
+    With ``restore_on_failure=False`` no backup of the changed rows/columns is kept, and a failure leaves the model
+    half-deformed: only for a model nobody else holds, e.g. inside ``from_pretrained``, which then raises and
+    returns no model (the load-time hook saves the copy, a tenth of the deformation's time on a CPU).
+    """
     start = time.perf_counter()
     check_not_protected(model, force)
     _check_materialized(model)
@@ -168,7 +174,8 @@ def protect_model(
         inputs = inputs if inputs is not None else probe.probe_inputs(model)
     run = (lambda: probe.run_probe(model, inputs)) if verify else None
     qcheck = quantized_check(model, cfg, inputs) if verify else None
-    results, _, deviation = deform_verified(plans, tensors, cfg, run=run, check=qcheck, progress=progress)
+    results, _, deviation = deform_verified(plans, tensors, cfg, run=run, check=qcheck, progress=progress,
+                                            keep_backup=restore_on_failure)
     skipped += guard_outcomes(plans, results, notes)
     record = make_record(cfg, results, deviation)
     if record is not None and cfg.quantization_safe:
@@ -239,25 +246,32 @@ def deform_verified(
     run: Callable[[], torch.Tensor | Sequence[torch.Tensor]] | None = None,
     check: Callable[[list[PairResult], MutableMapping[str, torch.Tensor]], None] | None = None,
     progress: bool = True,
+    keep_backup: bool = True,
 ) -> tuple[list[PairResult], Backup, float | None]:
     """Deform ``plans`` in place with an exact backup of every changed row/column; verify; return the backup.
 
     ``run()`` computes the output(s) to preserve (called before and after; the deviation is the max over
     outputs) and ``check(results, tensors)`` may veto the result (SPEC §7 claims). On any failure every
     change is restored exactly and the error propagates (:class:`VerificationError` for a deviation above
-    ``cfg.tolerance``). Returns ``(results, backup, deviation)``; ``backup.restore(tensors)`` undoes it.
+    ``cfg.tolerance``). Returns ``(results, backup, deviation)``; ``backup.restore(tensors)`` undoes it. With
+    ``keep_backup=False`` nothing is copied and nothing restored (the returned backup is empty): for tensors that are
+    thrown away on failure.
     """
     reference = _as_list(run()) if run is not None else None
+    keep = keep_backup
     backup, results = Backup(), []
+    saver = backup.add if keep else None
+    undone = "every change was restored and nothing was written" if keep else \
+        "the weights are half-deformed and must be discarded (no backup was kept)"
     try:
         with torch.no_grad(), tqdm(total=len(plans), desc="SpecDef protect", unit="pair", disable=not progress,
                                    leave=False) as bar:
             if batched.supports(plans):
-                results = batched.deform(plans, tensors, cfg, save=backup.add, done=bar.update)
+                results = batched.deform(plans, tensors, cfg, save=saver, done=bar.update)
             else:  # plans the batched engine does not know (guards, float16-exact, inverted, offset, adjacent rotary)
                 for plan in plans:
                     result = engine.deform_pair(plan, tensors, cfg, before_apply=functools.partial(
-                        backup.save, plan.pair, tensors))
+                        backup.save, plan.pair, tensors) if keep else None)
                     if result is not None:  # None: skipped by the plan's guard (quantization-safe planning)
                         results.append(result)
                     bar.update()
@@ -267,7 +281,7 @@ def deform_verified(
             if not deviation <= cfg.tolerance:
                 raise VerificationError(
                     f"protected outputs deviate by {deviation:.3g} (max relative) > tolerance={cfg.tolerance:g}; "
-                    "every change was restored and nothing was written. Lower alpha, use mode='axis' with a power-of-two alpha, "
+                    f"{undone}. Lower alpha, use mode='axis' with a power-of-two alpha, "
                     "or protect in float32."
                 )
         if check is not None:

@@ -17,7 +17,7 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 import hf_specdef  # noqa: F401  (installs the hook)
-from hf_specdef import AlreadyProtectedError, SpecDefConfig, VerificationError
+from hf_specdef import AlreadyProtectedError, SpecDefConfig, VerificationError, protect
 from hf_specdef.integrations import transformers as hook
 from hf_specdef.integrations.transformers import SpecDefQuantizationConfig, save_protected
 from hf_specdef.linalg import top_singular_values
@@ -172,6 +172,21 @@ def test_save_protected_failure_writes_nothing_and_restores(tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+def test_load_time_protection_keeps_no_backup_and_a_failure_returns_no_model(checkpoint, monkeypatch):
+    import hf_specdef.probe
+    from hf_specdef.protection import Backup
+
+    saved: list[str] = []
+    monkeypatch.setattr(Backup, "add", lambda self, name, *a: saved.append(name))
+    AutoModelForCausalLM.from_pretrained(checkpoint, specdef_config=SpecDefConfig())
+    assert saved == []  # from_pretrained returns the model or raises: nothing to restore
+    protect(tiny_llama(seed=6), SpecDefConfig(), progress=False)
+    assert saved  # in-memory protection of a model the caller holds keeps its backup
+    monkeypatch.setattr(hf_specdef.probe, "max_relative_deviation", lambda ref, out: 0.5)  # a broken deformation
+    with pytest.raises(VerificationError, match="must be discarded"):
+        AutoModelForCausalLM.from_pretrained(checkpoint, specdef_config=SpecDefConfig())
 
 
 def test_check_deformation_refuses_undeformed_weights():

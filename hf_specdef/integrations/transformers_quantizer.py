@@ -121,7 +121,9 @@ class SpecDefHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
         qc = self.quantization_config
         try:
-            report = protect_model(model, qc.specdef, verify=qc.verify, force=qc.force, progress=qc.progress)
+            # no backup: on failure from_pretrained raises and no model is returned (the checkpoint is untouched)
+            report = protect_model(model, qc.specdef, verify=qc.verify, force=qc.force, progress=qc.progress,
+                                   restore_on_failure=False)
         finally:
             self.remove_quantization_config(model)
             for module in model.modules():  # set by HfQuantizer.postprocess_model
