@@ -93,6 +93,8 @@ def test_outlier_frozen_attack_freezes_where_two_pairs_compensated_sides_meet(ti
     assert all(p.grad is None for p in work.parameters())
     with pytest.raises(ValueError, match="first_batch"):
         prepare_model(model, attack, 0)
+    again = prepare_model(model, attack, 1, outliers=frozen)  # measured once per model: the red team passes it on
+    assert {n for n, p in again.named_parameters() if not p.requires_grad} == frozen
 
 
 def test_get_attacks_adds_baselines_first_and_rejects_unknown_names():

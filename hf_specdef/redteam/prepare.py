@@ -17,20 +17,21 @@ OUTLIER_FACTOR = 100.0  # "outlier-frozen": a tensor whose gradient peaks this f
 
 
 def prepare_model(model: torch.nn.Module, attack: Attack, seed: int, *, frozen: Iterable[str] = (),
-                  first_batch: torch.Tensor | None = None) -> torch.nn.Module:
+                  first_batch: torch.Tensor | None = None, outliers: set[str] | None = None) -> torch.nn.Module:
     """A deep copy of ``model`` ready for ``attack`` (``model`` itself is left untouched).
 
     ``frozen`` names the parameters a ``"bypass"`` attack must not train (the deformed ones). A ``"merge-undo"``
     attack expects ``model`` to be the already undone copy (see :func:`undone_copy`). ``first_batch`` (token ids)
-    is what an ``"outlier-frozen"`` attack measures its gradients on.
+    is what an ``"outlier-frozen"`` attack measures its gradients on, unless ``outliers`` gives what
+    :func:`gradient_outliers` found on the same model and batch before (it depends on neither seed nor rate).
     """
     work = copy.deepcopy(model)
     work.train()
     torch.manual_seed(seed)  # adapter initialisation
     if attack.train == "outlier-frozen":
-        if first_batch is None:
+        if outliers is None and first_batch is None:
             raise ValueError(f"attack {attack.name!r} needs first_batch= (the token ids it measures gradients on).")
-        frozen = gradient_outliers(work, first_batch)
+        frozen = outliers if outliers is not None else gradient_outliers(work, first_batch)
     if attack.train == "linears":
         linear = {f"{n}.weight" for n, mod in work.named_modules() if isinstance(mod, torch.nn.Linear)}
         frozen = {n for n, _ in work.named_parameters()} - linear  # a head tied to the embeddings stays frozen

@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,7 @@ class RedTeam:
         self.progress = progress and is_main_process()
         self.seconds = 0.0  # training in this process
         self.resumed_seconds = 0.0  # training of the runs taken from the journal or from earlier red teams
+        self.outliers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> what "outlier-frozen" froze
 
     def run(self, model: torch.nn.Module, attack: Attack, lr: float, seed: int, *, target: float | None,
             stop_after: int | None, frozen: tuple[str, ...] = (), label: str = "") -> Run:
@@ -120,7 +122,10 @@ class RedTeam:
             self.resumed_seconds += r.seconds
         else:
             origin = ""
-            work = prepare_model(model, attack, seed, frozen=frozen, first_batch=self.data.train[: self.cfg.batch_size])
+            work = prepare_model(model, attack, seed, frozen=frozen, first_batch=self.data.train[: self.cfg.batch_size],
+                                 outliers=self.outliers.get(model) if attack.train == "outlier-frozen" else None)
+            if attack.train == "outlier-frozen":  # one forward/backward per model, not per run
+                self.outliers[model] = {n for n, p in work.named_parameters() if not p.requires_grad}
             r = run_attack(work, attack, self.data, lr=lr, seed=seed, budget=self.cfg.budget, target=target,
                            stop_after=stop_after, settings=self.settings)
             del work
