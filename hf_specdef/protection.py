@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import batched, best_effort, engine, probe
+from . import batched, best_effort, engine, mapped, probe
 from .config import SpecDefConfig
 from .engine import PairResult, Plan
 from .linalg import Deformation
@@ -170,6 +170,7 @@ def protect_model(
     plans = plan_model(pairs, tensors, cfg, skipped)
     notes = sorted({n for p in plans for n in p.notes})
     upcast = _upcast(model, plans) if any(p.policy == "float32" for p in plans) else None
+    mapped.own_file_backed(tensors, (b.name for p in plans for b in p.pair.producers + p.pair.consumers))
     if verify:  # after any upcast: the check measures the deformation alone
         inputs = inputs if inputs is not None else probe.probe_inputs(model)
     run = (lambda: probe.run_probe(model, inputs)) if verify else None
