@@ -97,6 +97,43 @@ def test_outlier_frozen_attack_freezes_where_two_pairs_compensated_sides_meet(ti
     assert {n for n, p in again.named_parameters() if not p.requires_grad} == frozen
 
 
+def test_outlier_masked_attack_masks_the_lines_protection_shrank(tiny_lm_dir):
+    """Per linear weight, the rows/columns whose gradient norm stands out are the ones axis protection shrank (the
+    compensated, fast sides): none on the original; one AdamW step leaves them and only them unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef import SpecDefConfig, protect
+    from hf_specdef.redteam.prepare import gradient_outlier_lines, prepare_model
+
+    batch = build_attack_data(byte_tokenizer(), seq_len=16, eval_windows=4).train[:4]
+    assert gradient_outlier_lines(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), batch) == {}
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    protect(model, SpecDefConfig(alpha=1024.0, mode="axis"), progress=False)
+    masks = gradient_outlier_lines(model, batch)
+    assert {n.split(".")[-2] for n in masks} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"}
+    found = shrunk_lines = 0
+    for n, p in model.named_parameters():
+        if n.endswith("_proj.weight"):
+            ratio = p.detach() / original[n]
+            mask = masks.get(n, torch.zeros_like(p, dtype=torch.bool))
+            for dim in (1, 0):  # rows, then columns
+                shrunk, masked = ratio.median(dim=dim).values < 0.5, mask.all(dim=dim)
+                assert not (masked & ~shrunk).any(), (n, dim)  # only lines protection shrank
+                found, shrunk_lines = found + int(masked.sum()), shrunk_lines + int(shrunk.sum())
+    assert found >= 0.8 * shrunk_lines  # nearly all of them (a line whose own gradient is tiny may hide)
+    work = prepare_model(model, atk.SUITE["full-adamw-mask-outlier-lines"], 0, masks=masks)
+    before = {n: p.detach().clone() for n, p in work.named_parameters()}
+    opt = torch.optim.AdamW(work.parameters(), lr=1e-3, weight_decay=0.0)
+    work(input_ids=batch, labels=batch).loss.backward()
+    opt.step()
+    for n, p in work.named_parameters():
+        moved = p.detach() != before[n]
+        if n in masks:
+            assert not moved[masks[n]].any() and moved[~masks[n]].float().mean() > 0.9, n
+
+
 def test_get_attacks_adds_baselines_first_and_rejects_unknown_names():
     names = [a.name for a in atk.get_attacks(["specundo-blind"])]
     assert names == ["lora16-qkvo", "specundo-blind"]

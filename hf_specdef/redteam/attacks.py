@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
-TRAIN_KINDS = ("full", "linears", "outlier-frozen", "lora", "specundo", "merge-undo", "bypass")
+TRAIN_KINDS = ("full", "linears", "outlier-frozen", "outlier-masked", "lora", "specundo", "merge-undo", "bypass")
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class Attack:
         train: ``"full"`` (every parameter), ``"linears"`` (every linear layer's weight; norms and embeddings frozen,
             as memory-saving recipes do), ``"outlier-frozen"`` (every parameter except the tensors whose gradient
             on the first batch peaks far above the others': what an attacker tries when every rate diverges),
+            ``"outlier-masked"`` (every parameter, minus the rows/columns of linear weights whose first-batch gradient
+            norm stands far above the others' in the same weight),
             ``"lora"`` (PEFT LoRA), ``"specundo"`` (the SpecUndo adapter),
             ``"merge-undo"`` (blind in-place undo, then every parameter) or ``"bypass"`` (every parameter except
             the deformed ones).
@@ -100,6 +102,9 @@ UNINFORMED: tuple[Attack, ...] = (
     Attack("full-adamw-freeze-outliers", "outlier-frozen",
            description="full fine-tuning, AdamW, the tensors whose first-batch gradient peaks > 100x the median "
                        "peak frozen (no knowledge of SpecDef: a generic fix for training that diverges)"),
+    Attack("full-adamw-mask-outlier-lines", "outlier-masked",
+           description="full fine-tuning, AdamW, the rows/columns of each linear weight whose first-batch gradient "
+                       "norm is > 100x that weight's median frozen (the same generic fix, one level finer)"),
     _lora("lora16-qkvo", "LoRA r=16 on q/k/v/o, AdamW"),
     _lora("lora16-qkvo-cosine", "LoRA r=16 on q/k/v/o, AdamW, 10% warmup + cosine", schedule="cosine", warmup=0.1),
     _lora("lora16-qkvo-sgd", "LoRA r=16 on q/k/v/o, SGD with momentum 0.9", optim="sgd", optim_args=SGD, lr_start=1e-1),

@@ -17,13 +17,15 @@ OUTLIER_FACTOR = 100.0  # "outlier-frozen": a tensor whose gradient peaks this f
 
 
 def prepare_model(model: torch.nn.Module, attack: Attack, seed: int, *, frozen: Iterable[str] = (),
-                  first_batch: torch.Tensor | None = None, outliers: set[str] | None = None) -> torch.nn.Module:
+                  first_batch: torch.Tensor | None = None, outliers: set[str] | None = None,
+                  masks: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
     """A deep copy of ``model`` ready for ``attack`` (``model`` itself is left untouched).
 
     ``frozen`` names the parameters a ``"bypass"`` attack must not train (the deformed ones). A ``"merge-undo"``
     attack expects ``model`` to be the already undone copy (see :func:`undone_copy`). ``first_batch`` (token ids)
     is what an ``"outlier-frozen"`` attack measures its gradients on, unless ``outliers`` gives what
-    :func:`gradient_outliers` found on the same model and batch before (it depends on neither seed nor rate).
+    :func:`gradient_outliers` found on the same model and batch before (it depends on neither seed nor rate); an
+    ``"outlier-masked"`` attack likewise, with ``masks`` from :func:`gradient_outlier_lines`.
     """
     work = copy.deepcopy(model)
     work.train()
@@ -32,12 +34,16 @@ def prepare_model(model: torch.nn.Module, attack: Attack, seed: int, *, frozen: 
         if outliers is None and first_batch is None:
             raise ValueError(f"attack {attack.name!r} needs first_batch= (the token ids it measures gradients on).")
         frozen = outliers if outliers is not None else gradient_outliers(work, first_batch)
+    if attack.train == "outlier-masked":
+        if masks is None and first_batch is None:
+            raise ValueError(f"attack {attack.name!r} needs first_batch= (the token ids it measures gradients on).")
+        mask_lines(work, masks if masks is not None else gradient_outlier_lines(work, first_batch))
     if attack.train == "linears":
         linear = {f"{n}.weight" for n, mod in work.named_modules() if isinstance(mod, torch.nn.Linear)}
         frozen = {n for n, _ in work.named_parameters()} - linear  # a head tied to the embeddings stays frozen
         if len(frozen) == len(dict(work.named_parameters())):
             raise ValueError("attack 'linears': the model has no torch.nn.Linear weight to train.")
-    if attack.train in ("full", "linears", "outlier-frozen", "merge-undo", "bypass"):
+    if attack.train in ("full", "linears", "outlier-frozen", "outlier-masked", "merge-undo", "bypass"):
         frozen = set(frozen) if attack.train in ("bypass", "linears", "outlier-frozen") else set()
         named = dict(work.named_parameters())
         missing = sorted(frozen - set(named))
@@ -79,6 +85,49 @@ def gradient_outliers(model: torch.nn.Module, batch: torch.Tensor, factor: float
     logger.info("red team: %d of %d tensors have gradient peaks > %g x the median (%.3g): frozen", len(out),
                 len(peaks), factor, median)
     return out
+
+
+def gradient_outlier_lines(model: torch.nn.Module, batch: torch.Tensor,
+                           factor: float = OUTLIER_FACTOR) -> dict[str, torch.Tensor]:
+    """Per linear weight, the entries whose row or column stands out: a row (column) whose gradient norm on ``batch``
+    is above ``factor`` x the median row (column) norm of that weight. Only weights with such a line are listed; the
+    output head is left out (its rows are tokens, and those of the batch's tokens always stand out).
+
+    The finer-grained version of :func:`gradient_outliers`: what an attacker who looks at where inside a weight the
+    gradient is large would freeze, with no knowledge of SpecDef. Axis-mode protection scales whole rows/columns, so
+    this finds them (and where two pairs meet) while the rest of every weight stays trainable.
+    """
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    linear = {f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and mod is not head}
+    model.zero_grad(set_to_none=True)
+    batch = batch.to(next(model.parameters()).device)
+    model(input_ids=batch, labels=batch).loss.backward()
+    masks, lines, total = {}, 0, 0
+    for n, p in model.named_parameters():
+        if n not in linear or p.grad is None or p.dim() != 2:
+            continue
+        g = p.grad.float()
+        rows, cols = g.norm(dim=1), g.norm(dim=0)
+        hot_rows = rows > factor * rows.median()
+        hot_cols = cols > factor * cols.median()
+        total += g.shape[0] + g.shape[1]
+        if hot_rows.any() or hot_cols.any():
+            masks[n] = hot_rows[:, None] | hot_cols[None, :]
+            lines += int(hot_rows.sum() + hot_cols.sum())
+    model.zero_grad(set_to_none=True)
+    logger.info("red team: %d of %d rows/columns (in %d weights) have gradient norms > %g x their weight's median: "
+                "masked", lines, total, len(masks), factor)
+    return masks
+
+
+def mask_lines(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the gradient of the masked entries of each named parameter (a gradient hook: with no weight decay, AdamW
+    and SGD leave them unchanged)."""
+    named = dict(model.named_parameters())
+    for n, m in masks.items():
+        p = named[n]
+        keep = (~m).to(device=p.device, dtype=p.dtype)
+        p.register_hook(lambda g, keep=keep: g * keep)
 
 
 def undone_copy(model: torch.nn.Module, knowledge: str = "blind") -> torch.nn.Module:
