@@ -134,6 +134,41 @@ def test_outlier_masked_attack_masks_the_lines_protection_shrank(tiny_lm_dir):
             assert not moved[masks[n]].any() and moved[~masks[n]].float().mean() > 0.9, n
 
 
+def test_outlier_projected_attack_finds_dense_deformation_directions(tiny_lm_dir):
+    """Spectral protection deforms along dense directions, which no row/column mask isolates; the outlier singular
+    directions of each weight's gradient do (the consumer side of every attn.vo pair, >= 0.7 captured), and the
+    gradient hook keeps the weights from moving along them."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef import SpecDefConfig, protect
+    from hf_specdef.redteam.prepare import gradient_outlier_directions, prepare_model
+
+    batch = build_attack_data(byte_tokenizer(), seq_len=16, eval_windows=4).train[:4]
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    report = protect(model, SpecDefConfig(alpha=1000.0, mode="spectral", precision="float32", sites=("attn.vo",)),
+                     progress=False)
+    directions = gradient_outlier_directions(model, batch)
+    params = dict(model.named_parameters())
+    captured = []
+    for result in report.results:
+        for b in result.pair.consumers:  # o_proj columns of one head: the input side
+            e = torch.zeros(params[b.name].shape[1])
+            e[b.start:b.stop] = result.deformation.basis[:, 0].float()
+            v = directions[b.name][1]
+            captured.append(float((v.T @ e).norm()))
+    assert min(captured) >= 0.5 and sum(captured) / len(captured) >= 0.7, captured
+    work = prepare_model(model, atk.SUITE["full-adamw-mask-outlier-directions"], 0, masks=directions)
+    name = report.results[0].pair.consumers[0].name
+    before = dict(work.named_parameters())[name].detach().clone()
+    opt = torch.optim.AdamW(work.parameters(), lr=1e-3, weight_decay=0.0)
+    work(input_ids=batch, labels=batch).loss.backward()
+    grad = dict(work.named_parameters())[name].grad
+    v = directions[name][1]
+    assert float((grad @ v).abs().max()) <= 1e-6 * float(grad.abs().max())
+    opt.step()
+    assert not torch.equal(dict(work.named_parameters())[name].detach(), before)
+
+
 def test_get_attacks_adds_baselines_first_and_rejects_unknown_names():
     names = [a.name for a in atk.get_attacks(["specundo-blind"])]
     assert names == ["lora16-qkvo", "specundo-blind"]
@@ -325,7 +360,7 @@ def test_a_baseline_added_for_an_informed_attack_runs_on_the_unprotected_model_o
 
 def test_quick_preset_runs_the_strongest_uninformed_attack_and_the_undo():
     cfg = RedTeamConfig.preset_config("quick")
-    assert cfg.attacks == ("full-adamw-freeze-outliers", "specundo-blind") and cfg.budget == 80
+    assert cfg.attacks == ("full-adamw-mask-outlier-lines", "specundo-blind") and cfg.budget == 80
 
 
 def test_redteam_attacks_a_given_protected_model_reusing_the_unprotected_baselines(tiny_lm_dir, tmp_path):

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
-TRAIN_KINDS = ("full", "linears", "outlier-frozen", "outlier-masked", "lora", "specundo", "merge-undo", "bypass")
+TRAIN_KINDS = ("full", "linears", "outlier-frozen", "outlier-masked", "outlier-projected", "lora", "specundo",
+               "merge-undo", "bypass")
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,8 @@ class Attack:
             as memory-saving recipes do), ``"outlier-frozen"`` (every parameter except the tensors whose gradient
             on the first batch peaks far above the others': what an attacker tries when every rate diverges),
             ``"outlier-masked"`` (every parameter, minus the rows/columns of linear weights whose first-batch gradient
-            norm stands far above the others' in the same weight),
+            norm stands far above the others' in the same weight), ``"outlier-projected"`` (every parameter, the
+            singular directions of each linear weight's first-batch gradient that stand out projected out),
             ``"lora"`` (PEFT LoRA), ``"specundo"`` (the SpecUndo adapter),
             ``"merge-undo"`` (blind in-place undo, then every parameter) or ``"bypass"`` (every parameter except
             the deformed ones).
@@ -105,6 +107,9 @@ UNINFORMED: tuple[Attack, ...] = (
     Attack("full-adamw-mask-outlier-lines", "outlier-masked",
            description="full fine-tuning, AdamW, the rows/columns of each linear weight whose first-batch gradient "
                        "norm is > 100x that weight's median frozen (the same generic fix, one level finer)"),
+    Attack("full-adamw-mask-outlier-directions", "outlier-projected",
+           description="full fine-tuning, AdamW, the singular directions of each linear weight's first-batch gradient "
+                       "whose singular value is > 100x that weight's median projected out of every gradient"),
     _lora("lora16-qkvo", "LoRA r=16 on q/k/v/o, AdamW"),
     _lora("lora16-qkvo-cosine", "LoRA r=16 on q/k/v/o, AdamW, 10% warmup + cosine", schedule="cosine", warmup=0.1),
     _lora("lora16-qkvo-sgd", "LoRA r=16 on q/k/v/o, SGD with momentum 0.9", optim="sgd", optim_args=SGD, lr_start=1e-1),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -18,14 +19,15 @@ OUTLIER_FACTOR = 100.0  # "outlier-frozen": a tensor whose gradient peaks this f
 
 def prepare_model(model: torch.nn.Module, attack: Attack, seed: int, *, frozen: Iterable[str] = (),
                   first_batch: torch.Tensor | None = None, outliers: set[str] | None = None,
-                  masks: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+                  masks: dict[str, Any] | None = None) -> torch.nn.Module:
     """A deep copy of ``model`` ready for ``attack`` (``model`` itself is left untouched).
 
     ``frozen`` names the parameters a ``"bypass"`` attack must not train (the deformed ones). A ``"merge-undo"``
     attack expects ``model`` to be the already undone copy (see :func:`undone_copy`). ``first_batch`` (token ids)
     is what an ``"outlier-frozen"`` attack measures its gradients on, unless ``outliers`` gives what
     :func:`gradient_outliers` found on the same model and batch before (it depends on neither seed nor rate); an
-    ``"outlier-masked"`` attack likewise, with ``masks`` from :func:`gradient_outlier_lines`.
+    ``"outlier-masked"`` (``"outlier-projected"``) attack likewise, with ``masks`` from :func:`gradient_outlier_lines`
+    (:func:`gradient_outlier_directions`).
     """
     work = copy.deepcopy(model)
     work.train()
@@ -34,16 +36,17 @@ def prepare_model(model: torch.nn.Module, attack: Attack, seed: int, *, frozen: 
         if outliers is None and first_batch is None:
             raise ValueError(f"attack {attack.name!r} needs first_batch= (the token ids it measures gradients on).")
         frozen = outliers if outliers is not None else gradient_outliers(work, first_batch)
-    if attack.train == "outlier-masked":
+    if attack.train in MEASURES:
         if masks is None and first_batch is None:
             raise ValueError(f"attack {attack.name!r} needs first_batch= (the token ids it measures gradients on).")
-        mask_lines(work, masks if masks is not None else gradient_outlier_lines(work, first_batch))
+        measure, apply = MEASURES[attack.train]
+        apply(work, masks if masks is not None else measure(work, first_batch))
     if attack.train == "linears":
         linear = {f"{n}.weight" for n, mod in work.named_modules() if isinstance(mod, torch.nn.Linear)}
         frozen = {n for n, _ in work.named_parameters()} - linear  # a head tied to the embeddings stays frozen
         if len(frozen) == len(dict(work.named_parameters())):
             raise ValueError("attack 'linears': the model has no torch.nn.Linear weight to train.")
-    if attack.train in ("full", "linears", "outlier-frozen", "outlier-masked", "merge-undo", "bypass"):
+    if attack.train in ("full", "linears", "outlier-frozen", *MEASURES, "merge-undo", "bypass"):
         frozen = set(frozen) if attack.train in ("bypass", "linears", "outlier-frozen") else set()
         named = dict(work.named_parameters())
         missing = sorted(frozen - set(named))
@@ -97,16 +100,8 @@ def gradient_outlier_lines(model: torch.nn.Module, batch: torch.Tensor,
     gradient is large would freeze, with no knowledge of SpecDef. Axis-mode protection scales whole rows/columns, so
     this finds them (and where two pairs meet) while the rest of every weight stays trainable.
     """
-    head = getattr(model, "get_output_embeddings", lambda: None)()
-    linear = {f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and mod is not head}
-    model.zero_grad(set_to_none=True)
-    batch = batch.to(next(model.parameters()).device)
-    model(input_ids=batch, labels=batch).loss.backward()
     masks, lines, total = {}, 0, 0
-    for n, p in model.named_parameters():
-        if n not in linear or p.grad is None or p.dim() != 2:
-            continue
-        g = p.grad.float()
+    for n, g in _linear_gradients(model, batch).items():
         rows, cols = g.norm(dim=1), g.norm(dim=0)
         hot_rows = rows > factor * rows.median()
         hot_cols = cols > factor * cols.median()
@@ -114,7 +109,6 @@ def gradient_outlier_lines(model: torch.nn.Module, batch: torch.Tensor,
         if hot_rows.any() or hot_cols.any():
             masks[n] = hot_rows[:, None] | hot_cols[None, :]
             lines += int(hot_rows.sum() + hot_cols.sum())
-    model.zero_grad(set_to_none=True)
     logger.info("red team: %d of %d rows/columns (in %d weights) have gradient norms > %g x their weight's median: "
                 "masked", lines, total, len(masks), factor)
     return masks
@@ -128,6 +122,62 @@ def mask_lines(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
         p = named[n]
         keep = (~m).to(device=p.device, dtype=p.dtype)
         p.register_hook(lambda g, keep=keep: g * keep)
+
+
+def _linear_gradients(model: torch.nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The first-batch gradients (float32) of the linear weights, the output head left out (its rows are tokens)."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    linear = {f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and mod is not head}
+    model.zero_grad(set_to_none=True)
+    batch = batch.to(next(model.parameters()).device)
+    model(input_ids=batch, labels=batch).loss.backward()
+    grads = {n: p.grad.float() for n, p in model.named_parameters()
+             if n in linear and p.grad is not None and p.dim() == 2}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def gradient_outlier_directions(model: torch.nn.Module, batch: torch.Tensor,
+                                factor: float = OUTLIER_FACTOR) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per linear weight, the singular directions of its first-batch gradient that stand out: those whose singular
+    value is above ``factor`` x the median of the nonzero ones; returned as ``(U, V)`` (output, input directions).
+
+    The rotation-invariant version of :func:`gradient_outlier_lines`: it also finds a deformation along dense
+    directions (spectral mode), with no knowledge of SpecDef.
+    """
+    out, found = {}, 0
+    for n, g in _linear_gradients(model, batch).items():
+        u, s, vh = torch.linalg.svd(g, full_matrices=False)
+        nonzero = s[s > s[0] * 1e-6]
+        hot = s > factor * nonzero.median()
+        if hot.any():
+            out[n] = (u[:, hot].contiguous(), vh[hot].T.contiguous())
+            found += int(hot.sum())
+    logger.info("red team: %d singular directions (in %d weights) have gradient singular values > %g x their weight's "
+                "median: projected out", found, len(out), factor)
+    return out
+
+
+def project_out(model: torch.nn.Module, directions: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Remove the given output and input directions from each named parameter's gradient: ``(I - UU^T) G (I - VV^T)``
+    (a gradient hook; with no weight decay the weights never move along them)."""
+    named = dict(model.named_parameters())
+    for n, (u, v) in directions.items():
+        p = named[n]
+        u, v = u.to(p.device, torch.float32), v.to(p.device, torch.float32)
+
+        def hook(g: torch.Tensor, u: torch.Tensor = u, v: torch.Tensor = v) -> torch.Tensor:
+            g32 = g.float()
+            g32 = g32 - u @ (u.T @ g32)
+            return (g32 - (g32 @ v) @ v.T).to(g.dtype)
+
+        p.register_hook(hook)
+
+
+MEASURES: dict[str, tuple[Callable[..., dict[str, Any]], Callable[..., None]]] = {
+    "outlier-masked": (gradient_outlier_lines, mask_lines),
+    "outlier-projected": (gradient_outlier_directions, project_out),
+}  # train kind -> (what it measures on the first batch, how it then shapes every gradient)
 
 
 def undone_copy(model: torch.nn.Module, knowledge: str = "blind") -> torch.nn.Module:

@@ -30,7 +30,7 @@ from .config import RedTeamConfig
 from .data import AttackData, build_attack_data
 from .errors import RedTeamError
 from .journal import RunJournal, journal_path, run_key
-from .prepare import gradient_outlier_lines, prepare_model, undone_copy
+from .prepare import MEASURES, prepare_model, undone_copy
 from .reuse import RUN_SETTINGS, EarlierRuns, read_results, settings_differ
 from .search import Search, loss_at_key, search_lr, steps_key
 from .training import Run, RunSettings, eval_loss, is_main_process, run_attack
@@ -108,7 +108,7 @@ class RedTeam:
         self.seconds = 0.0  # training in this process
         self.resumed_seconds = 0.0  # training of the runs taken from the journal or from earlier red teams
         self.outliers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> what "outlier-frozen" froze
-        self.masks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> what "outlier-masked" masks
+        self.masks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {train kind: what it measured}
 
     def run(self, model: torch.nn.Module, attack: Attack, lr: float, seed: int, *, target: float | None,
             stop_after: int | None, frozen: tuple[str, ...] = (), label: str = "") -> Run:
@@ -124,11 +124,15 @@ class RedTeam:
         else:
             origin = ""
             first = self.data.train[: self.cfg.batch_size]
-            if attack.train == "outlier-masked" and model not in self.masks:  # one forward/backward per model
-                self.masks[model] = gradient_outlier_lines(model, first)
+            masks = None
+            if attack.train in MEASURES:  # one forward/backward per model and kind, not per run
+                masks = self.masks.setdefault(model, {})
+                if attack.train not in masks:
+                    masks[attack.train] = MEASURES[attack.train][0](model, first)
+                masks = masks[attack.train]
             work = prepare_model(model, attack, seed, frozen=frozen, first_batch=first,
                                  outliers=self.outliers.get(model) if attack.train == "outlier-frozen" else None,
-                                 masks=self.masks.get(model))
+                                 masks=masks)
             if attack.train == "outlier-frozen":  # one forward/backward per model, not per run
                 self.outliers[model] = {n for n, p in work.named_parameters() if not p.requires_grad}
             r = run_attack(work, attack, self.data, lr=lr, seed=seed, budget=self.cfg.budget, target=target,
