@@ -159,19 +159,27 @@ def gradient_outlier_directions(model: torch.nn.Module, batch: torch.Tensor,
 
 
 def project_out(model: torch.nn.Module, directions: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Remove the given output and input directions from each named parameter's gradient: ``(I - UU^T) G (I - VV^T)``
-    (a gradient hook; with no weight decay the weights never move along them)."""
+    """Keep each named weight from moving along the given output and input directions: its gradient becomes
+    ``(I - UU^T) G (I - VV^T)`` (a gradient hook), and before every forward pass the weight's change since now is
+    projected the same way (a forward pre-hook: Adam's per-coordinate steps do not stay in the gradient's subspace)."""
     named = dict(model.named_parameters())
+    modules = dict(model.named_modules())
     for n, (u, v) in directions.items():
         p = named[n]
         u, v = u.to(p.device, torch.float32), v.to(p.device, torch.float32)
 
-        def hook(g: torch.Tensor, u: torch.Tensor = u, v: torch.Tensor = v) -> torch.Tensor:
-            g32 = g.float()
-            g32 = g32 - u @ (u.T @ g32)
-            return (g32 - (g32 @ v) @ v.T).to(g.dtype)
+        def project(x: torch.Tensor, u: torch.Tensor = u, v: torch.Tensor = v) -> torch.Tensor:
+            x32 = x.float()
+            x32 = x32 - u @ (u.T @ x32)
+            return (x32 - (x32 @ v) @ v.T).to(x.dtype)
 
-        p.register_hook(hook)
+        def keep_off(module: torch.nn.Module, args: Any, p: torch.nn.Parameter = p, start: torch.Tensor = p.detach().clone(),
+                     project: Callable[[torch.Tensor], torch.Tensor] = project) -> None:
+            with torch.no_grad():
+                p.copy_(start + project(p - start))
+
+        p.register_hook(project)
+        modules[n.rsplit(".", 1)[0]].register_forward_pre_hook(keep_off)
 
 
 MEASURES: dict[str, tuple[Callable[..., dict[str, Any]], Callable[..., None]]] = {
