@@ -53,7 +53,7 @@ def own_file_backed(tensors: MutableMapping[str, torch.Tensor], names: Iterable[
     names = [n for n in dict.fromkeys(names) if tensors[n].device.type == "cpu"]
     ranges = file_backed_ranges() if names else None
     copied = 0
-    for name in names or ():
+    for name in names:
         t = tensors[name]
         if ranges and t.untyped_storage().nbytes() == t.nbytes and _in_ranges(ranges, t.data_ptr()):
             tensors[name] = t.clone()

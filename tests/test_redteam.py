@@ -93,7 +93,7 @@ def test_outlier_frozen_attack_freezes_where_two_pairs_compensated_sides_meet(ti
     assert all(p.grad is None for p in work.parameters())
     with pytest.raises(ValueError, match="first_batch"):
         prepare_model(model, attack, 0)
-    again = prepare_model(model, attack, 1, outliers=frozen)  # measured once per model: the red team passes it on
+    again = prepare_model(model, attack, 1, measured=frozen)  # measured once per model: the red team passes it on
     assert {n for n, p in again.named_parameters() if not p.requires_grad} == frozen
 
 
@@ -123,7 +123,7 @@ def test_outlier_masked_attack_masks_the_lines_protection_shrank(tiny_lm_dir):
                 assert not (masked & ~shrunk).any(), (n, dim)  # only lines protection shrank
                 found, shrunk_lines = found + int(masked.sum()), shrunk_lines + int(shrunk.sum())
     assert found >= 0.8 * shrunk_lines  # nearly all of them (a line whose own gradient is tiny may hide)
-    work = prepare_model(model, atk.SUITE["full-adamw-mask-outlier-lines"], 0, masks=masks)
+    work = prepare_model(model, atk.SUITE["full-adamw-mask-outlier-lines"], 0, measured=masks)
     before = {n: p.detach().clone() for n, p in work.named_parameters()}
     opt = torch.optim.AdamW(work.parameters(), lr=1e-3, weight_decay=0.0)
     work(input_ids=batch, labels=batch).loss.backward()
@@ -157,7 +157,7 @@ def test_outlier_projected_attack_finds_dense_deformation_directions(tiny_lm_dir
             v = directions[b.name][1]
             captured.append(float((v.T @ e).norm()))
     assert min(captured) >= 0.5 and sum(captured) / len(captured) >= 0.7, captured
-    work = prepare_model(model, atk.SUITE["full-adamw-mask-outlier-directions"], 0, masks=directions)
+    work = prepare_model(model, atk.SUITE["full-adamw-mask-outlier-directions"], 0, measured=directions)
     name = report.results[0].pair.consumers[0].name
     before = dict(work.named_parameters())[name].detach().clone()
     opt = torch.optim.AdamW(work.parameters(), lr=1e-3, weight_decay=0.0)

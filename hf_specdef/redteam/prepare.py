@@ -18,42 +18,36 @@ OUTLIER_FACTOR = 100.0  # "outlier-frozen": a tensor whose gradient peaks this f
 
 
 def prepare_model(model: torch.nn.Module, attack: Attack, seed: int, *, frozen: Iterable[str] = (),
-                  first_batch: torch.Tensor | None = None, outliers: set[str] | None = None,
-                  masks: dict[str, Any] | None = None) -> torch.nn.Module:
+                  first_batch: torch.Tensor | None = None, measured: Any = None) -> torch.nn.Module:
     """A deep copy of ``model`` ready for ``attack`` (``model`` itself is left untouched).
 
     ``frozen`` names the parameters a ``"bypass"`` attack must not train (the deformed ones). A ``"merge-undo"``
     attack expects ``model`` to be the already undone copy (see :func:`undone_copy`). ``first_batch`` (token ids)
-    is what an ``"outlier-frozen"`` attack measures its gradients on, unless ``outliers`` gives what
-    :func:`gradient_outliers` found on the same model and batch before (it depends on neither seed nor rate); an
-    ``"outlier-masked"`` (``"outlier-projected"``) attack likewise, with ``masks`` from :func:`gradient_outlier_lines`
-    (:func:`gradient_outlier_directions`).
+    is what the attacks of :data:`MEASURES` (``"outlier-frozen"``, ``"outlier-masked"``, ``"outlier-projected"``)
+    measure their gradients on, unless ``measured`` gives what that measurement found on the same model and batch
+    before (it depends on neither seed nor rate).
     """
     work = copy.deepcopy(model)
     work.train()
     torch.manual_seed(seed)  # adapter initialisation
-    if attack.train == "outlier-frozen":
-        if outliers is None and first_batch is None:
-            raise ValueError(f"attack {attack.name!r} needs first_batch= (the token ids it measures gradients on).")
-        frozen = outliers if outliers is not None else gradient_outliers(work, first_batch)
-    if attack.train in MEASURES:
-        if masks is None and first_batch is None:
-            raise ValueError(f"attack {attack.name!r} needs first_batch= (the token ids it measures gradients on).")
-        measure, apply = MEASURES[attack.train]
-        apply(work, masks if masks is not None else measure(work, first_batch))
+    if attack.train in MEASURES and measured is None and first_batch is None:
+        raise ValueError(f"attack {attack.name!r} needs first_batch= (the token ids it measures gradients on).")
     if attack.train == "linears":
         linear = {f"{n}.weight" for n, mod in work.named_modules() if isinstance(mod, torch.nn.Linear)}
         frozen = {n for n, _ in work.named_parameters()} - linear  # a head tied to the embeddings stays frozen
         if len(frozen) == len(dict(work.named_parameters())):
             raise ValueError("attack 'linears': the model has no torch.nn.Linear weight to train.")
-    if attack.train in ("full", "linears", "outlier-frozen", *MEASURES, "merge-undo", "bypass"):
-        frozen = set(frozen) if attack.train in ("bypass", "linears", "outlier-frozen") else set()
+    if attack.train in ("full", "linears", *MEASURES, "merge-undo", "bypass"):
+        frozen = set(frozen) if attack.train in ("bypass", "linears") else set()
         named = dict(work.named_parameters())
         missing = sorted(frozen - set(named))
         if missing:
             raise ValueError(f"bypass: {missing[:3]} are not parameters of the model.")
         for n, p in named.items():
             p.requires_grad_(n not in frozen)
+        if attack.train in MEASURES:
+            measure, apply = MEASURES[attack.train]
+            apply(work, measured if measured is not None else measure(work, first_batch))
         return work
     for p in work.parameters():
         p.requires_grad_(False)
@@ -78,11 +72,7 @@ def gradient_outliers(model: torch.nn.Module, batch: torch.Tensor, factor: float
     What an attacker who sees training diverge at every learning rate looks at first (per-tensor gradient norms), with
     no knowledge of SpecDef; on a protected model it finds the weights where two pairs' compensated sides meet.
     """
-    model.zero_grad(set_to_none=True)
-    batch = batch.to(next(model.parameters()).device)
-    model(input_ids=batch, labels=batch).loss.backward()
-    peaks = {n: float(p.grad.abs().max()) for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
+    peaks = {n: float(g.abs().max()) for n, g in first_batch_gradients(model, batch).items()}
     median = sorted(peaks.values())[(len(peaks) - 1) // 2]
     out = {n for n, v in peaks.items() if v > factor * median}
     logger.info("red team: %d of %d tensors have gradient peaks > %g x the median (%.3g): frozen", len(out),
@@ -124,17 +114,22 @@ def mask_lines(model: torch.nn.Module, masks: dict[str, torch.Tensor]) -> None:
         p.register_hook(lambda g, keep=keep: g * keep)
 
 
-def _linear_gradients(model: torch.nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The first-batch gradients (float32) of the linear weights, the output head left out (its rows are tokens)."""
-    head = getattr(model, "get_output_embeddings", lambda: None)()
-    linear = {f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and mod is not head}
+def first_batch_gradients(model: torch.nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The gradients (float32) of the language-modelling loss on ``batch`` (token ids); ``model``'s grads are left
+    cleared."""
     model.zero_grad(set_to_none=True)
     batch = batch.to(next(model.parameters()).device)
     model(input_ids=batch, labels=batch).loss.backward()
-    grads = {n: p.grad.float() for n, p in model.named_parameters()
-             if n in linear and p.grad is not None and p.dim() == 2}
+    grads = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return grads
+
+
+def _linear_gradients(model: torch.nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`first_batch_gradients` of the linear weights, the output head left out (its rows are tokens)."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    linear = {f"{n}.weight" for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and mod is not head}
+    return {n: g for n, g in first_batch_gradients(model, batch).items() if n in linear and g.dim() == 2}
 
 
 def gradient_outlier_directions(model: torch.nn.Module, batch: torch.Tensor,
@@ -182,10 +177,18 @@ def project_out(model: torch.nn.Module, directions: dict[str, tuple[torch.Tensor
         modules[n.rsplit(".", 1)[0]].register_forward_pre_hook(keep_off)
 
 
-MEASURES: dict[str, tuple[Callable[..., dict[str, Any]], Callable[..., None]]] = {
+def freeze(model: torch.nn.Module, names: set[str]) -> None:
+    """Stop training the named parameters."""
+    for n, p in model.named_parameters():
+        if n in names:
+            p.requires_grad_(False)
+
+
+MEASURES: dict[str, tuple[Callable[..., Any], Callable[..., None]]] = {
+    "outlier-frozen": (gradient_outliers, freeze),
     "outlier-masked": (gradient_outlier_lines, mask_lines),
     "outlier-projected": (gradient_outlier_directions, project_out),
-}  # train kind -> (what it measures on the first batch, how it then shapes every gradient)
+}  # train kind -> (what it measures on the first batch, how it then limits training)
 
 
 def undone_copy(model: torch.nn.Module, knowledge: str = "blind") -> torch.nn.Module:

@@ -107,8 +107,7 @@ class RedTeam:
         self.progress = progress and is_main_process()
         self.seconds = 0.0  # training in this process
         self.resumed_seconds = 0.0  # training of the runs taken from the journal or from earlier red teams
-        self.outliers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> what "outlier-frozen" froze
-        self.masks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {train kind: what it measured}
+        self.measured: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {kind: MEASURES result}
 
     def run(self, model: torch.nn.Module, attack: Attack, lr: float, seed: int, *, target: float | None,
             stop_after: int | None, frozen: tuple[str, ...] = (), label: str = "") -> Run:
@@ -124,17 +123,13 @@ class RedTeam:
         else:
             origin = ""
             first = self.data.train[: self.cfg.batch_size]
-            masks = None
+            measured = None
             if attack.train in MEASURES:  # one forward/backward per model and kind, not per run
-                masks = self.masks.setdefault(model, {})
-                if attack.train not in masks:
-                    masks[attack.train] = MEASURES[attack.train][0](model, first)
-                masks = masks[attack.train]
-            work = prepare_model(model, attack, seed, frozen=frozen, first_batch=first,
-                                 outliers=self.outliers.get(model) if attack.train == "outlier-frozen" else None,
-                                 masks=masks)
-            if attack.train == "outlier-frozen":  # one forward/backward per model, not per run
-                self.outliers[model] = {n for n, p in work.named_parameters() if not p.requires_grad}
+                per_kind = self.measured.setdefault(model, {})
+                if attack.train not in per_kind:
+                    per_kind[attack.train] = MEASURES[attack.train][0](model, first)
+                measured = per_kind[attack.train]
+            work = prepare_model(model, attack, seed, frozen=frozen, first_batch=first, measured=measured)
             r = run_attack(work, attack, self.data, lr=lr, seed=seed, budget=self.cfg.budget, target=target,
                            stop_after=stop_after, settings=self.settings)
             del work
