@@ -24,6 +24,7 @@ _LAZY = {
     "VerificationError": "protection",
     "PrecisionBudgetError": "engine",
     "AlreadyProtectedError": "record",
+    "IntegrationMissingError": "handlers",
     "NoSitesError": "sites",
     "verify": "verification",
     "inspect_model": "inspection",

@@ -1,4 +1,8 @@
-"""Probe inputs and output comparison used by verification."""
+"""Probe inputs and output comparison used by verification.
+
+Also the probe of a pipeline's composed function, text encoder then denoiser (:func:`composed_output`), which is
+what a pipeline-level norm fold keeps: used by in-memory protection and by the comparison of saved folders.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+
+from . import handlers
 
 ProbeBuilder = Callable[[Any, int], "dict[str, Any] | None"]
 PROBE_BUILDERS: list[ProbeBuilder] = []  # integrations (diffusers) add builders here
@@ -21,6 +27,11 @@ def model_device(model: Any) -> torch.device:
     except (NotImplementedError, AttributeError):
         pass
     return next(model.parameters()).device
+
+
+def first_float_param(model: torch.nn.Module) -> torch.Tensor:
+    """The first floating-point parameter of ``model`` (its device and dtype for float inputs)."""
+    return next(p for p in model.parameters() if p.is_floating_point())
 
 
 def text_probe(model: Any, seed: int = 0, batch: int = 2, seq: int = 16) -> dict[str, Any] | None:
@@ -40,9 +51,11 @@ def probe_inputs(model: Any, seed: int = 0) -> dict[str, Any]:
         inputs = build(model, seed)
         if inputs is not None:
             return inputs
+    lib = handlers.library_of(model)
+    missing = f" ({handlers.IntegrationMissingError(lib, 'its probe').args[0]})" if lib and not handlers.installed(lib) else ""
     raise ValueError(
         f"cannot build probe inputs for {type(model).__name__}; pass inputs=... (a dict of model kwargs) "
-        "or verify=False."
+        f"or verify=False.{missing}"
     )
 
 
@@ -84,3 +97,28 @@ def max_relative_deviation(reference: torch.Tensor, output: torch.Tensor) -> flo
         return float("inf")
     scale = reference.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
     return float((output - reference).abs().max() / scale)
+
+
+def text_ids(te: torch.nn.Module, seed: int, batch: int) -> torch.Tensor:
+    """Probe token ids for the text encoder ``te`` (``batch`` rows of up to 16, from ``seed``), on its device."""
+    c = te.config
+    seq = min(16, getattr(c, "max_position_embeddings", 16) or 16)
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randint(0, c.vocab_size, (batch, seq), generator=g).to(first_float_param(te).device)
+
+
+@torch.no_grad()
+def composed_output(
+    comps: dict[str, torch.nn.Module], dname: str, inputs: dict[str, Any], ids: torch.Tensor | None
+) -> torch.Tensor:
+    """Denoiser ``comps[dname]``'s output on ``inputs``; with ``ids``, ``encoder_hidden_states`` comes from the text
+    encoder ``comps["text_encoder"]`` run on those token ids."""
+    denoiser = comps[dname]
+    if ids is not None:
+        from .sites.diffusers import TEXT_ENCODER  # here: importing it registers the diffusers sites
+
+        te = comps[TEXT_ENCODER]
+        with eval_mode(te):
+            ehs = te(input_ids=ids)[0]
+        inputs = {**inputs, "encoder_hidden_states": ehs.to(first_float_param(denoiser).dtype)}
+    return run_probe(denoiser, inputs)

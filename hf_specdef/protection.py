@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from . import batched, best_effort, engine, mapped, probe
 from .config import SpecDefConfig
 from .engine import PairResult, Plan
+from .handlers import pipeline_protector
 from .linalg import Deformation
 from .record import check_not_protected, make_record, set_record
 from .report import ProtectionReport
@@ -319,9 +320,8 @@ def protect(
     model config (``cfg.record``), so ``save_pretrained`` carries it into config.json.
     """
     cfg = cfg or SpecDefConfig()
-    if is_pipeline(model_or_pipeline):
-        from .integrations.diffusers import protect_pipeline
-
+    if is_pipeline(model_or_pipeline):  # the diffusers integration registers the pipeline protector (handlers)
+        protect_pipeline = pipeline_protector(model_or_pipeline)
         return protect_pipeline(model_or_pipeline, cfg, verify=verify, inputs=inputs, force=force, progress=progress, **kwargs)
     if kwargs:
         raise TypeError(f"protect() got unexpected keyword arguments {sorted(kwargs)}")

@@ -63,15 +63,14 @@ def composed_pipeline_output(root: Path, component: str, seed: int,
     """The denoiser's output on the probe batch of ``seed``, its ``encoder_hidden_states`` computed by the text
     encoder from probe token ids (as float64; both loaded in ``dtype``); and the loaded denoiser."""
     from . import probe
-    from .integrations.diffusers import composed_output, text_ids
 
     root = Path(root)
     comps = {TEXT_ENCODER: load_stock(root / TEXT_ENCODER, dtype), component: load_stock(root / component, dtype)}
     inputs = probe.probe_inputs(comps[component], seed)
     if "encoder_hidden_states" not in inputs:
         raise ValueError(f"{root / component}: this denoiser takes no encoder_hidden_states; compare it on its own.")
-    ids = text_ids(comps[TEXT_ENCODER], seed, inputs["encoder_hidden_states"].shape[0])
-    return composed_output(comps, component, inputs, ids).double(), comps[component]
+    ids = probe.text_ids(comps[TEXT_ENCODER], seed, inputs["encoder_hidden_states"].shape[0])
+    return probe.composed_output(comps, component, inputs, ids).double(), comps[component]
 
 
 def model_folder(path: str | Path) -> Path:

@@ -5,6 +5,10 @@ registers post-import hooks (:mod:`hf_specdef.import_hooks`): each integration m
 installs its hooks -- once the module of the library that defines the hooked classes has been imported,
 or right away if it already is. So ``from_pretrained(..., specdef_config=...)`` and the SpecUndo PEFT
 method work whether ``hf_specdef`` is imported before or after the library.
+
+The core never imports this package (``tests/test_layering.py``): an integration registers with the core when it
+installs -- the savers of :func:`hf_specdef.save_protected` and the pipeline protector of
+:func:`hf_specdef.protect` (:mod:`hf_specdef.handlers`), probe builders (:data:`hf_specdef.probe.PROBE_BUILDERS`).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-from .. import downcast, probe
+from .. import downcast, handlers, probe
 from ..config import CONFIG_KEY, SpecDefConfig
 from ..engine import PairResult
 from ..protection import (
@@ -162,11 +162,19 @@ def _wrap(owner: type) -> None:
     owner.from_pretrained = classmethod(from_pretrained)
 
 
+def _saves(obj: Any) -> bool:
+    """The objects :func:`hf_specdef.save_protected` gives to :func:`save_protected`."""
+    return isinstance(obj, PreTrainedModel)
+
+
 def install() -> None:
-    """Register the quantizer and wrap ``from_pretrained`` (PreTrainedModel and the Auto classes). Idempotent."""
+    """Register the quantizer and wrap ``from_pretrained`` (PreTrainedModel and the Auto classes); register
+    :func:`save_protected` as the transformers saver of :func:`hf_specdef.save_protected` (:mod:`hf_specdef.handlers`).
+    Idempotent."""
     register()
     _wrap(PreTrainedModel)
     _wrap(_BaseAutoModelClass)
+    handlers.register_saver("transformers", _saves, save_protected)
 
 
 # --------------------------------------------------------------------------------------------
