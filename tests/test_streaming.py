@@ -256,12 +256,12 @@ def _bump_one_entry(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("sketch", [False, True], ids=["full-check", "sketch-check"])
 @pytest.mark.parametrize("corrupt", [lambda t: t * 1.01, _bump_one_entry], ids=["scaled", "one-entry"])
 def test_verification_catches_a_wrong_write(llama_src, tmp_path, monkeypatch, corrupt, sketch):
-    import hf_specdef.streaming as streaming
+    from hf_specdef.streaming import shards, tensor_checks
 
     if sketch:  # every matrix goes through the two-pass random-sketch check instead of the full float64 undo
-        monkeypatch.setattr(streaming, "_SMALL", 0)
-    real = streaming._tensor_bytes
-    monkeypatch.setattr(streaming, "_tensor_bytes", lambda t: real(corrupt(t)))  # a silently corrupted write
+        monkeypatch.setattr(tensor_checks, "_SMALL", 0)
+    real = shards._tensor_bytes
+    monkeypatch.setattr(shards, "_tensor_bytes", lambda t: real(corrupt(t)))  # a silently corrupted write
     with pytest.raises(VerificationError, match="claimed deformation"):
         protect_checkpoint(llama_src, tmp_path / "dst", CFG, progress=False)
     assert not (tmp_path / "dst").exists() and not list(tmp_path.glob(".dst*"))
@@ -269,15 +269,15 @@ def test_verification_catches_a_wrong_write(llama_src, tmp_path, monkeypatch, co
 
 def test_a_deformation_that_does_not_inflate_sigma_is_refused(llama_src, tmp_path, monkeypatch):
     """A decision whose M leaves sigma_1 where it was (here: faked) stops the run before its tensors are written."""
-    import hf_specdef.streaming as streaming
+    from hf_specdef.streaming import shards
 
-    real = streaming.engine.build_deformation
+    real = shards.engine.build_deformation
 
     def flat(plan, block, cfg, **kw):
         m, s0, _ = real(plan, block, cfg, **kw)
         return m, s0, s0
 
-    monkeypatch.setattr(streaming.engine, "build_deformation", flat)
+    monkeypatch.setattr(shards.engine, "build_deformation", flat)
     with pytest.raises(VerificationError, match="claimed deformation is absent"):
         protect_checkpoint(llama_src, tmp_path / "dst", CFG, progress=False)
     assert not (tmp_path / "dst").exists() and not list(tmp_path.glob(".dst*"))
@@ -285,9 +285,9 @@ def test_a_deformation_that_does_not_inflate_sigma_is_refused(llama_src, tmp_pat
 
 @pytest.mark.parametrize("cfg", [CFG, SpecDefConfig(mode="axis", alpha=1000.0)], ids=["spectral", "axis-non-pow2"])
 def test_sketch_check_passes_a_correct_write(llama_src, tmp_path, monkeypatch, cfg):
-    import hf_specdef.streaming as streaming
+    from hf_specdef.streaming import tensor_checks
 
-    monkeypatch.setattr(streaming, "_SMALL", 0)
+    monkeypatch.setattr(tensor_checks, "_SMALL", 0)
     report = protect_checkpoint(llama_src, tmp_path / "dst", cfg, progress=False)
     assert report.tensor_error is not None and report.tensor_error < 1e-5
 
@@ -315,9 +315,9 @@ def test_unwritable_destination_parent(llama_src, tmp_path):
 
 def test_full_destination_leaves_no_output(llama_src, tmp_path, monkeypatch):
     """A write failing mid-way (disk full) gives one error naming the file; the temp folder is removed."""
-    import hf_specdef.streaming as streaming
+    from hf_specdef.streaming.writer import ShardWriter
 
-    real_write = streaming.ShardWriter.write
+    real_write = ShardWriter.write
     calls = {"n": 0}
 
     def full(self, name, data):
@@ -326,7 +326,7 @@ def test_full_destination_leaves_no_output(llama_src, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         real_write(self, name, data)
 
-    monkeypatch.setattr(streaming.ShardWriter, "write", full)
+    monkeypatch.setattr(ShardWriter, "write", full)
     with pytest.raises(CheckpointError, match="No space left") as info:
         protect_checkpoint(llama_src, tmp_path / "dst", CFG, progress=False)
     assert ".safetensors" in str(info.value)
@@ -355,9 +355,9 @@ ARCHS = {
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_architectures_and_prefixes_match_in_memory(arch, tmp_path, monkeypatch):
-    import hf_specdef.streaming as streaming
+    from hf_specdef.streaming import tensor_checks
 
-    monkeypatch.setattr(streaming, "_SMALL", 0)  # verify every matrix on the sketch (Conv1D, fused qkv, biases...)
+    monkeypatch.setattr(tensor_checks, "_SMALL", 0)  # verify every matrix on the sketch (Conv1D, fused qkv, biases...)
     build, prefix = ARCHS[arch]
     src = _save(build(), tmp_path / "src")
     streamed_keys = set(_all_tensors(src))
@@ -536,9 +536,9 @@ def test_pipeline_site_options_and_a_broken_fold(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.o_proj.weight"])
 def test_nan_in_a_consumer_is_named_on_the_sketch_path(name, llama_src, tmp_path, monkeypatch):
     """Transformed chunks are not scanned for NaN when verifying: the sketch check sees it and names the tensor."""
-    import hf_specdef.streaming as streaming
+    from hf_specdef.streaming import tensor_checks
 
-    monkeypatch.setattr(streaming, "_SMALL", 0)
+    monkeypatch.setattr(tensor_checks, "_SMALL", 0)
     src = _copy(llama_src, tmp_path / "src")
     shard = _set_nan(src, name)
     with pytest.raises(CheckpointError, match="NaN") as info:
@@ -548,26 +548,26 @@ def test_nan_in_a_consumer_is_named_on_the_sketch_path(name, llama_src, tmp_path
 
 
 def test_intra_op_threads_lowered_while_streaming_and_restored(llama_src, tmp_path, monkeypatch):
-    import hf_specdef.streaming as streaming
+    from hf_specdef.streaming import resources, shards
 
     user = torch.get_num_threads()
     torch.set_num_threads(2)  # what a 2-core machine starts with
     try:
-        with streaming.intra_op_threads(5):  # never raised
+        with resources.intra_op_threads(5):  # never raised
             assert torch.get_num_threads() == 2
         seen = []
-        real = streaming._Streamer._write_shard
+        real = shards.ShardStreamer._write_shard
 
         def spy(self, *args):
             seen.append(torch.get_num_threads())
             return real(self, *args)
 
-        monkeypatch.setattr(streaming, "cpu_count", lambda: 2)  # 2 cores for 2 shard threads: one intra-op thread each
-        monkeypatch.setattr(streaming._Streamer, "_write_shard", spy)
+        monkeypatch.setattr(shards, "cpu_count", lambda: 2)  # 2 cores for 2 shard threads: one intra-op thread each
+        monkeypatch.setattr(shards.ShardStreamer, "_write_shard", spy)
         protect_checkpoint(llama_src, tmp_path / "dst", CFG, progress=False)
         assert seen and set(seen) == {1}
         assert torch.get_num_threads() == 2
-        with pytest.raises(RuntimeError, match="boom"), streaming.intra_op_threads(1):
+        with pytest.raises(RuntimeError, match="boom"), resources.intra_op_threads(1):
             raise RuntimeError("boom")
         assert torch.get_num_threads() == 2
     finally:

@@ -1,0 +1,157 @@
+"""The output folder: path checks, the temporary folder, copies of the other files, the index and config records,
+and the final rename into place (SPEC §7: nothing reaches the destination before everything is verified)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import precision
+from ..checkpoint import CONFIG_NAME, Checkpoint, CheckpointError
+from ..config import CONFIG_KEY, DIFFUSERS_CONFIG_KEY, SpecDefConfig
+from ..engine import PairResult
+from ..pipeline_fold import TEXT_ENCODER, Fold, text_encoder_config
+from ..record import component_record, make_record, record_key
+from .plan import StreamPlan
+
+logger = logging.getLogger("hf_specdef")
+
+# Weight files in other formats are never copied next to protected safetensors (they would ship unprotected weights).
+UNPROTECTED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+def check_paths(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse a missing source, a destination inside or around the source, and an existing destination (unless ``overwrite``)."""
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: source checkpoint folder does not exist.")
+    if dst == src or src in dst.parents:
+        raise ValueError(f"destination {dst} is inside the source {src}; the source is never modified — choose another folder.")
+    if dst in src.parents:
+        raise ValueError(f"destination {dst} contains the source {src}; choose another folder.")
+    if dst.exists():
+        if not dst.is_dir():
+            raise FileExistsError(f"destination {dst} exists and is not a folder.")
+        if not overwrite:
+            raise FileExistsError(f"destination {dst} already exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+
+
+def make_tmp(dst: Path) -> Path:
+    """A new temporary folder next to ``dst`` (on the same file system, so that :func:`commit` is a rename)."""
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".{dst.name}.specdef-tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        raise CheckpointError(f"cannot create a temporary folder next to {dst}: {e}") from None
+    return tmp
+
+
+def copy_others(src: Path, tmp: Path, ckpts: Sequence[Checkpoint]) -> list[str]:
+    """Copy every file of ``src`` except the shards, indexes and configs of ``ckpts`` (written by the caller); returns notes."""
+    skip = set()
+    for ckpt in ckpts:
+        skip |= {p.resolve() for p in ckpt.files} | {(ckpt.root / CONFIG_NAME).resolve()}
+        if ckpt.index_path is not None:
+            skip.add(ckpt.index_path.resolve())
+    notes = []
+    roots = {ckpt.root.resolve() for ckpt in ckpts}
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
+        d = Path(dirpath)
+        dirnames[:] = [x for x in dirnames if not x.startswith(".specdef-tmp")]
+        for fn in filenames:
+            p = d / fn
+            if p.resolve() in skip:
+                continue
+            rel = p.relative_to(src)
+            if p.parent.resolve() in roots and fn.endswith(UNPROTECTED_WEIGHT_SUFFIXES + (".safetensors",)):
+                notes.append(f"not copied: {rel} (weights outside the protected checkpoint would ship unprotected)")
+                continue
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                shutil.copy2(p, target)
+            except OSError as e:
+                raise CheckpointError(f"cannot copy {p} to {target}: {e}") from None
+    for n in notes:
+        logger.warning("hf-specdef: %s", n)
+    return notes
+
+
+def write_index(ckpt: Checkpoint, out_root: Path, sp: StreamPlan) -> None:
+    """The source's shard index (if it has one) with the total size of the written tensors."""
+    if ckpt.index_path is None:
+        return
+    index = json.loads(json.dumps(ckpt.index))
+    total = 0
+    for n, info in ckpt.infos.items():
+        total += info.nbytes // info.torch_dtype.itemsize * sp.out_dtype[n].itemsize if n in sp.out_dtype else info.nbytes
+    index.setdefault("metadata", {})["total_size"] = total
+    _write_json(out_root / ckpt.index_path.name, index)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e}") from None
+
+
+def _write_config(ckpt: Checkpoint, out_root: Path, record: dict[str, Any] | None, float32: bool) -> None:
+    """config.json with ``record``; with ``float32`` (an upcast, or a float32-only protection) its dtype is float32."""
+    config = dict(ckpt.config)
+    if not config and record is None:
+        return
+    config.pop(CONFIG_KEY, None)
+    config.pop(DIFFUSERS_CONFIG_KEY, None)
+    if record is not None:
+        config[record_key(config)] = record
+    if float32:
+        # stock loaders use the config dtype ("auto"): keep the float32 tensors in float32 -- a float32-only
+        # protection (spectral) is broken in bfloat16/float16, so the config never invites a downcast
+        keys = [k for k in ("dtype", "torch_dtype") if k in config] or (["dtype"] if "_class_name" not in config else [])
+        for key in keys:
+            config[key] = "float32"
+    _write_json(out_root / CONFIG_NAME, config)
+
+
+def write_records(ckpt: Checkpoint, out_root: Path, fold: Fold | None, te_root: Path | None, cfg: SpecDefConfig,
+                   own: list[PairResult], deviation: float | None, upcast: bool) -> None:
+    """config.json of the protected checkpoint (and, with the pipeline-level pair, of the text encoder) with records."""
+    float32 = upcast or precision.summary(cfg, own)["float32_only"]
+    if fold is None or te_root is None:
+        _write_config(ckpt, out_root, make_record(cfg, own, deviation), float32)
+        return
+    pipeline = [fold.result]
+    _write_config(ckpt, out_root, component_record(cfg, own, pipeline, f"{ckpt.component}.", deviation), float32)
+    te_record = component_record(text_encoder_config(cfg), [], pipeline, f"{TEXT_ENCODER}.", deviation)
+    _write_config(fold.text_encoder, te_root, te_record, False)
+
+
+def commit(tmp: Path, dst: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``dst``; an existing ``dst`` (with ``overwrite``) is moved aside first and put back on failure."""
+    if dst.exists():
+        if not overwrite:
+            raise FileExistsError(f"destination {dst} appeared while protecting; nothing was written to it.")
+        old = dst.parent / f".{dst.name}.specdef-old-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(dst, old)
+        except OSError as e:
+            raise CheckpointError(f"cannot replace {dst}: {e}") from None
+        try:
+            os.rename(tmp, dst)
+        except OSError as e:
+            os.rename(old, dst)  # put the previous destination back
+            raise CheckpointError(f"cannot rename {tmp} to {dst}: {e}") from None
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        try:
+            os.rename(tmp, dst)
+        except OSError as e:
+            raise CheckpointError(f"cannot rename {tmp} to {dst}: {e}") from None
