@@ -1,0 +1,7 @@
+"""The error of a refused publication, raised by every step of :func:`hf_specdef.publish.publish`."""
+
+from __future__ import annotations
+
+
+class PublishError(ValueError):
+    """Publication refused (verification failed, the claimed sites are not deformed, no token...)."""
