@@ -125,8 +125,7 @@ def test_protection_slows_adam_on_sites(setup):
     assert not p.reached and p.steps_to_target == 26
 
 
-def test_specundo_attack_runs_if_available(setup):
-    pytest.importorskip("hf_specdef.tuners.specundo")
+def test_specundo_attack_runs(setup):
     _, protected, data, _ = setup
     r = run_attack(protected, _loss, lambda s: cycle(data, s),
                    AttackConfig(train="specundo", optimizer="adam", lr=1e-3, steps=3, r=4,

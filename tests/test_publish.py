@@ -153,7 +153,7 @@ def test_card_metadata_and_content(llama_src, tmp_path, caplog):
 def test_bf16_release_card_says_exact_and_layers_sorted_numerically(tmp_path):
     from huggingface_hub import ModelCard
 
-    from hf_specdef.publish import _merge_records
+    from hf_specdef.publishing.card import _merge_records
 
     src = tmp_path / "bf16"
     tiny_llama(layers=12).to(torch.bfloat16).save_pretrained(src)
@@ -322,7 +322,6 @@ def test_existing_output_dir_refused(llama_src, tmp_path):
 
 
 def test_measure_puts_resistance_in_the_card(llama_src, tmp_path):
-    pytest.importorskip("hf_specdef.evaluation.runner")
     from huggingface_hub import ModelCard
 
     from hf_specdef.publish import MeasureConfig
@@ -423,10 +422,6 @@ print("MAXABS", float(np.abs(img - ref).max()), type(pipe).__name__)
 
 def test_diffusers_pipeline_dry_run(tmp_path):
     pytest.importorskip("diffusers")
-    from hf_specdef.sites import lookup
-
-    if lookup(None, "UNet2DConditionModel") is None:
-        pytest.skip("the diffusers site registry is not in this build")
     import numpy as np
     from huggingface_hub import ModelCard
 
