@@ -8,6 +8,9 @@ import json
 import signal
 import time
 
+from ..redteam.attacks import SUITE
+from ..redteam.config import QUICK_ATTACKS, VARIANTS
+
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
@@ -18,16 +21,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="new folder for results.json, results.md and PNG plots")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="3 attacks (full-adamw, lora16-qkvo, specundo-blind), 1 seed, default protection: "
-                           "<= 30 min for SmolLM2-135M on 2 CPU cores")
+                      help=f"attacks {', '.join(QUICK_ATTACKS)} (and their unprotected baselines), 1 seed, default "
+                           "protection: about 12 min for SmolLM2-135M on 2 CPU cores")
     size.add_argument("--full", action="store_true",
                       help="every attack, 6 protection variants, 3 seeds (meant for a GPU)")
     size.add_argument("--tiny", action="store_true", help="a smoke test of seconds on tiny models")
     p.add_argument("--attacks", type=_names, default=None,
-                   help="comma-separated attack names (see --list-attacks); default: the preset's")
+                   help=f"comma-separated attack names, of: {', '.join(SUITE)}; default: the preset's")
     p.add_argument("--variants", type=_names, default=None,
-                   help="protection variants: default, spectral-a1000, axis-a1024, axis-a65536, quant-safe, spectral-a100, "
-                        "spectral-a10, custom")
+                   help=f"protection variants: {', '.join(VARIANTS)}, custom")
     p.add_argument("--protection", default=None,
                    help="JSON of SpecDefConfig fields for the 'custom' variant, e.g. '{\"alpha\": 100}'")
     p.add_argument("--protected", action="append", default=[], metavar="NAME=PATH",
