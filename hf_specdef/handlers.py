@@ -22,25 +22,30 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "IntegrationMissingError", "Saver", "installed", "library_of", "pipeline_protector", "register_pipeline_protector",
-    "register_saver", "saver_for",
+    "IntegrationMissingError", "Saver", "installed", "library_of", "missing_message", "pipeline_protector",
+    "register_pipeline_protector", "register_saver", "saver_for",
 ]
 
 LIBRARIES = ("transformers", "diffusers")  # the libraries hf_specdef integrates (to name a missing integration)
 PIPELINE_LIBRARY = "diffusers"  # the library whose integration protects pipelines
 
 
+def missing_message(library: str, what: str) -> str:
+    """Why ``what`` cannot be done without ``library``'s integration, and the fix."""
+    return (
+        f"{what} needs the hf_specdef {library} integration (hf_specdef.integrations.{library}), which is not "
+        f"installed in this process. It installs itself once {library} is imported (before or after hf_specdef): "
+        f"check that {library} is installed and importable (pip install {library}), look for an earlier "
+        f"'hf-specdef: could not install the {library} integration' warning, or run "
+        f"`import hf_specdef.integrations.{library}` to see the error."
+    )
+
+
 class IntegrationMissingError(ImportError):
     """An object needs the integration of its library, which is not installed in this process."""
 
     def __init__(self, library: str, what: str) -> None:
-        super().__init__(
-            f"{what} needs the hf_specdef {library} integration (hf_specdef.integrations.{library}), which is not "
-            f"installed in this process. It installs itself once {library} is imported (before or after hf_specdef): "
-            f"check that {library} is installed and importable (pip install {library}), look for an earlier "
-            f"'hf-specdef: could not install the {library} integration' warning, or run "
-            f"`import hf_specdef.integrations.{library}` to see the error."
-        )
+        super().__init__(missing_message(library, what))
         self.library = library
 
 

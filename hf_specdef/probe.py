@@ -52,7 +52,7 @@ def probe_inputs(model: Any, seed: int = 0) -> dict[str, Any]:
         if inputs is not None:
             return inputs
     lib = handlers.library_of(model)
-    missing = f" ({handlers.IntegrationMissingError(lib, 'its probe').args[0]})" if lib and not handlers.installed(lib) else ""
+    missing = f" ({handlers.missing_message(lib, 'its probe')})" if lib and not handlers.installed(lib) else ""
     raise ValueError(
         f"cannot build probe inputs for {type(model).__name__}; pass inputs=... (a dict of model kwargs) "
         f"or verify=False.{missing}"
