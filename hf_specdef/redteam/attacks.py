@@ -32,7 +32,8 @@ class Attack:
             ``"lora"`` (PEFT LoRA), ``"specundo"`` (the SpecUndo adapter),
             ``"merge-undo"`` (blind in-place undo, then every parameter) or ``"bypass"`` (every parameter except
             the deformed ones).
-        optim: ``transformers`` optimizer name (``TrainingArguments.optim``).
+        optim: ``transformers`` optimizer name (``TrainingArguments.optim``) or one of
+            :data:`~hf_specdef.redteam.optimizers.CUSTOM_OPTIMIZERS` (``"madam"``).
         optim_args: ``TrainingArguments.optim_args`` (e.g. ``"momentum=0.9"`` for SGD).
         schedule: ``TrainingArguments.lr_scheduler_type`` (``"constant"``, ``"cosine"``, ``"linear"``, ...).
         warmup: warmup as a fraction of the step budget (0: none).
@@ -99,6 +100,8 @@ UNINFORMED: tuple[Attack, ...] = (
     _full("full-sgd-clip", "full fine-tuning, SGD with momentum 0.9, clipping at 1.0", optim="sgd", optim_args=SGD,
           clip=1.0, lr_start=1e-2),
     _full("full-adafactor", "full fine-tuning, Adafactor (fixed LR)", optim="adafactor", lr_start=1e-4),
+    _full("full-madam", "full fine-tuning, multiplicative Adam (Adam on log|w|, Madam-style updates): every weight "
+          "moves by a fraction of its own size, so rescaling a weight changes nothing", optim="madam", lr_start=1e-3),
     _full("full-adamw-bf16", "full fine-tuning, AdamW, bf16 mixed precision", bf16=True),
     Attack("linears-adamw", "linears", description="every linear layer's weight (norms, embeddings frozen), AdamW"),
     Attack("full-adamw-freeze-outliers", "outlier-frozen",

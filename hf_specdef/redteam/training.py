@@ -25,6 +25,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from .attacks import Attack
 from .data import AttackData, WindowDataset
+from .optimizers import CUSTOM_OPTIMIZERS
 
 logger = logging.getLogger("hf_specdef")
 
@@ -154,7 +155,8 @@ def training_arguments(attack: Attack, lr: float, seed: int, budget: int, batch_
                          "multiple of the process count.")
     return TrainingArguments(
         output_dir=out_dir, max_steps=budget, per_device_train_batch_size=batch_size // world, learning_rate=lr,
-        optim=attack.optim, optim_args=attack.optim_args, lr_scheduler_type=attack.schedule,
+        optim="adamw_torch" if attack.optim in CUSTOM_OPTIMIZERS else attack.optim,  # replaced in run_attack
+        optim_args=None if attack.optim in CUSTOM_OPTIMIZERS else attack.optim_args, lr_scheduler_type=attack.schedule,
         warmup_steps=attack.warmup, max_grad_norm=attack.clip, bf16=attack.bf16, weight_decay=0.0, seed=seed,
         data_seed=seed, report_to="none", save_strategy="no", logging_strategy="no", eval_strategy="no",
         disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
@@ -192,7 +194,9 @@ def run_attack(model: torch.nn.Module, attack: Attack, data: AttackData, *, lr: 
                         divergence=settings.divergence, eval_every=settings.eval_every)
     with tempfile.TemporaryDirectory(prefix="hf-specdef-redteam-") as tmp:
         args = training_arguments(attack, lr, seed, budget, settings.batch_size, tmp)
-        trainer = Trainer(model=model, args=args, train_dataset=WindowDataset(data.train), callbacks=[cb])
+        custom = CUSTOM_OPTIMIZERS.get(attack.optim)
+        trainer = Trainer(model=model, args=args, train_dataset=WindowDataset(data.train), callbacks=[cb],
+                          optimizer_cls_and_kwargs=(custom, {"lr": lr}) if custom else None)
         trainer.remove_callback(PrinterCallback)  # it prints the end-of-training metrics dict
         trainer.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
