@@ -362,7 +362,7 @@ def test_a_baseline_added_for_an_informed_attack_runs_on_the_unprotected_model_o
 
 def test_quick_preset_runs_the_strongest_uninformed_attack_and_the_undo():
     cfg = RedTeamConfig.preset_config("quick")
-    assert cfg.attacks == ("full-adamw-mask-outlier-lines", "specundo-blind") and cfg.budget == 80
+    assert cfg.attacks == ("full-madam", "specundo-blind") and cfg.budget == 80
 
 
 def test_redteam_attacks_a_given_protected_model_reusing_the_unprotected_baselines(tiny_lm_dir, tmp_path):
