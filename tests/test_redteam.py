@@ -534,6 +534,22 @@ def test_report_describes_a_given_checkpoint_without_a_record_and_a_resolved_pre
     assert "used axis, alpha 1024" in text and text.endswith("270 pairs")
 
 
+def test_headline_of_a_bit_exact_protection_without_the_scale_invariant_attack_says_it_would_not_slow():
+    from hf_specdef.redteam.report import headline
+
+    def results(attacks: tuple[str, ...], dev32: float, dev16: float) -> dict:
+        summary = {"variant": "default", "worst_case_slowdown": 9.4, "worst_case_attack": attacks[0],
+                   "worst_case_lower_bound": False, "uninformed_attacks": len(attacks), "seeds": 3}
+        variant = {"deviation_float32": dev32, "deviation_bfloat16": dev16, "attacks": {a: {} for a in attacks}}
+        return {"summary": summary, "variants": {"default": variant}}
+
+    text = headline(results(("full-adamw",), 0.0, 0.0))  # axis mode: every weight rescaled by a power of two
+    assert text.startswith("Worst case over 1 uninformed attacks") and "9.40x" in text
+    assert "Caveat" in text and "full-madam" in text and "1.00x" in text
+    assert "Caveat" not in headline(results(("full-madam", "full-adamw"), 0.0, 0.0))  # measured: its figure stands
+    assert "Caveat" not in headline(results(("full-adamw",), 4.8e-5, 0.89))  # spectral mode mixes coordinates
+
+
 def test_cli_stopped_by_sigterm_keeps_its_journal_and_says_resume(tiny_lm_dir, tmp_path):
     """A scheduler's time limit (SIGTERM) stops the red team like Ctrl-C: finished runs kept, --resume named."""
     import signal

@@ -87,7 +87,24 @@ def headline(results: dict[str, Any]) -> str:
             f"{ge}{s['worst_case_slowdown']:.2f}x slower ({s['worst_case_attack']}), median over {s['seeds']} seed(s).")
     if "undo_slowdown" in s:
         text += f" Informed attacker: {s['undo_slowdown']:.2f}x ({s['undo_attack']}, the largest over informed attacks)."
-    return text
+    return text + rescaling_caveat(results["variants"].get(s["variant"], {}))
+
+
+SCALE_INVARIANT_ATTACK = "full-madam"
+
+
+def rescaling_caveat(variant: dict[str, Any]) -> str:
+    """What a run without the scale-invariant attack must say about a protection that only rescales weights.
+
+    Bit-identical outputs in float32 *and* bfloat16 are what axis mode with a power-of-two alpha gives (each weight
+    multiplied by a power of two); multiplicative Adam takes the same step on a rescaled weight, so it is not slowed.
+    """
+    exact = variant.get("deviation_float32") == 0 and variant.get("deviation_bfloat16") == 0
+    if not exact or SCALE_INVARIANT_ATTACK in (variant.get("attacks") or {}):
+        return ""
+    return (f" Caveat: this protection's outputs are bit-identical to the original's in float32 and bfloat16, as with "
+            f"every protection that only rescales weights; {SCALE_INVARIANT_ATTACK} (multiplicative Adam, not in this "
+            "run) fine-tunes such a protection exactly as fast as the original (1.00x).")
 
 
 def summary_line(s: dict[str, Any]) -> str:
