@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help=f"attacks {', '.join(QUICK_ATTACKS)} (and their unprotected baselines), 1 seed, default "
-                           "protection: about 12 min for SmolLM2-135M on 2 CPU cores")
+                           "protection: about 15 min for SmolLM2-135M on 2 CPU cores")
     size.add_argument("--full", action="store_true",
                       help="every attack, 6 protection variants, 3 seeds (meant for a GPU)")
     size.add_argument("--tiny", action="store_true", help="a smoke test of seconds on tiny models")
