@@ -21,6 +21,10 @@ checks the logits in float32 and bfloat16 against the original's. Attack it with
     python scripts/tiered_prototype.py SRC DST
     hf-specdef redteam SRC --out OUT --quick --protected tiered=DST [--reuse-unprotected OLD/results.json]
 
+Measured on SmolLM2 (``scripts/results/redteam-smollm2-quick/``): >= 10.1x against line masking, 3.6x against
+freezing the outlier tensors, 2.75x against LoRA r=16 — and 1.00x against ``full-madam`` (multiplicative Adam), which
+is invariant to rescaling weights, as every bit-exact deformation including this one does: no tiering can help there.
+
 Not done (why it is a prototype): no SpecUndo blind detection of per-channel tiers (the recipe/merge undo would need
 the record), no streaming path, no quantization-safe variant (the float16 GGUF scales cannot hold 2^30), Llama family
 only.
