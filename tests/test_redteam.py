@@ -329,6 +329,29 @@ def test_run_attack_on_trainer_stops_at_the_target(tiny_lm_dir):
     assert torch.equal(next(model.parameters()), next(AutoModelForCausalLM.from_pretrained(tiny_lm_dir).parameters()))
 
 
+def test_run_attack_trains_full_madam_with_multiplicative_adam_through_the_trainer(tiny_lm_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef.redteam import optimizers
+    from hf_specdef.redteam.prepare import prepare_model
+    from hf_specdef.redteam.training import eval_loss, run_attack
+
+    steps: list[float] = []
+
+    class Spy(optimizers.MultiplicativeAdam):
+        def step(self, closure=None):
+            steps.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    monkeypatch.setitem(optimizers.CUSTOM_OPTIMIZERS, "madam", Spy)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
+    data = build_attack_data(byte_tokenizer(), seq_len=16, eval_windows=4)
+    l0 = eval_loss(model, data.eval)
+    attack = atk.SUITE["full-madam"]
+    r = run_attack(prepare_model(model, attack, 0), attack, data, lr=0.05, seed=0, budget=30, target=l0 - 0.2)
+    assert r.reached and len(steps) == r.steps_to_target and steps[0] == pytest.approx(0.05)  # constant schedule
+
+
 def test_redteam_cli_tiny_writes_results_with_the_worst_case(tiny_lm_dir, tmp_path):
     from hf_specdef.cli import main
 
