@@ -153,10 +153,11 @@ def training_arguments(attack: Attack, lr: float, seed: int, budget: int, batch_
     if batch_size % world:
         raise ValueError(f"batch_size={batch_size} is not divisible by the {world} processes of this launch; use a "
                          "multiple of the process count.")
+    custom = attack.optim in CUSTOM_OPTIMIZERS  # run_attack hands the Trainer its class; this name is a placeholder
     return TrainingArguments(
         output_dir=out_dir, max_steps=budget, per_device_train_batch_size=batch_size // world, learning_rate=lr,
-        optim="adamw_torch" if attack.optim in CUSTOM_OPTIMIZERS else attack.optim,  # replaced in run_attack
-        optim_args=None if attack.optim in CUSTOM_OPTIMIZERS else attack.optim_args, lr_scheduler_type=attack.schedule,
+        optim="adamw_torch" if custom else attack.optim, optim_args=None if custom else attack.optim_args,
+        lr_scheduler_type=attack.schedule,
         warmup_steps=attack.warmup, max_grad_norm=attack.clip, bf16=attack.bf16, weight_decay=0.0, seed=seed,
         data_seed=seed, report_to="none", save_strategy="no", logging_strategy="no", eval_strategy="no",
         disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0,
