@@ -19,6 +19,8 @@ logging.getLogger("hf_specdef").addHandler(logging.NullHandler())
 # or PEFT). The integrations install themselves when their library is imported (see hf_specdef.integrations).
 _LAZY = {
     "SpecDefConfig": "config",
+    "SpecDefError": "errors",
+    "CheckpointError": "checkpoint",
     "protect": "protection",
     "ProtectionReport": "report",
     "VerificationError": "protection",

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from .errors import SpecDefError
+
 logger = logging.getLogger("hf_specdef")
 
 # safetensors dtype names -> torch dtypes (those torch has)
@@ -47,7 +49,7 @@ DENOISER_COMPONENTS = ("transformer", "unet")
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SpecDefError, ValueError):
     """A checkpoint folder or file is missing, truncated, corrupted or inconsistent with its index."""
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .errors import SpecDefError
 from .precision import format_deviation, release_safety
 
 logger = logging.getLogger("hf_specdef")
@@ -42,7 +43,7 @@ _ALIASES = {"bf16": "bfloat16", "half": "float16", "fp16": "float16", "float": "
 _SCOPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("specdef_downcast_scope", default=None)
 
 
-class DowncastError(ValueError):
+class DowncastError(SpecDefError, ValueError):
     """Loading a float32-only protected checkpoint in a 16-bit dtype would silently break it."""
 
 

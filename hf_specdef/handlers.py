@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import SpecDefError
+
 __all__ = [
     "IntegrationMissingError", "Saver", "installed", "library_of", "missing_message", "pipeline_protector",
     "register_pipeline_protector", "register_saver", "saver_for",
@@ -41,7 +43,7 @@ def missing_message(library: str, what: str) -> str:
     )
 
 
-class IntegrationMissingError(ImportError):
+class IntegrationMissingError(SpecDefError, ImportError):
     """An object needs the integration of its library, which is not installed in this process."""
 
     def __init__(self, library: str, what: str) -> None:

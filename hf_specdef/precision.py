@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import linalg
+from .errors import SpecDefError
 
 if TYPE_CHECKING:
     from .config import SpecDefConfig
@@ -35,7 +36,7 @@ USED_LABELS = {
 }
 
 
-class PrecisionBudgetError(ValueError):
+class PrecisionBudgetError(SpecDefError, ValueError):
     """The storage dtype cannot hold the deformation within the tolerance (SPEC §2)."""
 
 

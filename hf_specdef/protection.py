@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from . import batched, best_effort, engine, mapped, probe
 from .config import SpecDefConfig
 from .engine import PairResult, Plan
+from .errors import SpecDefError
 from .handlers import pipeline_protector
 from .linalg import Deformation
 from .record import check_not_protected, make_record, set_record
@@ -24,7 +25,7 @@ from .sites import NoSitesError, Pair, absent_sites, cfg_get, drop_inexact, look
 logger = logging.getLogger("hf_specdef")
 
 
-class VerificationError(ValueError):
+class VerificationError(SpecDefError, ValueError):
     """The protected model's outputs deviate beyond the tolerance; nothing was changed."""
 
 

@@ -7,11 +7,12 @@ from typing import Any
 
 from . import __version__, precision
 from .config import CONFIG_KEY, DIFFUSERS_CONFIG_KEY, SpecDefConfig
+from .errors import SpecDefError
 
 RECORD_FORMAT = "hf-specdef/1"
 
 
-class AlreadyProtectedError(ValueError):
+class AlreadyProtectedError(SpecDefError, ValueError):
     """The model already carries a protection record."""
 
 

@@ -17,12 +17,13 @@ from typing import Any
 import torch
 
 from .config import SpecDefConfig
+from .errors import SpecDefError
 
 _CAUSAL_LM = ("ForCausalLM", "LMHeadModel")
 _COMPARED = ("alpha", "mode", "sites", "top_k", "layers")
 
 
-class ResistanceError(ValueError):
+class ResistanceError(SpecDefError, ValueError):
     """The resistance figures cannot be produced or do not belong to this release."""
 
 

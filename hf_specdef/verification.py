@@ -11,6 +11,7 @@ import torch
 from . import engine, linalg, probe
 from .config import SpecDefConfig
 from .engine import PairResult
+from .errors import SpecDefError
 from .record import get_record
 
 
@@ -73,7 +74,7 @@ def verify(
     return VerifyResult.of(probe.max_relative_deviation(ref, probe.run_probe(protected, moved)), tolerance, protected)
 
 
-class DeformationCheckError(ValueError):
+class DeformationCheckError(SpecDefError, ValueError):
     """The weights about to be written do not show the deformation the record claims (SPEC §7)."""
 
 

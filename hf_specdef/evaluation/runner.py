@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import SpecDefError
+
 logger = logging.getLogger("hf_specdef")
 
 TRAIN_MODES: tuple[str, ...] = ("sites", "all", "bypass", "lora", "specundo")
@@ -39,7 +41,7 @@ LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 BatchFn = Callable[[int], Iterator[Any]]
 
 
-class UndoUnavailableError(RuntimeError):
+class UndoUnavailableError(SpecDefError, RuntimeError):
     """The SpecUndo tuner is not installed in this build (the ``specundo`` attack is skipped)."""
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import SpecDefError
 
-class PublishError(ValueError):
+
+class PublishError(SpecDefError, ValueError):
     """Publication refused (verification failed, the claimed sites are not deformed, no token...)."""

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .. import probe
+from ..errors import SpecDefError
 from .formats import get_format
 from .weights import quantized_weights
 
@@ -106,7 +107,7 @@ def compare_quantized(
                                texts[0], texts[1], sorted(swap.kept_float))
 
 
-class QuantizedVerificationError(ValueError):
+class QuantizedVerificationError(SpecDefError, ValueError):
     """The quantized protected model deviates from the quantized original beyond the tolerance."""
 
 

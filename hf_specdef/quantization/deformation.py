@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import engine, linalg
+from ..errors import SpecDefError
 from ..linalg import Deformation
 from ..sites.base import Pair, TensorBlock
 from .formats import QuantFormat, UnsupportedShapeError, exact_exponents, fake_quantize, get_format, stored_values
@@ -47,7 +48,7 @@ MIN_FACTOR = 32.0
 and neither the inspector (outlier ratio 20) nor a publisher's claim check could tell it from the weights."""
 
 
-class QuantizationSafetyError(ValueError):
+class QuantizationSafetyError(SpecDefError, ValueError):
     """A deformation that was decided to be quantization-safe is not exact after all; nothing is kept."""
 
 

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import SpecDefError
+
 F16_TINY = 2.0**-14  # smallest normal float16
 F16_MAX = 65504.0
 
 
-class UnsupportedShapeError(ValueError):
+class UnsupportedShapeError(SpecDefError, ValueError):
     """A tensor's row width does not fit a format's blocks (GGUF needs a multiple of the block size)."""
 
 

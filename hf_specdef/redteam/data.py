@@ -23,10 +23,12 @@ from typing import Any
 
 import torch
 
+from ..errors import SpecDefError
+
 DEFAULT_CORPUS = "license_corpus.txt"
 
 
-class AttackDataError(ValueError):
+class AttackDataError(SpecDefError, ValueError):
     """The attack data cannot be built (missing file, too little text, ...)."""
 
 

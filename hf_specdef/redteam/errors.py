@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import SpecDefError
 
-class RedTeamError(ValueError):
+
+class RedTeamError(SpecDefError, ValueError):
     """The red team cannot run or cannot prove anything with these inputs."""

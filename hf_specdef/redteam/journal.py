@@ -16,12 +16,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import SpecDefError
 from .training import Run
 
 logger = logging.getLogger("hf_specdef")
 
 
-class JournalError(ValueError):
+class JournalError(SpecDefError, ValueError):
     """The journal cannot be used (it exists without --resume, or it records a different red team)."""
 
 

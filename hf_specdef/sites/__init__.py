@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..config import SpecDefConfig
+from ..errors import SpecDefError
 from . import decoders, mmdit, moe  # noqa: F401  (register the decoder, MMDiT and MoE families of issue 19)
 from .base import AXIS_ONLY_SITES, Pair, TensorBlock
 from .registry import (
@@ -30,7 +31,7 @@ __all__ = [
 ]
 
 
-class NoSitesError(ValueError):
+class NoSitesError(SpecDefError, ValueError):
     """The model has no pairs the registry knows, or the config's selection matches none."""
 
 
