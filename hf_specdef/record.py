@@ -28,6 +28,8 @@ def make_record(cfg: SpecDefConfig, results: Sequence[Any], deviation: float | N
         "layers": sorted({r.pair.layer for r in results}),
         "num_pairs": len(results),
         "modes": sorted({r.mode for r in results}),
+        # the factors actually applied (alpha as requested may be rounded, e.g. 1000 -> 1024 in axis mode)
+        "factors": sorted({float(r.deformation.factor) for r in results}),
         "hot_modules": sorted({m for r in results for m in r.pair.hot_modules}),
         "max_relative_deviation": deviation,
         "precision": precision.summary(cfg, results),
@@ -96,11 +98,19 @@ def set_record(model: Any, record: dict[str, Any] | None) -> None:
         setattr(model.config, CONFIG_KEY, record)
 
 
+def _factors_text(rec: Mapping[str, Any]) -> str:
+    """The factors a record says were applied (older records: the requested alpha, named as such)."""
+    factors = rec.get("factors")
+    if factors:
+        return "factors " + ", ".join(f"{f:g}" for f in factors)
+    return f"requested alpha {rec.get('config', {}).get('alpha')}"
+
+
 def check_not_protected(model: Any, force: bool) -> None:
     rec = get_record(model)
     if rec and not force:
         raise AlreadyProtectedError(
             f"this model is already protected (record {rec.get('format')}: sites={rec.get('sites')}, "
-            f"alpha={rec.get('config', {}).get('alpha')}). Protecting twice compounds the deformation and the "
+            f"{_factors_text(rec)}). Protecting twice compounds the deformation and the "
             "precision error; pass force=True (CLI: --force) if you really mean it."
         )
