@@ -1,11 +1,13 @@
 """Lazy, validated reading of safetensors checkpoint folders (single file, sharded, diffusers pipelines).
 
-:func:`open_checkpoint` parses every shard's safetensors header (never the data) and checks it:
-a header that does not parse, a tensor whose bytes lie past the end of its file (a truncated
-shard), a shard named by the index but missing, or a key the index puts in a shard that does not
-hold it each raise :class:`CheckpointError` naming the file. Shards are memory-mapped read-only;
-tensors are read one at a time (:meth:`Checkpoint.get_tensor` copies, :meth:`Checkpoint.view`
-does not) or taken as raw bytes (:meth:`Checkpoint.raw`).
+:func:`open_checkpoint` parses every shard's safetensors header (never the data) and validates it as
+safetensors' own reader does (:mod:`hf_specdef.safetensors_header`: known dtypes, integer shapes and
+offsets, tensors tiling the data exactly, no repeated keys), and the index both ways (every tensor it
+lists is in the shard it names, every tensor of every shard is listed there; shard names stay inside the
+folder). A shard that is missing, truncated or corrupted, or an index inconsistent with its shards, raises
+one :class:`CheckpointError` line naming the file. Shards are memory-mapped read-only; tensors are read
+one at a time (:meth:`Checkpoint.get_tensor` copies, :meth:`Checkpoint.view` does not) or taken as raw
+bytes (:meth:`Checkpoint.raw`).
 
 Used by :func:`hf_specdef.inspect_model` (on a path) and :func:`hf_specdef.protect_checkpoint`.
 """
@@ -16,7 +18,6 @@ import json
 import logging
 import mmap
 import os
-import struct
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,12 @@ from typing import Any
 
 import torch
 
-from .errors import SpecDefError
+from .safetensors_header import (
+    CheckpointError,
+    check_index_covers,
+    load_index,
+    read_safetensors_header,
+)
 
 logger = logging.getLogger("hf_specdef")
 
@@ -46,11 +52,6 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 CONFIG_NAME = "config.json"
 PIPELINE_INDEX = "model_index.json"
 DENOISER_COMPONENTS = ("transformer", "unet")
-_MAX_HEADER = 100 * 1024 * 1024
-
-
-class CheckpointError(SpecDefError, ValueError):
-    """A checkpoint folder or file is missing, truncated, corrupted or inconsistent with its index."""
 
 
 @dataclass(frozen=True)
@@ -75,58 +76,34 @@ class TensorInfo:
         return ST_DTYPES[self.dtype]
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str] | None]:
-    """Parse and validate the header of one safetensors file: ``(name -> TensorInfo, __metadata__)``."""
+def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], dict[str, str] | None]:
+    """Parse and validate the header of one safetensors file (never its data).
+
+    Args:
+        path: the ``.safetensors`` file.
+
+    Returns:
+        ``(name -> TensorInfo, __metadata__)``, tensors in header order, byte ranges absolute in the file.
+
+    Raises:
+        CheckpointError: missing, truncated or corrupted file (the rules of
+            :mod:`hf_specdef.safetensors_header`), one line naming the file and the fix.
+    """
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: file is truncated ({size} bytes; not a safetensors file).")
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(_MAX_HEADER, size - 8):
-                raise CheckpointError(f"{path}: corrupted or truncated safetensors header (declares {n} header bytes, "
-                                      f"file has {size}).")
-            header = json.loads(f.read(n).decode("utf-8"))
-    except CheckpointError:
-        raise
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: shard file is missing.") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupted safetensors header ({e}).") from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e}).") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupted safetensors header (not a JSON object).")
-    metadata = header.pop("__metadata__", None)
-    data_start, data_size = 8 + n, size - 8 - n
-    infos: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        try:
-            dtype, shape, (b, e) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupted safetensors header entry for tensor {name!r}.") from None
-        if e > data_size:
-            raise CheckpointError(f"{path}: file is truncated: tensor {name!r} needs bytes up to {data_start + e}, "
-                                  f"the file has {size}.")
-        numel = 1
-        for s in shape:
-            numel *= s
-        itemsize = ST_DTYPES[dtype].itemsize if dtype in ST_DTYPES else None
-        if not 0 <= b <= e or (itemsize is not None and e - b != numel * itemsize):
-            raise CheckpointError(f"{path}: corrupted safetensors header: tensor {name!r} ({dtype}, shape {list(shape)}) "
-                                  f"has data_offsets {[b, e]}.")
-        infos[name] = TensorInfo(name, path, dtype, shape, data_start + b, data_start + e)
-    return infos, metadata
+    header = read_safetensors_header(path)
+    start = header.data_start
+    infos = {e.name: TensorInfo(e.name, path, e.dtype, e.shape, start + e.begin, start + e.end) for e in header.entries}
+    return infos, header.metadata
 
 
 def _load_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e}).") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not valid JSON (nested too deeply).") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object.")
     return data
@@ -174,7 +151,10 @@ class Checkpoint:
                 logger.info("hf-specdef: %s is a diffusers pipeline; using its %s component", path.parent, path.name)
             self.root = path
             files, self.index_path = self._discover(path)
-        self.index: dict[str, Any] | None = _load_json(self.index_path) if self.index_path else None
+        self.index: dict[str, Any] | None = None
+        self._weight_map: dict[str, str] = {}
+        if self.index_path is not None:
+            self.index, self._weight_map = load_index(self.index_path)
         self.config: dict[str, Any] = _load_json(self.root / CONFIG_NAME) if (self.root / CONFIG_NAME).is_file() else {}
         archs = self.config.get("architectures") or []
         self.class_name: str | None = self.config.get("_class_name") or (archs[0] if archs else None)
@@ -189,14 +169,11 @@ class Checkpoint:
             self.file_metadata[f] = meta
             for name, info in infos.items():
                 if name in self.infos:
-                    raise CheckpointError(f"tensor {name!r} is stored twice: in {self.infos[name].file} and {f}.")
+                    raise CheckpointError(f"tensor {name!r} is stored twice: in {self.infos[name].file} and {f}; "
+                                          "re-download or re-save the checkpoint with safetensors.")
                 self.infos[name] = info
-        if self.index is not None:
-            for name, fname in self.index["weight_map"].items():
-                info = self.infos.get(name)
-                if info is None or info.file.name != fname:
-                    raise CheckpointError(f"{self.index_path} puts tensor {name!r} in {fname}, which does not hold it "
-                                          "(corrupted shard or stale index).")
+        if self.index_path is not None:
+            check_index_covers(self.index_path, self._weight_map, {n: i.file.name for n, i in self.infos.items()})
 
     @staticmethod
     def _discover(root: Path) -> tuple[list[Path], Path | None]:
@@ -214,13 +191,11 @@ class Checkpoint:
         return files, None
 
     def _files_from_index(self, files: list[Path]) -> list[Path]:
-        wm = self.index.get("weight_map") if self.index else None
-        if not isinstance(wm, dict) or not wm:
-            raise CheckpointError(f"{self.index_path}: has no 'weight_map'.")
-        names = sorted(set(wm.values()))
+        names = sorted(set(self._weight_map.values()))  # plain file names (checked by load_index)
         missing = [n for n in names if not (self.root / n).is_file()]
         if missing:
-            raise CheckpointError(f"shard {missing[0]} named by {self.index_path} is missing from {self.root}.")
+            raise CheckpointError(f"shard {missing[0]} named by {self.index_path} is missing from {self.root}; "
+                                  "re-download it.")
         return [self.root / n for n in names]
 
     # -- queries --------------------------------------------------------------------------

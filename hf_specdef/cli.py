@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 COMMANDS: dict[str, str] = {
     "protect": "Protect a checkpoint folder (streaming, shard by shard).",
@@ -45,16 +47,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "_missing", False):
         print(f"hf-specdef: error: the '{args.command}' command is not available in this build", file=sys.stderr)
         return 2
+    received: list[int] = []
+    previous = _stop_on_sigterm(received)
     try:
         return int(importlib.import_module(f"hf_specdef.commands.{args.command}").run(args) or 0)
     except KeyboardInterrupt:
-        print("hf-specdef: interrupted", file=sys.stderr)
-        return 130
+        # Ctrl-C or SIGTERM: the command's own cleanup (temporary folders) has run on the way up
+        print(f"hf-specdef {args.command}: {'terminated (SIGTERM)' if received else 'interrupted'}", file=sys.stderr)
+        return 128 + (received[0] if received else signal.SIGINT)
     except Exception as e:  # one clear line, no traceback
         if args.debug:
             raise
-        print(f"hf-specdef {args.command}: error: {e}", file=sys.stderr)
+        print(f"hf-specdef {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line; an error that is not one of ours (nor a bad value or an OS error) is a bug
+    in hf-specdef, and says so."""
+    from .errors import SpecDefError
+
+    text = " ".join(str(e).split()) or type(e).__name__
+    if not isinstance(e, (SpecDefError, ValueError, OSError, ImportError)):
+        text += f" (unexpected {type(e).__name__}: a bug in hf-specdef; rerun with --debug and report the traceback)"
+    return text
+
+
+def _stop_on_sigterm(received: list[int]) -> Any:
+    """SIGTERM (``kill``, a scheduler's time limit) stops a command like Ctrl-C does, so that it cleans up; returns
+    the previous handler (``None`` where signals cannot be set: not the main thread)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import time
 
 from ..redteam.attacks import SUITE
@@ -52,15 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM (a batch scheduler's time limit, ``kill``) stops the red team like Ctrl-C: the journal names its
-    finished runs for ``--resume``."""
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def run(args: argparse.Namespace) -> int:
     from ..redteam.config import RedTeamConfig
     from ..redteam.report import headline
@@ -89,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
     if protected and args.variants is None:
         kw["variants"] = ()
     cfg = RedTeamConfig.preset_config(preset, **kw)
-    _interrupt_on_sigterm()
     start = time.perf_counter()
     results = run_redteam(args.model, args.out, cfg, protected=protected, reuse_unprotected=args.reuse_unprotected,
                           reuse_runs=args.reuse_runs, progress=not args.no_progress, resume=args.resume)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from diffusers import DiffusionPipeline, ModelMixin
 
 from ..config import SpecDefConfig
 from ..report import ProtectionReport
+from ..staging import make_staging, remove_tree
 from .diffusers_claims import _check_pipeline_claims, _checked, check_claims
 from .diffusers_pipeline import _apply, _denoiser
 
@@ -94,8 +94,7 @@ def save_protected(
     dest = Path(save_directory)
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} exists; pass overwrite=True to replace it, or choose another directory.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.specdef-", dir=dest.parent))
+    tmp = make_staging(dest.absolute())
     try:
         report, applied = _apply(comps, dname, cfg, verify=verify, force=force, progress=progress,
                                  text_encoder=text_encoder, pipeline_norm=pipeline_norm, inputs=inputs,
@@ -106,7 +105,7 @@ def save_protected(
             applied.restore()
         _move_into_place(tmp, dest)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise
     logger.info("hf-specdef wrote %d protected pairs to %s (deviation=%s)", len(report.results), dest, report.deviation)
     return report

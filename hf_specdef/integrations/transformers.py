@@ -24,8 +24,6 @@ import functools
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +47,7 @@ from ..protection import (
 )
 from ..record import check_not_protected, get_record, make_record, set_record
 from ..report import ProtectionReport
+from ..staging import commit_staging, make_staging, remove_tree
 from ..verification import DeformationCheckError, check_deformation
 from .transformers_quantizer import QUANT_METHOD, SpecDefHfQuantizer, SpecDefQuantizationConfig, register
 
@@ -263,8 +262,7 @@ def save_protected(
         raise FileExistsError(f"{dest} exists; pass overwrite=True to replace it, or choose another directory.")
     check_not_protected(model, force)
     _check_materialized(model)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.specdef-", dir=dest.parent))
+    tmp = make_staging(dest.absolute())
     had_record = hasattr(model.config, CONFIG_KEY)
     old_record = get_record(model)
     tensors = ParamTensors(model)
@@ -284,11 +282,9 @@ def save_protected(
             elif hasattr(model.config, CONFIG_KEY):
                 delattr(model.config, CONFIG_KEY)
         _check_written_config(tmp, cfg)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        commit_staging(tmp, dest.absolute(), overwrite=True)  # an existing dest was allowed (overwrite) above
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise
     report = ProtectionReport(cfg, results, deviation, skipped, notes, time.perf_counter() - start,
                               quantization=dict(qcheck.deviations) if qcheck else {})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..release_files import check_release_folder
 from .errors import PublishError
 
 
@@ -34,9 +35,16 @@ def _hub_offline() -> bool:
 
 
 def push_folder(folder: Path, repo_id: str, *, private: bool, token: str | None, commit_message: str) -> str:
-    """``create_repo(exist_ok=True)`` then ``upload_folder``; returns the commit URL. Errors carry no token."""
+    """``create_repo(exist_ok=True)`` then ``upload_folder``; returns the commit URL. Errors carry no token.
+
+    The folder is checked against the release rule first (:func:`hf_specdef.release_files.check_release_folder`):
+    a weight file other than the protected checkpoint's (or an unprotected pipeline component's) refuses the push."""
     from huggingface_hub import HfApi
 
+    bad = check_release_folder(folder)
+    if bad:  # the folder was changed after it was written, or a bug: never push unprotected weights
+        raise PublishError(f"refusing to push {folder}: it holds weight files that are not the protected checkpoint: "
+                           f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; remove them, or publish again.")
     try:
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)

@@ -6,7 +6,7 @@ of a transformers model (:func:`hf_specdef.save_protected`).
 
 from __future__ import annotations
 
-import re
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,9 +14,12 @@ from typing import Any
 import torch
 
 from ..config import SpecDefConfig
+from ..release_files import plan_copies
 from .components import _load
 from .errors import PublishError
 from .source import _read_json
+
+logger = logging.getLogger("hf_specdef")
 
 
 def protect_folder(src: Path, dst: Path, cfg: SpecDefConfig, *, force: bool = False, progress: bool = True,
@@ -34,9 +37,6 @@ def protect_folder(src: Path, dst: Path, cfg: SpecDefConfig, *, force: bool = Fa
     return protect_checkpoint(src, dst, cfg, device=device, force=force, progress=progress, verify=True)
 
 
-_WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|gguf)$|.*\.index\.json$|^config\.json$")
-
-
 def _protect_in_memory(src: Path, dst: Path, cfg: SpecDefConfig, *, force: bool, progress: bool) -> Any:
     from ..saving import save_protected
 
@@ -47,7 +47,18 @@ def _protect_in_memory(src: Path, dst: Path, cfg: SpecDefConfig, *, force: bool,
                            f"{src} is not one (no 'architectures' in its config.json).")
     model = _load(src, "transformers", archs[0])
     report = save_protected(model, dst, cfg, force=force, progress=progress)
-    for f in src.iterdir():
-        if f.is_file() and not _WEIGHT_FILES.match(f.name) and not (dst / f.name).exists():
-            shutil.copy2(f, dst / f.name)
+    # the loaded checkpoint (its shards, index and the files save_pretrained wrote again) is what was protected;
+    # every other file goes through the release rule
+    written = {f.resolve() for f in src.glob("*.safetensors")} | {f.resolve() for f in src.glob("*.safetensors.index.json")}
+    written |= {f.resolve() for f in src.iterdir() if f.is_file() and (dst / f.name).exists()}
+    plan = plan_copies(src, written)
+    for f, rel in plan.copies:
+        target = dst / rel
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, target)
+    notes = plan.notes()
+    for n in notes:
+        logger.warning("hf-specdef: %s", n)
+    report.notes.extend(notes)
     return report

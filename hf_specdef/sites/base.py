@@ -10,11 +10,39 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import SpecDefError
+
 # Site types whose map must be diagonal (SPEC §2 table).
 AXIS_ONLY_SITES = frozenset({"mlp", "norm"})
 # How rotary embeddings pair the dims of a head: "half" rotates (i, i + d/2) together (Llama's ``rotate_half``),
 # "adjacent" rotates (2i, 2i + 1) together (Flux, GPT-J's interleaved layout). "" means no rotary constraint.
 ROTARY_LAYOUTS = ("", "half", "adjacent")
+
+
+class ModelConfigError(SpecDefError, ValueError):
+    """The model's config (``config.json``) has a field the site registry cannot use: missing, not a positive
+    integer, or inconsistent with another field. The message names the file, the field, the value and the fix."""
+
+    def __init__(self, detail: str, source: str = "config.json") -> None:
+        self.detail, self.source = detail, source
+        super().__init__(f"{source}: {detail}")
+
+    def at(self, source: str) -> ModelConfigError:
+        """The same error naming ``source`` (e.g. the config file's path) instead of ``config.json``."""
+        return ModelConfigError(self.detail, source)
+
+
+class TensorShapeError(SpecDefError, ValueError):
+    """A tensor a pair touches has another shape than its site (and the config) implies, e.g. a weight stored
+    transposed. The message names the tensor, its shape, the expected shape and the fix."""
+
+    def __init__(self, tensor: str, detail: str, source: str = "") -> None:
+        self.tensor, self.detail, self.source = tensor, detail, source
+        super().__init__(f"{source}: {detail}" if source else detail)
+
+    def at(self, source: str) -> TensorShapeError:
+        """The same error prefixed with ``source`` (the file holding the tensor)."""
+        return TensorShapeError(self.tensor, self.detail, source)
 
 
 @dataclass(frozen=True)

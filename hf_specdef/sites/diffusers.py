@@ -91,12 +91,15 @@ def block_heads(attn: str) -> Any:
             key = "num_attention_heads" if cfg_get(config, "num_attention_heads") is not None else "attention_head_dim"
             n = block_setting(config, block, key)
         else:
-            n = cfg_get(config, "num_attention_heads")
+            key = "num_attention_heads"
+            n = cfg_get(config, key)
         inner = shape_of[f"{block}.{attn}.to_q.weight"][0]
-        if not isinstance(n, int) or n < 1 or inner % n:
-            raise ValueError(
-                f"cannot split {block}.{attn} ({inner} query channels) into heads={n!r} from the config; pass an explicit "
-                "SpecDefConfig(site_map=...) for this model."
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1 or inner % n:
+            why = "is not a positive integer" if isinstance(n, bool) or not isinstance(n, int) or n < 1 else (
+                f"does not divide the {inner} query channels of {block}.{attn}.to_q")
+            raise ModelConfigError(
+                f"{key}={n!r} (the head count of {block}.{attn}) {why}; set it to the model's number of attention "
+                "heads, as it was trained, or pass an explicit SpecDefConfig(site_map=...) for this model."
             )
         return n, n, inner // n
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .base import Pair, TensorBlock
+from .base import ModelConfigError, Pair, TensorBlock, TensorShapeError
 
 ShapeOf = Mapping[str, Sequence[int]]
 
@@ -25,6 +25,60 @@ def cfg_get(config: Any, *names: str, default: Any = None) -> Any:
         if v is not None:
             return v
     return default
+
+
+_REQUIRED = object()
+# what the config fields the registry reads mean (for the error that names a bad one)
+_MEANING = {
+    "num_attention_heads": "the number of attention (query) heads",
+    "num_key_value_heads": "the number of key/value heads (grouped-query attention; equal to num_attention_heads "
+                           "without it)",
+    "head_dim": "the size of one attention head",
+    "hidden_size": "the model width",
+    "n_head": "the number of attention heads",
+    "n_embd": "the model width",
+}
+
+
+def config_int(config: Any, key: str, default: Any = _REQUIRED) -> int:
+    """``config[key]`` as a positive integer (``default`` where it is missing and a default is given), or
+    :class:`~hf_specdef.sites.base.ModelConfigError` naming the field, its value and the fix."""
+    value = cfg_get(config, key)
+    meaning = _MEANING.get(key, "its value")
+    if value is None:
+        if default is not _REQUIRED:
+            return default
+        raise ModelConfigError(f"{key} is missing; the site registry needs it ({meaning}). Add \"{key}\": <positive "
+                               "integer> as the model was trained, or pass an explicit SpecDefConfig(site_map=...).")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelConfigError(f"{key}={value!r} is not a positive integer; set it to {meaning} (a whole number >= 1, "
+                               "as the model was trained), or pass an explicit SpecDefConfig(site_map=...).")
+    return value
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(int(x)) for x in shape) + ")"
+
+
+def check_extent(shape_of: ShapeOf, name: str, axis: int, size: int, basis: str, fix: str) -> None:
+    """Tensor ``name`` must have ``size`` entries along ``axis`` (what ``basis`` implies), else
+    :class:`~hf_specdef.sites.base.TensorShapeError` naming the tensor, its shape, the implied shape and the fix
+    (a 2-D weight whose other axis has ``size`` entries is called out as stored transposed)."""
+    shape = tuple(int(x) for x in shape_of[name])
+    if axis < len(shape) and shape[axis] == size:
+        return
+    implied = list(shape) + [1] * max(0, axis + 1 - len(shape))
+    implied[axis] = size
+    if len(shape) == 2 and shape[1 - axis] == size:  # the other way round: stored transposed
+        implied = [shape[1], shape[0]]
+        raise TensorShapeError(name, (
+            f"tensor {name!r} has shape {_shape_text(shape)}, but {basis} implies {_shape_text(implied)}: it looks "
+            f"stored transposed (a torch Linear weight is (out_features, in_features)); re-save it as "
+            f"{_shape_text(implied)}" + (", or fix config.json if it does not belong to these weights." if "config.json"
+                                         in basis else ".")))
+    raise TensorShapeError(name, (
+        f"tensor {name!r} has shape {_shape_text(shape)}, but {basis} implies {_shape_text(implied)} "
+        f"({size} along axis {axis}); {fix}"))
 
 
 @dataclass(frozen=True)
@@ -176,13 +230,38 @@ def _blocks(shape_of: ShapeOf, module: str, lin: Linear, start: int, stop: int, 
     return (TensorBlock(f"{module}.{lin.param}", lin.out_axis, start, stop, offset),) + _bias(shape_of, module, start, stop)
 
 
+def _check_attention_shapes(att: Attention, block: str, shape_of: ShapeOf, n: int, kv: int, d: int) -> None:
+    """The q/k/v/o weights have the extents the config's head counts imply along the axes the pairs index."""
+    basis = f"config.json ({n} attention heads, {kv} key/value heads, head size {d})"
+    fix = "config.json does not match these weights: set its head fields to the values the model was trained with."
+    if att.interleaved or att.fused:  # one projection holds q, k and v
+        rows = 3 * n * d if att.interleaved else (n + 2 * kv) * d
+        wanted = [(att.q, rows)]
+    else:
+        wanted = [(att.q, n * d), (att.k, kv * d), (att.v, kv * d)]
+    for lin, size in wanted:
+        name = f"{block}.{lin.weight}"
+        if name in shape_of:
+            check_extent(shape_of, name, lin.out_axis, size, basis, fix)
+    check_extent(shape_of, f"{block}.{att.o.weight}", att.o.in_axis, n * d, basis, fix)
+
+
 def _attention_pairs(att: Attention, block: str, layer: int, config: Any, shape_of: ShapeOf) -> dict[str, list[Pair]]:
     q, k, v, o = (f"{block}.{p.name}" for p in (att.q, att.k, att.v, att.o))
     if f"{block}.{att.v.weight}" not in shape_of or f"{block}.{att.o.weight}" not in shape_of:
         return {}
     n, kv, d = att.heads(config, block, shape_of)
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (n, kv, d)):
+        raise ModelConfigError(f"{block}: the head counts from the config are {n!r} heads and {kv!r} key/value heads of "
+                               f"size {d!r}, not positive integers; fix num_attention_heads / num_key_value_heads / "
+                               "head_dim, or pass an explicit SpecDefConfig(site_map=...).")
     if att.interleaved and n != kv:
         raise ValueError(f"{block}: an interleaved q/k/v projection needs as many kv heads as heads ({n} != {kv}).")
+    if n % kv:
+        raise ModelConfigError(f"num_key_value_heads={kv} does not divide num_attention_heads={n} (every key/value "
+                               f"head serves the same number of query heads); set it to a divisor of {n}, as the "
+                               "model was trained.")
+    _check_attention_shapes(att, block, shape_of, n, kv, d)
     rep = n // kv
     rot = rotary_dims(config, d) if att.rotary else d
     q_row, k_row, v_row = _head_rows(att, n, kv, d)
@@ -221,8 +300,19 @@ def _mlp_pair(mlp: GatedMLP, block: str, layer: int, shape_of: ShapeOf) -> Pair 
     ups, downs = expand(block, mlp.up, shape_of), expand(block, mlp.down, shape_of)
     if not ups or not downs or any(f"{block}.{x.weight}" not in shape_of for x in ups + downs):
         return None
-    inner = shape_of[f"{block}.{downs[0].weight}"][mlp.down.in_axis]
+    down0 = f"{block}.{downs[0].weight}"
+    if mlp.down.in_axis >= len(shape_of[down0]):
+        raise TensorShapeError(down0, f"tensor {down0!r} has shape {_shape_text(shape_of[down0])}: the mlp site reads "
+                                      f"its input axis {mlp.down.in_axis}, which it lacks; re-save it in the layout "
+                                      "the architecture uses.")
+    inner = int(shape_of[down0][mlp.down.in_axis])
     start = 0 if mlp.up_half in (None, 0) else inner
+    basis = f"the mlp site ({down0} reads {inner} hidden channels)"
+    fix = "the up and down projections of one MLP must agree; re-save the weights in the architecture's layout."
+    for x in downs[1:]:
+        check_extent(shape_of, f"{block}.{x.weight}", x.in_axis, inner, basis, fix)
+    for u in ups:
+        check_extent(shape_of, f"{block}.{u.weight}", u.out_axis, inner * (1 if mlp.up_half is None else 2), basis, fix)
     return Pair(
         "mlp", layer, block, mlp.group,
         producers=sum((_blocks(shape_of, f"{block}.{u.name}", u, start, start + inner) for u in ups), ()),
@@ -235,7 +325,11 @@ def _norm_pair(pn: PreNorm, block: str, layer: int, shape_of: ShapeOf, index: in
     readers = [e for r in pn.readers for e in expand(block, r, shape_of) if f"{block}.{e.weight}" in shape_of]
     if f"{norm}.weight" not in shape_of or not readers:
         return None
-    dim = shape_of[f"{norm}.weight"][0]
+    dim = int(shape_of[f"{norm}.weight"][0])
+    for r in readers:
+        check_extent(shape_of, f"{block}.{r.weight}", r.in_axis, dim,
+                     f"the norm site ({norm}.weight has {dim} channels, which it reads)",
+                     "every reader of a pre-norm reads all its channels; re-save the weights in the architecture's layout.")
     return Pair(
         "norm", layer, block, index,
         producers=(TensorBlock(f"{norm}.weight", 0, 0, dim, pn.offset),) + _bias(shape_of, norm, 0, dim),
@@ -277,16 +371,32 @@ def find_pairs(spec: ArchSpec, config: Any, shape_of: ShapeOf) -> list[Pair]:
 # --------------------------------------------------------------------------------------------
 
 def _llama_heads(config: Any, block: str, shape_of: ShapeOf) -> tuple[int, int, int]:
-    n = cfg_get(config, "num_attention_heads")
-    kv = cfg_get(config, "num_key_value_heads", default=n)
-    d = cfg_get(config, "head_dim", default=cfg_get(config, "hidden_size") // n)
-    return n, kv, d
+    """``(heads, kv heads, head size)`` from ``num_attention_heads`` / ``num_key_value_heads`` / ``head_dim`` (or
+    ``hidden_size / num_attention_heads``), each checked (:class:`~hf_specdef.sites.base.ModelConfigError`)."""
+    n = config_int(config, "num_attention_heads")
+    kv = config_int(config, "num_key_value_heads", default=n)
+    if n % kv:
+        raise ModelConfigError(f"num_key_value_heads={kv} does not divide num_attention_heads={n} (every key/value "
+                               f"head serves the same number of query heads); set it to a divisor of {n}, as the "
+                               "model was trained.")
+    if cfg_get(config, "head_dim") is not None:
+        return n, kv, config_int(config, "head_dim")
+    return n, kv, _split(config, "hidden_size", n, "num_attention_heads", head_dim=True)
+
+
+def _split(config: Any, hidden_key: str, n: int, n_key: str, head_dim: bool = False) -> int:
+    hidden = config_int(config, hidden_key)
+    if hidden % n:
+        alt = "set head_dim (the size of one head) or fix the head count" if head_dim else "fix the head count"
+        raise ModelConfigError(f"{hidden_key}={hidden} is not divisible by {n_key}={n}, so the heads have no whole "
+                               f"size; {alt} to the values the model was trained with.")
+    return hidden // n
 
 
 def _mha_heads(n_key: str, hidden_key: str) -> Callable[[Any, str, ShapeOf], tuple[int, int, int]]:
     def heads(config: Any, block: str, shape_of: ShapeOf) -> tuple[int, int, int]:
-        n = cfg_get(config, n_key)
-        return n, n, cfg_get(config, hidden_key) // n
+        n = config_int(config, n_key)
+        return n, n, _split(config, hidden_key, n, n_key)
 
     return heads
 

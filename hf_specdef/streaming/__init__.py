@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from ..engine import PairResult
 from ..pipeline_fold import plan_fold
 from ..record import check_not_protected
 from ..report import ProtectionReport
+from ..staging import remove_tree
 from ..tensor_ops import TensorOp
 from .folder_checks import FORWARD_CHECK_MAX_BYTES, check_written_index, forward_check, forward_check_pipeline
 from .output_folder import check_paths, commit, copy_others, make_tmp, write_index, write_records
@@ -213,7 +213,7 @@ def protect_checkpoint(
             write_records(ckpt, out_root, fold, te_root, cfg, own, deviation, bool(sp.out_dtype))
             commit(tmp, dst, overwrite)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)  # a failure to remove is named in a warning; the error raised is the one that stopped us
             raise
         finally:
             if fold:

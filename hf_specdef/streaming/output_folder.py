@@ -1,5 +1,6 @@
 """The output folder: path checks, the temporary folder, copies of the other files, the index and config records,
-and the final rename into place (SPEC §7: nothing reaches the destination before everything is verified)."""
+and the final rename into place: nothing reaches the destination before everything is verified, and nothing but
+the protected checkpoint and the files the release rule lets through (:mod:`hf_specdef.release_files`)."""
 
 from __future__ import annotations
 
@@ -7,33 +8,37 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import precision
-from ..checkpoint import CONFIG_NAME, Checkpoint, CheckpointError
+from ..checkpoint import CONFIG_NAME, PIPELINE_INDEX, Checkpoint, CheckpointError
 from ..config import CONFIG_KEY, DIFFUSERS_CONFIG_KEY, SpecDefConfig
 from ..engine import PairResult
 from ..pipeline_fold import TEXT_ENCODER, Fold, text_encoder_config
 from ..record import component_record, make_record, record_key
+from ..release_files import plan_copies
+from ..staging import StagingError, commit_staging, make_staging
 from .plan import StreamPlan
 
 logger = logging.getLogger("hf_specdef")
 
-# Weight files in other formats are never copied next to protected safetensors (they would ship unprotected weights).
-UNPROTECTED_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-
-
 def check_paths(src: Path, dst: Path, overwrite: bool) -> None:
-    """Refuse a missing source, a destination inside or around the source, and an existing destination (unless ``overwrite``)."""
+    """Refuse a missing source, a destination inside or around the source, a destination that is a link, and an
+    existing destination (unless ``overwrite``)."""
+    if src.is_file():
+        raise CheckpointError(f"source {src} is a file; pass the checkpoint folder that holds it (config.json and "
+                              "the .safetensors shards).")
     if not src.is_dir():
         raise CheckpointError(f"{src}: source checkpoint folder does not exist.")
     if dst == src or src in dst.parents:
         raise ValueError(f"destination {dst} is inside the source {src}; the source is never modified — choose another folder.")
     if dst in src.parents:
         raise ValueError(f"destination {dst} contains the source {src}; choose another folder.")
+    if dst.is_symlink():
+        raise FileExistsError(f"destination {dst} is a symbolic link (to {os.readlink(dst)}); pass the folder itself, "
+                              "or remove the link.")
     if dst.exists():
         if not dst.is_dir():
             raise FileExistsError(f"destination {dst} exists and is not a folder.")
@@ -42,45 +47,48 @@ def check_paths(src: Path, dst: Path, overwrite: bool) -> None:
 
 
 def make_tmp(dst: Path) -> Path:
-    """A new temporary folder next to ``dst`` (on the same file system, so that :func:`commit` is a rename)."""
+    """A new temporary folder next to ``dst`` (on the same file system, so that :func:`commit` is a rename); the
+    leftovers of earlier killed runs for ``dst`` are cleaned up first (:func:`hf_specdef.staging.sweep_stale`)."""
     try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.parent / f".{dst.name}.specdef-tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-    except OSError as e:
-        raise CheckpointError(f"cannot create a temporary folder next to {dst}: {e}") from None
-    return tmp
+        return make_staging(dst)
+    except StagingError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def copy_others(src: Path, tmp: Path, ckpts: Sequence[Checkpoint]) -> list[str]:
-    """Copy every file of ``src`` except the shards, indexes and configs of ``ckpts`` (written by the caller); returns notes."""
-    skip = set()
+    """Copy the files of ``src`` that the release rule lets through (:mod:`hf_specdef.release_files`), except the
+    shards, indexes and configs of ``ckpts`` (written by the caller); returns one note per file kept out."""
+    written: set[Path] = set()
     for ckpt in ckpts:
-        skip |= {p.resolve() for p in ckpt.files} | {(ckpt.root / CONFIG_NAME).resolve()}
+        written |= {p.resolve() for p in ckpt.files} | {(ckpt.root / CONFIG_NAME).resolve()}
         if ckpt.index_path is not None:
-            skip.add(ckpt.index_path.resolve())
-    notes = []
-    roots = {ckpt.root.resolve() for ckpt in ckpts}
-    for dirpath, dirnames, filenames in os.walk(src, followlinks=True):
-        d = Path(dirpath)
-        dirnames[:] = [x for x in dirnames if not x.startswith(".specdef-tmp")]
-        for fn in filenames:
-            p = d / fn
-            if p.resolve() in skip:
-                continue
-            rel = p.relative_to(src)
-            if p.parent.resolve() in roots and fn.endswith(UNPROTECTED_WEIGHT_SUFFIXES + (".safetensors",)):
-                notes.append(f"not copied: {rel} (weights outside the protected checkpoint would ship unprotected)")
-                continue
-            target = tmp / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                shutil.copy2(p, target)
-            except OSError as e:
-                raise CheckpointError(f"cannot copy {p} to {target}: {e}") from None
+            written.add(ckpt.index_path.resolve())
+    plan = plan_copies(src, written, _unprotected_components(src, ckpts))
+    for p, rel in plan.copies:
+        target = tmp / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copy2(p, target)
+        except OSError as e:
+            raise CheckpointError(f"cannot copy {p} to {target}: {e}") from None
+    notes = plan.notes()
     for n in notes:
         logger.warning("hf-specdef: %s", n)
     return notes
+
+
+def _unprotected_components(src: Path, ckpts: Sequence[Checkpoint]) -> list[Path]:
+    """In a diffusers pipeline folder, the component folders (``model_index.json``) that are copied unchanged."""
+    if not (src / PIPELINE_INDEX).is_file():
+        return []
+    try:
+        index = json.loads((src / PIPELINE_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    protected = {ckpt.root.resolve() for ckpt in ckpts}
+    return [src / name for name in index if isinstance(name, str) and not name.startswith("_")
+            and "/" not in name and (src / name).is_dir() and not (src / name).is_symlink()
+            and (src / name).resolve() not in protected]
 
 
 def write_index(ckpt: Checkpoint, out_root: Path, sp: StreamPlan) -> None:
@@ -135,23 +143,8 @@ def write_records(ckpt: Checkpoint, out_root: Path, fold: Fold | None, te_root: 
 
 
 def commit(tmp: Path, dst: Path, overwrite: bool) -> None:
-    """Rename ``tmp`` to ``dst``; an existing ``dst`` (with ``overwrite``) is moved aside first and put back on failure."""
-    if dst.exists():
-        if not overwrite:
-            raise FileExistsError(f"destination {dst} appeared while protecting; nothing was written to it.")
-        old = dst.parent / f".{dst.name}.specdef-old-{uuid.uuid4().hex[:8]}"
-        try:
-            os.rename(dst, old)
-        except OSError as e:
-            raise CheckpointError(f"cannot replace {dst}: {e}") from None
-        try:
-            os.rename(tmp, dst)
-        except OSError as e:
-            os.rename(old, dst)  # put the previous destination back
-            raise CheckpointError(f"cannot rename {tmp} to {dst}: {e}") from None
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        try:
-            os.rename(tmp, dst)
-        except OSError as e:
-            raise CheckpointError(f"cannot rename {tmp} to {dst}: {e}") from None
+    """Rename ``tmp`` to ``dst`` (:func:`hf_specdef.staging.commit_staging`)."""
+    try:
+        commit_staging(tmp, dst, overwrite)
+    except StagingError as e:
+        raise CheckpointError(str(e)) from None
