@@ -21,6 +21,7 @@ Pairs outside the batched shapes (large axis blocks, long spectral blocks) are d
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -179,6 +180,35 @@ def _decide_axis_large(plans: list[Plan], blocks: list[torch.Tensor], cfg: SpecD
 _DECIDERS = {"spectral": _decide_spectral, "axis": _decide_axis, "axis-large": _decide_axis_large}
 
 
+def _explain(plans: Sequence[Plan], tensors: Tensors) -> None:
+    """Raise :func:`engine.overflow_error` for the first of ``plans`` whose producers hold values too large to
+    deform (a batched decision failed or gave a non-finite sigma_1); return when none does."""
+    def read(b: TensorBlock) -> torch.Tensor:
+        return tensors[b.name].narrow(b.axis, b.start, b.stop - b.start)
+
+    for p in plans:
+        err = engine.overflow_error(p, read)
+        if err is not None:
+            raise err
+
+
+def _decide_checked(plans: list[Plan], tensors: Tensors, cfg: SpecDefConfig) -> list[tuple[Deformation, float, float]]:
+    """:func:`_decide`, with a failure of its arithmetic explained as in :func:`engine.checked_deformation`."""
+    try:
+        decided = _decide(plans, tensors, cfg)
+    except RuntimeError:  # e.g. a batched solver failing on an inf Gram matrix
+        try:
+            _explain(plans, tensors)
+        except engine.DeformationError as err:
+            raise err from None
+        raise
+    bad = [i for i, (_, s0, s1) in enumerate(decided) if not (math.isfinite(s0) and math.isfinite(s1))]
+    if bad:
+        _explain([plans[i] for i in bad], tensors)
+        raise engine.not_finite_error(plans[bad[0]], decided[bad[0]][1], decided[bad[0]][2])
+    return decided
+
+
 def _decide(plans: list[Plan], tensors: Tensors, cfg: SpecDefConfig) -> list[tuple[Deformation, float, float]]:
     blocks = [engine.producer_block(p.pair, tensors) for p in plans]
     out: list = [None] * len(plans)
@@ -314,7 +344,7 @@ def deform(plans: Sequence[Plan], tensors: Tensors, cfg: SpecDefConfig, save: Sa
     results: list[PairResult | None] = [None] * len(plans)
     for wave in waves(plans):
         chosen = [plans[i] for i in wave]
-        decided = _decide(chosen, tensors, cfg)
+        decided = _decide_checked(chosen, tensors, cfg)
         steps: dict[str, list[Step]] = defaultdict(list)
         for i, plan, (m, s0, s1) in zip(wave, chosen, decided, strict=True):
             results[i] = engine.result_of(plan, m, s0, s1)

@@ -3,11 +3,11 @@
 :func:`open_checkpoint` parses every shard's safetensors header (never the data) and validates it as
 safetensors' own reader does (:mod:`hf_specdef.safetensors_header`: known dtypes, integer shapes and
 offsets, tensors tiling the data exactly, no repeated keys), and the index both ways (every tensor it
-lists is in the shard it names, every tensor of every shard is listed there; shard names stay inside the
-folder). A shard that is missing, truncated or corrupted, or an index inconsistent with its shards, raises
-one :class:`CheckpointError` line naming the file. Shards are memory-mapped read-only; tensors are read
-one at a time (:meth:`Checkpoint.get_tensor` copies, :meth:`Checkpoint.view` does not) or taken as raw
-bytes (:meth:`Checkpoint.raw`).
+lists is in the shard it names, every tensor of every shard is listed there, no shard of the set is left
+out; shard names stay inside the folder). A shard that is missing, truncated or corrupted, or an index
+inconsistent with its shards, raises one :class:`CheckpointError` line naming the file. Shards are
+memory-mapped read-only; tensors are read one at a time (:meth:`Checkpoint.get_tensor` copies,
+:meth:`Checkpoint.view` does not) or taken as raw bytes (:meth:`Checkpoint.raw`).
 
 Used by :func:`hf_specdef.inspect_model` (on a path) and :func:`hf_specdef.protect_checkpoint`.
 """
@@ -18,6 +18,7 @@ import json
 import logging
 import mmap
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .release_files import STANDARD_WEIGHT_NAMES
 from .safetensors_header import (
     CheckpointError,
     check_index_covers,
@@ -188,7 +190,10 @@ class Checkpoint:
                 f"{root}: no .safetensors weights found (only safetensors checkpoints are supported; "
                 "convert .bin/.pt weights with save_pretrained(..., safe_serialization=True))."
             )
-        return files, None
+        # a stock loader reads only its standard file from a folder without an index: other .safetensors beside it
+        # (Mistral's consolidated.safetensors, a diffusers .fp16 variant) are not this checkpoint
+        standard = [f for f in files if f.name in STANDARD_WEIGHT_NAMES]
+        return standard or files, None
 
     def _files_from_index(self, files: list[Path]) -> list[Path]:
         names = sorted(set(self._weight_map.values()))  # plain file names (checked by load_index)
@@ -196,6 +201,15 @@ class Checkpoint:
         if missing:
             raise CheckpointError(f"shard {missing[0]} named by {self.index_path} is missing from {self.root}; "
                                   "re-download it.")
+        # a shard of the same set (same stem, same "-of-N") that the index forgot: its tensors would be left out
+        stem = re.escape(self.index_path.name.removesuffix(".safetensors.index.json")) if self.index_path else ""
+        pattern = re.compile(rf"{stem}-\d+-of-(\d+)\.safetensors")
+        totals = {m.group(1) for m in map(pattern.fullmatch, names) if m}
+        unlisted = sorted(p.name for p in self.root.glob("*-of-*.safetensors")
+                          if (m := pattern.fullmatch(p.name)) and m.group(1) in totals and p.name not in names)
+        if unlisted:
+            raise CheckpointError(f"{self.index_path} does not name shard {unlisted[0]} of the same checkpoint (its "
+                                  "tensors would be left out: stale index); re-download or re-save the checkpoint.")
         return [self.root / n for n in names]
 
     # -- queries --------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from . import engine, linalg
 from .config import SpecDefConfig
+from .errors import SpecDefError
 from .linalg import Deformation
 from .quantization.deformation import INVERTED_SITES
 from .sites import Pair, pairs_for
@@ -41,6 +42,10 @@ logger = logging.getLogger("hf_specdef")
 
 DEFAULT_THRESHOLD = 10.0
 """Balance score above which a direction counts as deformed (unprotected weights score ~1-3)."""
+
+
+class DetectionError(SpecDefError, ValueError):
+    """A bad argument to :func:`detect_deformations` (e.g. a threshold that is not a finite number > 1)."""
 
 
 @dataclass
@@ -270,8 +275,9 @@ def detect_deformations(
     Returns a :class:`DetectionReport` whose ``sites`` are in *protection order* (apply their
     inverses last-first to undo). The model is not modified: estimates are made on copies.
     """
-    if threshold <= 1:
-        raise ValueError(f"threshold={threshold!r} must be > 1 (a balance score of 1 means undeformed); try 10.")
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 1):
+        raise DetectionError(f"threshold={threshold!r} must be a finite number > 1 (a balance score of 1 means "
+                             "undeformed; inf would detect nothing); try 10.")
     if tensors is None:
         if model is None:
             raise ValueError("pass a model, or tensors=... together with pairs=...")

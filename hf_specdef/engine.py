@@ -16,6 +16,7 @@ import torch
 
 from . import exact_scaling, linalg, precision
 from .config import SpecDefConfig
+from .errors import SpecDefError
 from .linalg import Deformation
 from .precision import PrecisionBudgetError  # noqa: F401 - re-exported (hf_specdef.PrecisionBudgetError)
 from .sites.base import Pair, TensorBlock
@@ -24,6 +25,82 @@ logger = logging.getLogger("hf_specdef")
 
 Tensors = MutableMapping[str, torch.Tensor]
 Region = Callable[[TensorBlock], torch.Tensor]
+
+
+class DeformationError(SpecDefError, ValueError):
+    """A pair could not be deformed from its weights: a value so large that deciding the pair overflows (a
+    non-finite intermediate), or a decision (sigma_1) that is not finite. The message names the tensor."""
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def largest_safe_value(row_length: int, factor: float) -> float:
+    """The largest magnitude a producer entry may have for deciding a pair to stay finite: the deformation's
+    float32 arithmetic (Gram matrices, sigma_1 before and after) sums the squares of ``row_length`` entries per
+    channel, scaled by ``factor``."""
+    return math.sqrt(_F32_MAX / max(row_length, 1)) / max(factor, 1.0 / factor if factor > 0 else 1.0, 1.0)
+
+
+def overflow_error(plan: Plan, read: Region, where: Callable[[str], str] | None = None,
+                   source: Region | None = None) -> DeformationError | None:
+    """Why deciding ``plan``'s pair failed or gave a non-finite sigma_1, when a producer holds values too large to
+    deform (see :func:`largest_safe_value`): a :class:`DeformationError` naming the tensor, its largest value and the
+    limit (``where(name)`` prefixes it, e.g. with the file). ``None`` when no value is that large (or NaN/inf, which
+    the callers report as a broken weight): the failure has another cause, and the caller re-raises it.
+    ``read(block)`` gives a producer block's current values (earlier pairs' steps applied); ``source(block)``, where
+    given, its values as stored (what the message quotes, with the current ones when they differ)."""
+    peaks, row = [], 0
+    for b in plan.pair.producers:
+        t = read(b)
+        if t.numel() == 0:
+            continue
+        peaks.append((float(t.detach().abs().max()), b))
+        row += t.numel() // max(b.stop - b.start, 1)
+    if not peaks:
+        return None
+    peak, b = max(peaks, key=lambda x: x[0] if math.isfinite(x[0]) else -1.0)
+    limit = largest_safe_value(row, plan.factor)
+    if not (math.isfinite(peak) and peak > limit):
+        return None
+    prefix = where(b.name) if where is not None else ""
+    stored = float(source(b).detach().abs().max()) if source is not None else peak
+    if source is None:
+        now = " (its values with the steps of earlier pairs, if any, applied)"
+    else:
+        now = f" ({peak:.3g} after the steps of earlier pairs)" if f"{stored:.3g}" != f"{peak:.3g}" else ""
+    return DeformationError(
+        f"{prefix}tensor {b.name!r} has values up to {stored:.3g}{now}, too large to deform: deciding pair "
+        f"{plan.pair.key} (site {plan.pair.site}, factor {plan.factor:g}) sums the squares of its {row} "
+        f"entr{'y' if row == 1 else 'ies'} per channel, which "
+        f"overflows float32 (a non-finite intermediate) for values above {limit:.2g}. Trained weights are far "
+        "smaller, so the tensor is likely corrupted: repair or re-export it, or leave this site out "
+        "(SpecDefConfig(sites=...) / --sites).")
+
+
+def not_finite_error(plan: Plan, sigma_before: float, sigma_after: float, prefix: str = "") -> DeformationError:
+    """The error for a decision whose sigma_1 is not finite and whose weights are neither NaN/inf nor too large."""
+    return DeformationError(
+        f"{prefix}pair {plan.pair.key} (producers {', '.join(dict.fromkeys(b.name for b in plan.pair.producers))}): "
+        f"sigma_1 {sigma_before:g} -> {sigma_after:g} is not finite (a non-finite intermediate); the weights may be "
+        "corrupted: check them, or leave this site out (SpecDefConfig(sites=...) / --sites).")
+
+
+def checked_deformation(plan: Plan, block: torch.Tensor, cfg: SpecDefConfig, read: Region,
+                        region: Region | None = None) -> tuple[Deformation, float, float]:
+    """:func:`build_deformation`, with a failure of its arithmetic (a solver that does not converge, a non-finite
+    sigma_1) explained by :func:`overflow_error` where a producer value is too large to deform. ``read`` gives a
+    producer block's values (for the explanation); NaN/inf weights are refused before (:func:`check_finite`)."""
+    try:
+        m, s0, s1 = build_deformation(plan, block, cfg, region)
+    except RuntimeError:  # e.g. torch.linalg's solver failing on an inf Gram matrix
+        err = overflow_error(plan, read)
+        if err is None:
+            raise
+        raise err from None
+    if not (math.isfinite(s0) and math.isfinite(s1)):
+        raise overflow_error(plan, read) or not_finite_error(plan, s0, s1)
+    return m, s0, s1
 
 
 @dataclass
@@ -264,11 +341,12 @@ def deform_pair(
         plan.guard.after(m, tensors)
         return result_of(plan, m, s0, s1)
     block = producer_block(plan.pair, tensors)
-    region = None
-    if plan.policy == "axis-float16":
-        def region(b: TensorBlock) -> torch.Tensor:
-            return tensors[b.name].narrow(b.axis, b.start, b.stop - b.start)
-    m, s0, s1 = build_deformation(plan, block, cfg, region)  # before apply_pair: ``block`` may be a view of the weight
+
+    def read(b: TensorBlock) -> torch.Tensor:
+        return tensors[b.name].narrow(b.axis, b.start, b.stop - b.start)
+
+    region = read if plan.policy == "axis-float16" else None
+    m, s0, s1 = checked_deformation(plan, block, cfg, read, region)  # before apply_pair: ``block`` may be a view
     if before_apply is not None:
         before_apply(m)
     apply_pair(plan.pair, tensors, m)

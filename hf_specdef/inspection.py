@@ -9,15 +9,24 @@ Two kinds of evidence:
   deformed consumer block has ``k`` values ~alpha below (a *bottom gap*); diagonal (axis) sites
   show as row or column norm outliers.
 
-A matrix is flagged *deformed* when any of its evidence exceeds ``threshold`` (default 20; a
-protection at alpha >= 100 gives gaps around alpha). Coverage is the share of trainable parameters
-in flagged matrices, and the share in *hot* matrices (consumers of an inflated activation), the ones
-that actually slow fine-tuning (SPEC §2).
+The verdict (:data:`RULE`): a matrix is flagged *deformed* when its *deciding evidence* reaches
+``threshold`` (default 20, a finite ratio > 1; a protection at alpha >= 100 gives ratios around alpha). For an
+architecture the site registry knows, the deciding evidence is the largest **per-block** statistic of the site
+blocks the matrix belongs to (``block_row_high`` / ``block_row_low``: max/median and median/min norm of the
+rows or columns a site scales, per head or channel block; ``block_top_gap`` / ``block_bottom_gap``: the largest
+ratio of consecutive singular values in the top / bottom half of a head block's spectrum); the matrix-level
+numbers are noisy there and only shown. A matrix in no site is not judged. For an unknown architecture it is
+the largest **matrix-level** statistic (``top_gap``: largest ratio of consecutive top singular values;
+``row_high`` / ``row_low`` / ``col_high`` / ``col_low``: max/median and median/min row / column norms). The
+report prints, per matrix, the deciding value and which statistic it is. Coverage is the share of trainable
+parameters in flagged matrices, and the share in *hot* matrices (consumers of an inflated activation), the
+ones that actually slow fine-tuning (SPEC §2).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -29,7 +38,8 @@ import torch
 
 from . import linalg
 from .config import INSPECT_THRESHOLD, SpecDefConfig
-from .sites import NoSitesError, Pair, drop_inexact, pairs_for
+from .errors import SpecDefError
+from .sites import ModelConfigError, NoSitesError, Pair, TensorShapeError, drop_inexact, pairs_for
 
 DEFAULT_THRESHOLD = INSPECT_THRESHOLD
 _TOP = 32  # singular values kept per matrix
@@ -37,6 +47,38 @@ _TOP = 32  # singular values kept per matrix
 # numbers whose median/min ratio over 64+ columns exceeds the threshold in an untouched model
 _MIN_ROW = 4
 RTOL = 1e-4  # relative accuracy of the reported singular values (linalg.top_singular_values)
+
+BLOCK_CRITERIA = ("block_row_high", "block_row_low", "block_top_gap", "block_bottom_gap")
+MATRIX_CRITERIA = ("top_gap", "row_high", "row_low", "col_high", "col_low")
+RULE = {
+    True: ("deformed = YES when the evidence column (the largest per-block statistic of the site blocks the matrix "
+           "belongs to) >= threshold; criterion names it: block_row_high / block_row_low = max/median and "
+           "median/min norm of the rows or columns a site scales (per head or channel block), block_top_gap / "
+           "block_bottom_gap = largest ratio of consecutive singular values in the top / bottom half of a head "
+           "block's spectrum. Matrices in no site are not judged (evidence and criterion '-'). The matrix-level top "
+           "gap is shown for reference only."),
+    False: ("deformed = YES when the evidence column (the largest matrix-level statistic) >= threshold; criterion "
+            "names it: top_gap = largest ratio of consecutive top singular values, row_high / row_low / col_high / "
+            "col_low = max/median and median/min row / column norms."),
+}
+
+
+class InspectionError(SpecDefError, ValueError):
+    """A bad argument to :func:`inspect_model` (e.g. a threshold that is not a finite ratio > 1)."""
+
+
+def check_threshold(threshold: Any, name: str = "threshold") -> float:
+    """``threshold`` as a float, or :class:`InspectionError`: it must be a finite ratio > 1 (the evidence of an
+    undeformed matrix is a ratio >= 1; ``inf`` would flag nothing)."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (math.isfinite(value) and value > 1):
+        raise InspectionError(f"{name}={threshold!r} is not a valid threshold: use a finite ratio > 1 (the valid range "
+                              f"is 1 < threshold < inf; default {INSPECT_THRESHOLD:g}, and a protection at alpha >= "
+                              "100 gives ratios around alpha).")
+    return value
 
 
 @dataclass
@@ -49,9 +91,22 @@ class TensorFinding:
     evidence: dict[str, float] = field(default_factory=dict)
     role: str = ""  # "hot", "cold" or "" (from the site registry)
     deformed: bool = False
+    score: float | None = None  # the deciding evidence (see RULE); None: not judged (a matrix in no site)
+    criterion: str = ""  # which statistic of ``evidence`` ``score`` is
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__ | {"shape": list(self.shape)}
+
+    def judge(self, threshold: float, blocks_only: bool) -> None:
+        """Set ``score`` / ``criterion`` (the largest statistic the rule uses) and the verdict ``score >= threshold``."""
+        keys = BLOCK_CRITERIA if blocks_only else MATRIX_CRITERIA
+        used = {k: v for k, v in self.evidence.items() if k in keys}
+        if not used:
+            self.score, self.criterion, self.deformed = None, "", False
+            return
+        self.criterion = max(used, key=lambda k: used[k])
+        self.score = used[self.criterion]
+        self.deformed = self.score >= threshold
 
 
 @dataclass
@@ -73,10 +128,15 @@ class InspectionReport:
     def hot_coverage(self) -> float:
         return sum(f.numel for f in self.findings if f.deformed and f.role == "hot") / max(self.total_params, 1)
 
+    @property
+    def rule(self) -> str:
+        """The rule the verdicts follow (per-block evidence for a known architecture, matrix-level otherwise)."""
+        return RULE[self.architecture_known]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "threshold": self.threshold, "total_params": self.total_params,
-            "architecture_known": self.architecture_known, "deformed": self.deformed,
+            "architecture_known": self.architecture_known, "rule": self.rule, "deformed": self.deformed,
             "coverage": self.coverage, "hot_coverage": self.hot_coverage,
             "tensors": [f.to_dict() for f in self.findings],
         }
@@ -85,13 +145,16 @@ class InspectionReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def __str__(self) -> str:
-        lines = [f"{'tensor':<60} {'shape':>14} {'sigma1':>10} {'outlier':>9} {'role':>5}  deformed"]
+        lines = [f"{'tensor':<60} {'shape':>14} {'sigma1':>10} {'top gap':>9} {'evidence':>10} {'criterion':<16} "
+                 f"{'role':>5}  deformed (evidence >= {self.threshold:g})"]
         for f in self.findings:
             s1 = f.top_singular_values[0] if f.top_singular_values else float("nan")
+            score = "-" if f.score is None else f"{f.score:.4g}"
             lines.append(f"{f.name[-60:]:<60} {'x'.join(map(str, f.shape)):>14} {s1:>10.4g} {f.outlier_ratio:>9.3g} "
-                         f"{f.role:>5}  {'YES' if f.deformed else ''}")
+                         f"{score:>10} {f.criterion or '-':<16} {f.role:>5}  {'YES' if f.deformed else ''}")
         lines.append(f"deformed matrices: {len(self.deformed)}/{len(self.findings)}; coverage {self.coverage:.1%} of "
                      f"{self.total_params:,} parameters; hot (slowed) {self.hot_coverage:.1%}")
+        lines.append(f"rule (threshold {self.threshold:g}): {self.rule}")
         if not self.architecture_known:
             lines.append("architecture not in the site registry: per-head evidence unavailable (matrix-level only)")
         return "\n".join(lines)
@@ -172,6 +235,7 @@ def inspect_tensors(
     per shard, in file order): a group is finished before the next starts, then ``group_done(i)`` is
     called; ``done(name)`` is called once a tensor's evidence is computed (e.g. to let its pages go).
     """
+    threshold = check_threshold(threshold)
     try:
         pairs = pairs_for(config or {}, shapes, SpecDefConfig(), class_name)
     except NoSitesError:
@@ -208,14 +272,10 @@ def inspect_tensors(
             if group_done is not None:
                 group_done(i)
     for f in findings.values():  # known architecture: per-block evidence only (matrix-level norms are noisy)
-        f.deformed = _is_deformed(f.evidence, threshold, blocks_only=bool(pairs))
+        f.judge(threshold, blocks_only=bool(pairs))
     names = trainable if trainable is not None else set(shapes)
     total = sum(int(torch.Size(shapes[n]).numel()) for n in names)
     return InspectionReport(sorted(findings.values(), key=lambda f: f.name), threshold, total, bool(pairs))
-
-
-def _is_deformed(ev: dict[str, float], threshold: float, blocks_only: bool) -> bool:
-    return any(v >= threshold for k, v in ev.items() if k.startswith("block_") or not blocks_only)
 
 
 def inspect_model(model_or_path: Any, threshold: float = DEFAULT_THRESHOLD) -> InspectionReport:
@@ -223,7 +283,12 @@ def inspect_model(model_or_path: Any, threshold: float = DEFAULT_THRESHOLD) -> I
 
     Files are memory-mapped and read shard by shard, several tensors at a time, each once (zero-copy; its
     pages are let go once its evidence is computed), never the whole model at once.
+
+    ``threshold``: the ratio the deciding evidence of a matrix must reach for it to count as deformed (see
+    :data:`RULE`: per-block statistics of its site blocks for a registered architecture, matrix-level statistics
+    otherwise); a finite number > 1, else :class:`InspectionError`.
     """
+    threshold = check_threshold(threshold)
     if isinstance(model_or_path, torch.nn.Module):
         model = model_or_path
         params = dict(model.named_parameters())
@@ -243,6 +308,12 @@ def inspect_model(model_or_path: Any, threshold: float = DEFAULT_THRESHOLD) -> I
             with lock:
                 return ckpt.view(name)
 
-        return inspect_tensors(ckpt.shapes(), view, ckpt.config, ckpt.class_name, threshold,
-                               groups=[ckpt.keys_of(f) for f in ckpt.files], done=ckpt.drop_pages,
-                               group_done=lambda i: ckpt.release(ckpt.files[i]))
+        try:
+            return inspect_tensors(ckpt.shapes(), view, ckpt.config, ckpt.class_name, threshold,
+                                   groups=[ckpt.keys_of(f) for f in ckpt.files], done=ckpt.drop_pages,
+                                   group_done=lambda i: ckpt.release(ckpt.files[i]))
+        except ModelConfigError as e:  # name the checkpoint's files
+            raise e.at(str(ckpt.root / "config.json")) from None
+        except TensorShapeError as e:
+            info = ckpt.infos.get(e.tensor)
+            raise (e.at(str(info.file)) if info is not None and not e.source else e) from None

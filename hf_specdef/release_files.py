@@ -43,6 +43,8 @@ WEIGHT_SUFFIXES = (
     ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".hdf5", ".msgpack", ".gguf", ".ggml", ".onnx", ".npz",
     ".npy", ".pkl", ".pickle", ".tflite", ".ot", ".keras", ".mlmodel", ".joblib", ".nemo", ".distcp", ".tar",
 )
+# the file a stock loader reads from a folder without an index (transformers, diffusers)
+STANDARD_WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 WEIGHT_INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json", ".pth.index.json", ".pt.index.json")
 # the first bytes of formats that hold tensors whatever the file is called
 _MAGIC = (
@@ -216,8 +218,9 @@ def unexpected_weights(folder: Path, expected: Collection[Path], weight_folders:
 
 
 def _shards_of(root: Path) -> set[Path]:
-    """The safetensors files (and index) of the checkpoint in ``root``: those its index names, else every
-    top-level ``*.safetensors``."""
+    """The safetensors files (and index) of the checkpoint in ``root``: those its index names, else the file a stock
+    loader reads (``model.safetensors``, ``diffusion_pytorch_model.safetensors``), else every top-level
+    ``*.safetensors``."""
     indexes = sorted(root.glob("*.safetensors.index.json"))
     if len(indexes) == 1:
         try:
@@ -226,7 +229,8 @@ def _shards_of(root: Path) -> set[Path]:
             weight_map = {}
         names = {v for v in weight_map.values() if isinstance(v, str) and "/" not in v and "\\" not in v}
         return {indexes[0].absolute()} | {(root / n).absolute() for n in names}
-    return {p.absolute() for p in root.glob("*.safetensors")}
+    standard = [root / n for n in STANDARD_WEIGHT_NAMES if (root / n).is_file()]
+    return {p.absolute() for p in (standard or root.glob("*.safetensors"))}
 
 
 def _has_record(root: Path) -> bool:

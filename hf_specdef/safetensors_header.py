@@ -15,10 +15,11 @@
   at 0, each begins where the previous one ends, the last ends at the end of the file (no hole, no overlap,
   no trailing bytes), and each spans ``numel * bits / 8`` bytes (whole bytes; no 64-bit overflow).
 
-It is stricter than safetensors in one respect, on purpose: a key repeated in any JSON object is refused
-(safetensors keeps the last one of a repeated tensor name or metadata key, which hides an entry), and so are
-the forms no writer produces that serde happens to accept (an entry given as a JSON array, a dtype given as
-``{"F32": null}``). Everything else it accepts or refuses exactly as ``safetensors.safe_open`` does.
+It is stricter than safetensors on purpose in two respects: a key repeated in any JSON object is refused
+(safetensors keeps the last of a repeated tensor name or metadata key, which hides an entry), and so are the
+forms no writer produces that serde happens to accept (an entry given as a JSON array
+``[dtype, shape, data_offsets]``, a dtype given as ``{"F32": null}``). Everything else it accepts or refuses
+exactly as ``safetensors.safe_open`` (0.8) does (``tests/test_checkpoint_validation.py`` checks this).
 
 :func:`load_index` and :func:`check_index_covers` validate a ``*.safetensors.index.json`` file: its
 ``weight_map`` maps tensor names to plain ``.safetensors`` file names inside the folder (a hostile index
@@ -38,7 +39,7 @@ import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import SpecDefError
 
@@ -50,6 +51,7 @@ DTYPE_BITS: dict[str, int] = {
     "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
 }
 _FIELDS = frozenset({"dtype", "shape", "data_offsets"})
+_INT = frozenset({int})
 _U64_MAX = (1 << 64) - 1
 _I64_MIN = -(1 << 63)
 _MAX_DEPTH = 128  # serde_json refuses 128 nested arrays/objects
@@ -63,8 +65,7 @@ class CheckpointError(SpecDefError, ValueError):
     """A checkpoint folder or file is missing, truncated, corrupted or inconsistent with its index."""
 
 
-@dataclass(frozen=True)
-class HeaderEntry:
+class HeaderEntry(NamedTuple):
     """One tensor of a safetensors header: ``[begin, end)`` is relative to the data buffer (after the header)."""
 
     name: str
@@ -126,7 +127,7 @@ def _float(text: str) -> float:
 
 
 def _int(text: str) -> int | float:
-    # serde_json reads -0 and integers outside [i64 min, u64 max] as floats (so they are no valid size or offset)
+    # serde_json reads -0 and integers outside [i64 min, u64 max] as floats (so they are not valid sizes or offsets)
     if len(text) > 20 or text == "-0":
         return _float(text)
     value = int(text)
@@ -187,10 +188,6 @@ def _surrogate_in(value: Any) -> str | None:
         elif isinstance(v, list):
             stack.extend(v)
     return None
-
-
-def _is_u64(value: Any) -> bool:
-    return type(value) is int and 0 <= value <= _U64_MAX
 
 
 def read_safetensors_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
@@ -268,27 +265,34 @@ def parse_safetensors_header(raw: bytes, data_size: int, source: str | os.PathLi
     return SafetensorsHeader(len(raw), entries, metadata)
 
 
+def _u64s(value: Any) -> bool:
+    """``value`` is a list of integers in [0, 2**64) (not booleans; the parser made larger integers floats)."""
+    return type(value) is list and set(map(type, value)) <= _INT and (not value or min(value) >= 0)
+
+
 def _entry(name: str, value: Any, fail: Callable[[str], CheckpointError]) -> HeaderEntry:
-    if not isinstance(value, dict):
-        raise fail(f"tensor {name!r} is {_kind(value)} {_short(value)}, not an object with dtype, shape and "
-                   "data_offsets")
-    missing = sorted(_FIELDS - value.keys())
-    if missing:
-        raise fail(f"tensor {name!r} has no {missing[0]!r}")
-    dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+    if type(value) is not dict:
+        shown = "" if value is None else f" {_short(value)}"
+        raise fail(f"tensor {name!r} is {_kind(value)}{shown}, not an object with dtype, shape and data_offsets")
+    try:
+        dtype, shape, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    except KeyError as e:
+        raise fail(f"tensor {name!r} has no {e.args[0]!r}") from None
+    if type(dtype) is not str or dtype not in DTYPE_BITS:
         raise fail(f"tensor {name!r} has dtype {_short(dtype)}, not a safetensors dtype name "
                    f"({', '.join(DTYPE_BITS)})")
-    if not isinstance(shape, list) or not all(_is_u64(s) for s in shape):
+    if not _u64s(shape):
         raise fail(f"tensor {name!r} has shape {_short(shape)}, not a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_u64(o) for o in offsets)):
+    if not (_u64s(offsets) and len(offsets) == 2):
         raise fail(f"tensor {name!r} has data_offsets {_short(offsets)}, not [begin, end] with non-negative integers")
-    if offsets[0] > offsets[1]:
+    begin, end = offsets
+    if begin > end:
         raise fail(f"tensor {name!r} has data_offsets {offsets}: it ends before it begins")
-    for field in value.keys() - _FIELDS:  # ignored, as safetensors does, but the parser's depth limit applies
-        if _depth(value[field], _MAX_DEPTH) >= _MAX_DEPTH - 2:
-            raise fail(f"field {field!r} of tensor {name!r} nests over {_MAX_DEPTH - 1} arrays/objects deep")
-    return HeaderEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
+    if len(value) > 3:  # other fields: ignored, as safetensors does, but the parser's depth limit applies
+        for field in value.keys() - _FIELDS:
+            if _depth(value[field], _MAX_DEPTH) >= _MAX_DEPTH - 2:
+                raise fail(f"field {field!r} of tensor {name!r} nests over {_MAX_DEPTH - 1} arrays/objects deep")
+    return HeaderEntry(name, dtype, tuple(shape), begin, end)
 
 
 def _check_layout(entries: tuple[HeaderEntry, ...], data_size: int, source: Any,
@@ -307,11 +311,14 @@ def _check_layout(entries: tuple[HeaderEntry, ...], data_size: int, source: Any,
         if e.begin < start:
             raise fail(f"tensor {e.name!r} (data_offsets [{e.begin}, {e.end}]) overlaps tensor {prev.name!r} "
                        f"(ends at {start})")
-        numel = 1
-        for s in e.shape:
-            numel *= s
-            if numel > _U64_MAX:
-                break
+        numel = math.prod(e.shape)
+        if numel > _U64_MAX or (numel == 0 and len(e.shape) > 2):
+            # as Rust's checked product: dimensions overflowing 64 bits before a zero one still overflow
+            numel = 1
+            for s in e.shape:
+                numel *= s
+                if numel > _U64_MAX:
+                    break
         nbits = numel * DTYPE_BITS[e.dtype]
         if nbits > _U64_MAX:
             raise fail(f"tensor {e.name!r} has shape {list(e.shape)}: its size overflows 64 bits")
@@ -364,7 +371,7 @@ def load_index(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, 
         raise CheckpointError(f"{path}: corrupted index: it is {_kind(index)}, not a JSON object; {INDEX_FIX}.")
     wm = index.get("weight_map")
     if not isinstance(wm, dict) or not wm:
-        got = "no 'weight_map'" if wm is None else f"'weight_map' {_short(wm)}, not a non-empty object"
+        got = "no 'weight_map'" if "weight_map" not in index else f"'weight_map' {_short(wm)}, not a non-empty object"
         raise CheckpointError(f"{path}: corrupted index: it has {got}; {INDEX_FIX}.")
     for name, fname in wm.items():
         if not isinstance(fname, str) or not _plain_shard_name(fname):

@@ -156,3 +156,25 @@ def test_destination_that_is_a_link_and_source_that_is_a_file_are_refused(plain_
     assert not [p for p in tmp_path.iterdir() if ".specdef-" in p.name]
     with pytest.raises(CheckpointError, match="is a file; pass the checkpoint folder"):
         protect_checkpoint(plain_src / "model.safetensors", tmp_path / "out", CFG, progress=False)
+
+
+def test_pipeline_release_copies_unprotected_components_but_no_stray_weights(tmp_path):
+    """The other components of a pipeline are copied unchanged on purpose (the release says so); weights anywhere
+    else -- beside the protected denoiser, or deeper -- are not."""
+    from test_streaming import _tiny_pipeline_folder
+
+    _, src = _tiny_pipeline_folder(tmp_path)
+    denoiser = "unet" if (src / "unet").is_dir() else "transformer"
+    (src / denoiser / "original").mkdir()
+    shutil.copy2(next((src / denoiser).glob("*.safetensors")), src / denoiser / "original" / "weights.safetensors")
+    torch.save({"w": torch.ones(2)}, src / denoiser / "diffusion_pytorch_model.bin")
+    (src / "vae" / "old").mkdir()
+    torch.save({"w": torch.ones(2)}, src / "vae" / "old" / "vae.pt")
+    report = protect_checkpoint(src, tmp_path / "dst", CFG, progress=False)
+    dst = tmp_path / "dst"
+    vae_weights = sorted(p.name for p in (src / "vae").glob("*.safetensors"))
+    assert vae_weights and sorted(p.name for p in (dst / "vae").glob("*.safetensors")) == vae_weights
+    for rel in (f"{denoiser}/original/weights.safetensors", f"{denoiser}/diffusion_pytorch_model.bin", "vae/old/vae.pt"):
+        assert not (dst / rel).exists(), rel
+        assert any(n.startswith(f"not copied: {rel} (") for n in report.notes), rel
+    assert check_release_folder(dst) == []

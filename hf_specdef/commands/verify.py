@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--quantize compares the float32 models' quantized weights; run --dtype separately.")
     if formats and is_composed(Path(args.original), original) and is_composed(Path(args.protected), protected):
         raise ValueError("--quantize compares transformers models; for a pipeline, pass its component folders.")
+    for folder in (original, protected):  # a config or shape the sites cannot use: one clear error, before loading
+        check_folder(folder)
     result, prot = compare_folders(args.original, args.protected, args.tolerance, dtype)
     if formats:
         orig = load_stock(original)
@@ -113,6 +115,25 @@ def run(args: argparse.Namespace) -> int:
             print(f"the protected release does not keep its function in {args.dtype}: load it in float32, or protect "
                   f"with precision='auto' on a {args.dtype} checkpoint for a protection exact in {args.dtype}")
     return 0 if ok else 1
+
+
+def check_folder(folder: Path) -> None:
+    """Refuse, before anything is loaded, a model folder whose config.json or tensor shapes contradict its
+    architecture's sites (:class:`~hf_specdef.sites.ModelConfigError` / :class:`~hf_specdef.sites.TensorShapeError`,
+    naming the file, field or tensor and the value), instead of the loader's own error. Folders the checks cannot
+    read (no safetensors, an architecture the registry does not know) are left to the loader."""
+    from ..checkpoint import CheckpointError, open_checkpoint
+    from ..config import SpecDefConfig
+    from ..sites import NoSitesError
+    from ..streaming.plan import checkpoint_pairs
+
+    if not Path(folder).is_dir() or not any(Path(folder).glob("*.safetensors")):
+        return
+    try:
+        with open_checkpoint(folder) as ckpt:
+            checkpoint_pairs(ckpt, SpecDefConfig())
+    except (NoSitesError, CheckpointError):
+        return
 
 
 def _quantized(orig: torch.nn.Module, prot: torch.nn.Module, formats: tuple[str, ...], args: argparse.Namespace,

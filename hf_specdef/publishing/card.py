@@ -4,12 +4,33 @@ The template is ``hf_specdef/templates/specdef_model_card.md`` (package data; a 
 ``model_cards/specdef_model_card.md``), rendered through :class:`huggingface_hub.ModelCard` /
 :class:`~huggingface_hub.ModelCardData` with the source's metadata, the protection records of the folder and the
 figures of the checks.
+
+The card claims what was done and measured on *this* release, nothing else:
+
+* the mode and the factors are the ones the records say were applied (``"modes"``, ``"factors"``), beside the
+  requested alpha (``1000 → 1024`` in axis mode);
+* the headline on fine-tuning resistance is the worst case measured on this release (a red team's, or a quick toy
+  measurement's, named as such), or says plainly that none was measured, with the bound that holds for any release
+  that only rescales weights; figures measured on another model are labelled as such;
+* the ``fine-tuning-resistance`` tag is only given for a **red-team worst case over uninformed attacks above
+  1.5×** (:data:`RESISTANCE_TAG_MIN`): a quick toy measurement (one optimizer, a synthetic task) is not a worst case,
+  and without a measurement a bit-exact release is not slowed at all by a scale-invariant optimizer.
+
+Every user-provided string (Hub ids, folder and class names from the source's files, names from the records and
+from red-team results) is escaped for where it lands: Markdown text through :func:`escape_markdown`, the Python
+usage snippet through JSON string literals (:func:`_py_str`) and identifier checks, the YAML front matter through
+:class:`~huggingface_hub.ModelCardData` (``yaml.dump``).
 """
 
 from __future__ import annotations
 
 import datetime
+import json
+import math
 import os
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,27 +39,184 @@ from .. import __version__
 from ..config import SpecDefConfig
 from .checks import ComponentCheck, _fmt
 from .components import _components, _record_of
-from .source import SourceInfo, _looks_like_hub_id
+from .source import SourceInfo
 
 TEMPLATE_NAME = "specdef_model_card.md"
-TAGS = ("specdef", "spectral-deformation", "hf-specdef", "fine-tuning-resistance")
+TAGS = ("specdef", "hf-specdef")
+SPECTRAL_TAG = "spectral-deformation"  # only when spectral mode was used
+RESISTANCE_TAG = "fine-tuning-resistance"  # only for a measured red-team worst case above RESISTANCE_TAG_MIN
+RESISTANCE_TAG_MIN = 1.5
 PAPER_URL = "https://arxiv.org/abs/2602.18868"
 MAX_CARD_PAIRS = 64  # rows of the per-pair table in a card at record level "full"
+REFERENCE_MODEL = "SmolLM2-135M-Instruct"  # the model of the labelled reference measurements
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+_DTYPES = ("float32", "bfloat16", "float16")
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|~&$])")
+_MD_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")  # an intraword "_" opens no emphasis
 
 
 def template_path() -> Path:
-    """The packaged model-card template (a copy of ``model_cards/specdef_model_card.md``)."""
+    """The packaged model-card template (a copy of ``model_cards/specdef_model_card.md``).
+
+    Returns:
+        The path of ``hf_specdef/templates/specdef_model_card.md``.
+
+    Example:
+
+    ```python
+    >>> template_path().name
+    'specdef_model_card.md'
+    ```
+    """
     return Path(str(resources.files("hf_specdef") / "templates" / TEMPLATE_NAME))
 
 
-def _load_snippet(info: SourceInfo, repo_id: str) -> str:
+def escape_markdown(value: Any) -> str:
+    """``value`` as inline Markdown text that renders literally: one line, no HTML, no emphasis, links or table cells.
+
+    Whitespace runs (newlines included) become one space (so no value can start a block: a heading, a list, a raw
+    HTML block), control and format characters (bidirectional overrides) are dropped, and every character that
+    could start inline markup is backslash-escaped: HTML ``<>``, entities ``&``, emphasis ``*`` ``~`` and ``_``
+    (except between two letters or digits, where it opens nothing), code spans, links ``[]``, math ``$`` and the
+    table cell separator ``|`` (CommonMark allows a backslash before any ASCII punctuation; GFM tables need
+    ``\\|``). The card only places values inside a line, never at its start.
+
+    Args:
+        value: any value; ``None`` gives ``""``.
+
+    Returns:
+        The escaped text.
+
+    Example:
+
+    ```python
+    >>> escape_markdown("x\\n**VERIFIED SAFE** <script>|")
+    'x \\\\*\\\\*VERIFIED SAFE\\\\*\\\\* \\\\<script\\\\>\\\\|'
+    ```
+    """
+    if value is None:
+        return ""
+    text = "".join(ch for ch in str(value) if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cf"))
+    text = re.sub(r"\s+", " ", text).strip()
+    return _MD_UNDERSCORE.sub(r"\\_", _MD_SPECIAL.sub(r"\\\1", text))
+
+
+def _md_any(value: Any) -> Any:
+    """:func:`escape_markdown` applied to every string inside ``value`` (lists and dicts kept as such)."""
+    if isinstance(value, str):
+        return escape_markdown(value)
+    if isinstance(value, Mapping):
+        return {k: _md_any(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_md_any(v) for v in value]
+    return value
+
+
+def _py_str(value: str) -> str:
+    """A Python string literal of ``value`` (JSON's escapes are Python's; backticks escaped so that no value can
+    close the Markdown code fence around the snippet)."""
+    return json.dumps(str(value), ensure_ascii=True).replace("`", "\\u0060")
+
+
+def format_factor(factor: float) -> str:
+    """A deformation factor as the card prints it: ``1024``, ``1000``, or ``1/1024`` for an inverted site.
+
+    Args:
+        factor: the factor applied (a record's ``"factors"`` entry).
+
+    Returns:
+        The text.
+
+    Example:
+
+    ```python
+    >>> format_factor(1024.0), format_factor(2.0**-10), format_factor(1000.0)
+    ('1024', '1/1024', '1000')
+    ```
+    """
+    f = float(factor)
+    if 0 < f < 1:
+        inv = 1 / f
+        if abs(inv - round(inv)) < 1e-9 * inv:
+            return f"1/{round(inv)}"
+    if math.isfinite(f) and f == round(f):
+        return str(int(round(f)))
+    return f"{f:.4g}"
+
+
+def _is_power_of_two(f: float) -> bool:
+    m, _ = math.frexp(float(f))
+    return f > 0 and m == 0.5
+
+
+def release_dtype(safety: Mapping[str, Any] | None, folder: Path) -> str | None:
+    """The dtype a user should load the release in: float32 for a float32-only release, else its storage dtype when
+    the protection is exact there (else its first exact dtype); without a precision record, ``config.json``'s
+    ``dtype`` / ``torch_dtype``. ``None`` when nothing says.
+
+    Args:
+        safety: :func:`hf_specdef.release_dtypes.folder_safety` of the folder (or a protection report's precision).
+        folder: the published folder.
+
+    Returns:
+        ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``None``.
+
+    Example:
+
+    ```python
+    >>> release_dtype({"float32_only": True, "exact_dtypes": ["float32"]}, Path("."))
+    'float32'
+    ```
+    """
+    if safety:
+        if safety.get("float32_only"):
+            return "float32"
+        exact = [d for d in safety.get("exact_dtypes") or [] if d in _DTYPES]
+        if safety.get("storage_dtype") in exact:
+            return str(safety["storage_dtype"])
+        if exact:
+            return exact[0]
+    conf = folder / "config.json"
+    try:
+        config = json.loads(conf.read_text()) if conf.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        config = {}
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in _DTYPES else None
+
+
+def _load_snippet(info: SourceInfo, repo_id: str, folder: Path | None = None, dtype: str | None = None) -> str:
+    """The card's Python usage snippet: the stock class (when the library has it; else the Auto class), the full
+    ``owner/name`` id, the release's dtype and, when the folder holds tokenizer files, its tokenizer. Every value is
+    a JSON string literal or a checked identifier: nothing from the source can become code."""
+    rid = _py_str(repo_id)
+    dtype = dtype if dtype in _DTYPES else None
+    lines = ["# replace <owner> with the Hub user or organisation the release is pushed to"] if "<owner>" in repo_id else []
     if info.kind == "transformers":
-        return (f"from transformers import {info.class_name}\n\n"
-                f"model = {info.class_name}.from_pretrained(\"{repo_id}\")")
+        import transformers
+
+        cls = info.class_name if _is_library_class(transformers, info.class_name) else "AutoModel"
+        tok = folder is not None and any((folder / f).is_file() for f in _TOKENIZER_FILES)
+        imports = ", ".join(dict.fromkeys([cls] + (["AutoTokenizer"] if tok else [])))
+        lines = (["import torch"] if dtype else []) + [f"from transformers import {imports}", ""] + lines
+        lines.append(f"model = {cls}.from_pretrained({rid}" + (f", dtype=torch.{dtype})" if dtype else ")"))
+        if tok:
+            lines.append(f"tokenizer = AutoTokenizer.from_pretrained({rid})")
+        return "\n".join(lines)
+    import diffusers
+
     if info.is_pipeline:
-        return ("from diffusers import DiffusionPipeline\n\n"
-                f"pipe = DiffusionPipeline.from_pretrained(\"{repo_id}\")")
-    return f"from diffusers import {info.class_name}\n\nmodel = {info.class_name}.from_pretrained(\"{repo_id}\")"
+        cls, var = "DiffusionPipeline", "pipe"
+    else:
+        cls = info.class_name if _is_library_class(diffusers, info.class_name) else "AutoModel"
+        var = "model"
+    lines = (["import torch"] if dtype else []) + [f"from diffusers import {cls}", ""] + lines
+    lines.append(f"{var} = {cls}.from_pretrained({rid}" + (f", torch_dtype=torch.{dtype})" if dtype else ")"))
+    return "\n".join(lines)
+
+
+def _is_library_class(module: Any, name: str) -> bool:
+    return isinstance(name, str) and name.isidentifier() and isinstance(getattr(module, name, None), type)
 
 
 def _records(info: SourceInfo, folder: Path) -> dict[str, dict[str, Any]]:
@@ -53,20 +231,35 @@ def _layer_key(layer: Any) -> tuple[str, int, str]:
     return (component, int(index), "") if index.isdigit() else (component, -1, text)
 
 
+def _number(x: Any) -> float | None:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
 def _merge_records(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One summary of the records of all protected components (for the card's "What was done")."""
+    """One summary of the records of all protected components (for the card's "What was done").
+
+    ``factors``: the sorted distinct factors the records say were applied (records without ``"factors"``: those of
+    their pairs), ``None`` when no record says."""
     if not records:
         return {}
     first = next(iter(records.values()))
     conf = first.get("config", {})
     prefix = any(records)  # pipeline components (named sub-folders): prefix layers with the component
-    pairs, layers, sites, modes, hot, num = [], set(), set(), set(), set(), 0
+    pairs, layers, sites, modes, hot, num, factors = [], set(), set(), set(), set(), 0, set()
     for name, rec in records.items():
         sites.update(rec.get("sites", []))
         modes.update(rec.get("modes", []))
         layers.update(f"{name}:{x}" if prefix and name else x for x in rec.get("layers", []))
         hot.update(rec.get("hot_modules", []))
         num += int(rec.get("num_pairs", 0))
+        recorded = rec.get("factors")
+        all_pairs = list(rec.get("pairs", []) or []) + list((rec.get("pipeline") or {}).get("pairs", []) or [])
+        if recorded is None:
+            recorded = [p.get("factor") for p in all_pairs]
+        factors.update(f for x in recorded or [] if (f := _number(x)) is not None)
         for p in rec.get("pairs", []) or []:
             pairs.append({k: p.get(k) for k in ("layer", "site", "group", "mode", "factor", "k", "hot")}
                          | ({"layer": f"{name}:{p.get('layer')}"} if prefix and name else {}))
@@ -74,11 +267,146 @@ def _merge_records(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "sites": sorted(sites), "modes": sorted(modes), "layers": sorted(layers, key=_layer_key), "num_pairs": num,
         "num_hot": len(hot), "alpha": conf.get("alpha"), "top_k": conf.get("top_k"), "mode": conf.get("mode"),
         "layers_selection": conf.get("layers"), "precision": conf.get("precision"), "pairs": pairs,
+        "factors": sorted(factors) or None,
         "precision_used": ", ".join(sorted({str(p.get("used")) for r in records.values() if (p := r.get("precision"))}))
         or None,
         "components": sorted(name for name in records if name),
         "pipeline_fold": next((rec["pipeline"]["note"] for rec in records.values() if rec.get("pipeline")), None),
     }
+
+
+def protection_summary(info: SourceInfo, folder: Path) -> dict[str, Any]:
+    """What the records of a protected folder say was done: modes, factors, sites, pairs (merged over components).
+
+    Args:
+        info: the source (tells a pipeline's components apart).
+        folder: the protected folder.
+
+    Returns:
+        The merged summary (``{}`` when no component carries a record, e.g. record level ``none``).
+
+    Example:
+
+    ```python
+    >>> protection_summary(info, Path("./tiny-llama-specdef"))["factors"]
+    [1024.0]
+    ```
+    """
+    return _merge_records(_records(info, folder))
+
+
+def _ratio(x: Any) -> str:
+    return f"{float(x):.2f}×"
+
+
+def resistance_summary(measure: Mapping[str, Any] | None, rescaling: bool = False) -> dict[str, Any]:
+    """The card's headline on fine-tuning resistance, from the ``measure`` block of :func:`publish`.
+
+    The ``fine-tuning-resistance`` tag (``tag``) needs a **red-team** worst case over uninformed attacks above
+    :data:`RESISTANCE_TAG_MIN` (1.5×). A quick toy measurement never earns it (one optimizer on a synthetic task is
+    not a worst case), and neither does a release that only rescales weights (``rescaling``) unless the red team ran
+    the scale-invariant attack (``full-madam``): such a release is fine-tuned by a multiplicative optimizer as fast
+    as the original, by construction, whatever the other attacks measured.
+
+    Args:
+        measure: :func:`hf_specdef.resistance.redteam_measure` (a red team: its summary has ``uninformed_attacks``),
+            :func:`hf_specdef.resistance.measure_resistance` (the quick toy measurement: ``slowdown_*`` entries) or
+            ``None``.
+        rescaling: the release only rescales weights (axis mode only, or exact in bfloat16).
+
+    Returns:
+        ``{"kind": "none" | "redteam" | "quick", "worst": float | None, "worst_str", "attack", "lower_bound", "tag",
+        "scale_invariant_measured", ...}``; ``worst`` is the measured worst case (the smallest slowdown), ``tag``
+        whether it earns the ``fine-tuning-resistance`` tag.
+
+    Example:
+
+    ```python
+    >>> resistance_summary(None)["kind"]
+    'none'
+    ```
+    """
+    out: dict[str, Any] = {"kind": "none", "worst": None, "worst_str": None, "attack": None, "lower_bound": False,
+                           "tag": False, "attacks": None, "seeds": None, "undo_str": None, "undo_attack": None,
+                           "scale_invariant_measured": False}
+    if not measure:
+        return out
+    s = measure.get("summary") or {}
+    if "uninformed_attacks" in s or "worst_case_slowdown" in s or "variant" in s:
+        worst = _number(s.get("worst_case_slowdown"))
+        out |= {"kind": "redteam", "worst": worst, "worst_str": _ratio(worst) if worst is not None else None,
+                "attack": escape_markdown(s.get("worst_case_attack")), "lower_bound": bool(s.get("worst_case_lower_bound")),
+                "attacks": _number(s.get("uninformed_attacks")), "seeds": _number(s.get("seeds"))}
+        if out["attacks"] is not None:
+            out["attacks"] = int(out["attacks"])
+        if out["seeds"] is not None:
+            out["seeds"] = int(out["seeds"])
+        if _number(s.get("undo_slowdown")) is not None:
+            out |= {"undo_str": _ratio(s["undo_slowdown"]), "undo_attack": escape_markdown(s.get("undo_attack"))}
+        from ..redteam.report import SCALE_INVARIANT_ATTACK
+
+        rows = [str(r.get("variant", "")) for r in measure.get("rows") or []]
+        out["scale_invariant_measured"] = any(r.split(":")[0].split(" ")[0] == SCALE_INVARIANT_ATTACK for r in rows)
+        out["tag"] = (worst is not None and math.isfinite(worst) and worst > RESISTANCE_TAG_MIN
+                      and (out["scale_invariant_measured"] or not rescaling))
+        return out
+    quick = {k[len("slowdown_"):]: v for k, v in s.items() if k.startswith("slowdown_") and _number(v) is not None}
+    if quick:
+        which, worst = min(quick.items(), key=lambda kv: float(kv[1]))
+        out |= {"kind": "quick", "worst": float(worst), "worst_str": f"{float(worst):.1f}×",
+                "attack": "training the deformed parameters" if which == "sites" else "training the other, undeformed "
+                          "parameters" if which == "bypass" else escape_markdown(which)}
+    return out
+
+
+def card_tags(modes: Sequence[str], resistance: Mapping[str, Any], library_name: str) -> list[str]:
+    """The card's tags: ``specdef``, ``hf-specdef``, ``spectral-deformation`` only when spectral mode was used,
+    ``fine-tuning-resistance`` only when :func:`resistance_summary` says so, and the library.
+
+    Args:
+        modes: the modes the records say were used.
+        resistance: :func:`resistance_summary`.
+        library_name: ``"transformers"`` or ``"diffusers"``.
+
+    Returns:
+        The tags.
+
+    Example:
+
+    ```python
+    >>> card_tags(["axis"], resistance_summary(None, rescaling=True), "transformers")
+    ['specdef', 'hf-specdef', 'transformers']
+    ```
+    """
+    return (list(TAGS) + ([SPECTRAL_TAG] if "spectral" in modes else [])
+            + ([RESISTANCE_TAG] if resistance.get("tag") else []) + [library_name])
+
+
+def _pair_row(pair: Mapping[str, Any]) -> dict[str, Any]:
+    """One row of the per-pair table: every value escaped text, ``hot`` a list of escaped module names."""
+    row = {k: "" if v is None else escape_markdown(v) for k, v in pair.items() if k not in ("hot", "factor")}
+    row["hot"] = [escape_markdown(m) for m in pair.get("hot") or []]
+    factor = pair.get("factor")
+    row["factor"] = format_factor(factor) if _number(factor) is not None else escape_markdown(factor)
+    return row
+
+
+def _gguf_format(name: Any) -> bool | None:
+    """Whether ``name`` is a GGUF format (``False``: an int format; ``None``: unknown)."""
+    from ..quantization import FORMATS
+
+    fmt = FORMATS.get(name) if isinstance(name, str) else None
+    return None if fmt is None else fmt.gguf_type is not None
+
+
+def _quantization_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for q in rows:
+        row = dict(_md_any(dict(q)))
+        row["kept_float_count"] = len(q.get("kept_float") or [])
+        row["status"] = ("error" if q.get("error") else "ok" if q.get("ok") else "broken")
+        out.append(row)
+    return out
 
 
 def render_card(
@@ -93,45 +421,97 @@ def render_card(
     template: str | os.PathLike | None = None,
     release_dtypes: str = "",
     quantization: list[dict[str, Any]] | None = None,
+    quantization_note: str | None = None,
+    safety: Mapping[str, Any] | None = None,
+    repo_id_given: bool = True,
 ) -> Any:
     """Render the model card (a :class:`huggingface_hub.ModelCard`) of a protected, verified folder.
 
-    ``release_dtypes`` is the statement of the dtypes the release is exact in and what the others do to it
-    (:func:`hf_specdef.release_dtypes.card_paragraph`), ending the card's first paragraph."""
+    Args:
+        info: the source (:func:`hf_specdef.publishing.source.describe_source`).
+        repo_id: the destination repository (with ``repo_id_given=False``, the repository name a dry run chose).
+        cfg: the protection requested (the card reports what the folder's records say was done).
+        checks: the verification figures of each component.
+        folder: the protected folder (its records).
+        pipeline_check: the end-to-end figures of a pipeline.
+        measure: the resistance measured on this release (red team or quick measurement), if any.
+        template: a custom Jinja template (default :func:`template_path`). It receives the same variables, already
+            escaped; ``card_data``'s fields are passed escaped too.
+        release_dtypes: the statement of the dtypes the release is exact in
+            (:func:`hf_specdef.release_dtypes.card_paragraph`), ending the card's first paragraph.
+        quantization: the rows of :func:`hf_specdef.publishing.checks.quantization_checks` (measured on this release).
+        quantization_note: why quantization was not measured, when ``quantization`` is empty.
+        safety: the release's precision summary (:func:`hf_specdef.release_dtypes.folder_safety`): the dtype of the
+            usage snippet.
+        repo_id_given: ``False`` when no ``repo_id`` was given (a dry run): the snippet then says ``<owner>/name``.
+
+    Returns:
+        The :class:`huggingface_hub.ModelCard`.
+
+    Example:
+
+    ```python
+    >>> card = render_card(info, "me/tiny-llama-specdef", cfg, checks, Path("./out"))
+    >>> card.save("./out/README.md")
+    ```
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(
-        base_model=info.base_model, license=info.license, license_name=info.license_name,
-        license_link=info.license_link, library_name=info.library_name, pipeline_tag=info.pipeline_tag,
-        language=info.language, tags=list(TAGS) + [info.library_name],
-    )
     summary = _merge_records(_records(info, folder))
+    modes = list(summary.get("modes", []))
+    # a release that only rescales weights: axis mode only, or (record level none) exact in bfloat16, which only a
+    # rescaling is
+    rescaling = (bool(modes) and set(modes) == {"axis"}) or (
+        not modes and "bfloat16" in ((safety or {}).get("exact_dtypes") or []))
+    resistance = resistance_summary(measure, rescaling)
+    data = ModelCardData(
+        base_model=info.base_model if info.base_model_is_hub_id else None, license=info.license,
+        license_name=info.license_name, license_link=info.license_link, library_name=info.library_name,
+        pipeline_tag=info.pipeline_tag, language=info.language, tags=card_tags(modes, resistance, info.library_name),
+    )
     shown = summary.get("pairs", [])[:MAX_CARD_PAIRS]
     all_checks = checks + ([pipeline_check] if pipeline_check else [])
     max_dev = max(c.max_relative_deviation for c in all_checks)
-    cov = ", ".join(f"{c.coverage:.1%}" + (f" ({c.component})" if c.component else "") for c in checks)
-    hot = ", ".join(f"{c.hot_coverage:.1%}" + (f" ({c.component})" if c.component else "") for c in checks)
-    base_url = f"https://huggingface.co/{info.base_model}" if _looks_like_hub_id(info.base_model) else None
-    kwargs = dict(
-        repo_id=repo_id, base_model=info.base_model, base_model_url=base_url, hf_specdef_version=__version__,
+    md = escape_markdown
+    cov = ", ".join(f"{c.coverage:.1%}" + (f" ({md(c.component)})" if c.component else "") for c in checks)
+    hot = ", ".join(f"{c.hot_coverage:.1%}" + (f" ({md(c.component)})" if c.component else "") for c in checks)
+    base_url = f"https://huggingface.co/{info.base_model}" if info.base_model_is_hub_id else None
+    factors = summary.get("factors") or []
+    full_id = repo_id if repo_id_given else f"<owner>/{repo_id}"
+    alpha = summary.get("alpha", cfg.alpha)
+    rows = _quantization_rows(quantization or [])
+    kwargs = {k: _md_any(v) for k, v in data.to_dict().items()}  # from_template also passes these: escaped
+    kwargs |= dict(
+        title=md(repo_id), repo_id=md(full_id), base_model=md(info.base_model), base_model_url=base_url,
+        base_model_is_hub_id=info.base_model_is_hub_id, hf_specdef_version=md(__version__),
         date=datetime.date.today().isoformat(), record_level=cfg.record, is_pipeline=info.is_pipeline,
         library_name=info.library_name,
-        sites=summary.get("sites", list(cfg.sites)), alpha=f"{summary.get('alpha', cfg.alpha):g}",
-        top_k=summary.get("top_k", cfg.top_k), layers=summary.get("layers", []),
-        layers_selection=summary.get("layers_selection", cfg.layers), mode=summary.get("mode", cfg.mode),
-        modes=summary.get("modes", []), num_pairs=summary.get("num_pairs", 0), num_hot=summary.get("num_hot", 0),
-        precision=summary.get("precision", cfg.precision), components=summary.get("components", []),
-        precision_used=summary.get("precision_used") or "(no record)", release_dtypes=release_dtypes,
-        pipeline_fold=summary.get("pipeline_fold"),
-        pairs=[p | {"factor": f"{p['factor']:g}" if isinstance(p.get("factor"), (int, float)) else p.get("factor")}
-               for p in shown] if cfg.record == "full" else [],
+        sites=_md_any(list(summary.get("sites", cfg.sites))),
+        alpha=format_factor(alpha) if _number(alpha) is not None else md(alpha),
+        factors=[format_factor(f) for f in factors], factors_str=", ".join(format_factor(f) for f in factors),
+        inverted=any(f < 1 for f in factors), powers_of_two=bool(factors) and all(_is_power_of_two(f) for f in factors),
+        top_k=md(summary.get("top_k", cfg.top_k)), layers=_md_any([str(x) for x in summary.get("layers", [])]),
+        layers_selection=md(summary.get("layers_selection", cfg.layers)), mode=md(summary.get("mode", cfg.mode)),
+        modes=modes, rescaling=rescaling, spectral="spectral" in modes,
+        num_pairs=summary.get("num_pairs", 0), num_hot=summary.get("num_hot", 0),
+        precision=md(summary.get("precision", cfg.precision)), components=_md_any(summary.get("components", [])),
+        precision_used=md(summary.get("precision_used") or "(no record)"), release_dtypes=release_dtypes,
+        pipeline_fold=md(summary.get("pipeline_fold")) or None,
+        pairs=[_pair_row(p) for p in shown] if cfg.record == "full" else [],
         pairs_truncated=len(summary.get("pairs", [])) > len(shown),
-        checks=[c.to_dict() | {"deviation_str": _fmt(c.max_relative_deviation), "tolerance": f"{c.tolerance:g}"}
+        checks=[_md_any(c.to_dict()) | {"deviation_str": _fmt(c.max_relative_deviation), "tolerance": f"{c.tolerance:g}"}
                 for c in all_checks],
-        inspections=[{"component": c.component, "deformed": c.deformed, "matrices": c.matrices,
+        inspections=[{"component": md(c.component), "deformed": c.deformed, "matrices": c.matrices,
                       "coverage": f"{c.coverage:.1%}", "hot_coverage": f"{c.hot_coverage:.1%}"} for c in checks],
-        max_deviation_str=_fmt(max_dev), coverage_str=cov, hot_coverage_str=hot, measure=measure,
-        load_snippet=_load_snippet(info, repo_id),
-        quantization=quantization or [], quantization_safe=list(cfg.quantization_safe),
+        max_deviation_str=_fmt(max_dev), coverage_str=cov, hot_coverage_str=hot, measure=_md_any(measure),
+        resistance=resistance, tolerance=f"{cfg.tolerance:g}",
+        reference=resistance["kind"] != "redteam" and bool(modes),
+        reference_same_model=REFERENCE_MODEL.lower().split("-instruct")[0] in info.base_model.lower(),
+        load_snippet=_load_snippet(info, full_id, folder, release_dtype(safety, folder)),
+        quantization=rows, quantization_safe=list(cfg.quantization_safe), quantization_note=md(quantization_note),
+        quantization_gguf=any(_gguf_format(r.get("format")) for r in rows),
+        quantization_int=any(_gguf_format(r.get("format")) is False for r in rows),
+        quantization_broken=[r["format"] for r in rows if r["status"] == "broken"],
+        quantization_kept=[r["format"] for r in rows if r["status"] == "ok"],
     )
     return ModelCard.from_template(data, template_path=str(template or template_path()), **kwargs)

@@ -2,7 +2,9 @@
 
 * **function**: the original and the protected checkpoint loaded with *stock* transformers / diffusers give the
   same outputs on probe inputs, within the tolerance (:func:`verify_folder`; a pipeline also end to end,
-  :func:`verify_pipeline`; and, when asked, quantized, :func:`quantization_checks`);
+  :func:`verify_pipeline`); the figures measured are written into the records (:func:`record_deviations`);
+* **quantized** (:func:`quantization_checks`): the formats ``cfg.quantization_safe`` promises must hold; the
+  formats measured for the card only (by default :data:`DEFAULT_QUANTIZE`) are reported, broken or not;
 * **claims**: every matrix the protection claims to have deformed is visibly deformed to
   :func:`hf_specdef.inspect_model` (:func:`check_claims`): a publisher who forgot to protect must not ship an
   "unprotected protected" model.
@@ -28,6 +30,9 @@ from .errors import PublishError
 from .source import SourceInfo
 
 logger = logging.getLogger("hf_specdef")
+
+# quantization formats publish measures on a transformers release by default (the GGUF formats people convert to)
+DEFAULT_QUANTIZE: tuple[str, ...] = ("q8_0", "q4_0")
 
 
 @dataclass
@@ -196,25 +201,108 @@ def verify_pipeline(src: Path, dst: Path, info: SourceInfo, cfg: SpecDefConfig) 
 
 def quantization_checks(src: Path, dst: Path, info: SourceInfo, cfg: SpecDefConfig,
                         formats: tuple[str, ...]) -> list[dict[str, Any]]:
-    """For a transformers model: the original and the protected copy loaded with stock transformers (float32), every
-    linear weight of both quantized in each of ``formats``, compared (:func:`hf_specdef.quantization.compare.
-    compare_quantized`). A row per format; ``required`` marks the formats ``cfg.quantization_safe`` promises."""
+    """Measure quantized copies of a transformers release against the equally quantized original.
+
+    The original and the protected copy are loaded with stock transformers (float32), every linear weight of both is
+    quantized in each of ``formats`` and the two are compared on the probe batch
+    (:func:`hf_specdef.quantization.compare.compare_quantized`).
+
+    Args:
+        src: the original folder.
+        dst: the protected folder.
+        info: the source (only transformers models are measured).
+        cfg: the protection; the formats of ``cfg.quantization_safe`` are promises (``required``).
+        formats: the formats to measure.
+
+    Returns:
+        A row per format: :class:`~hf_specdef.quantization.compare.QuantizedComparison` ``.to_dict()`` plus
+        ``required`` and the formatted figures. A format that is not required and cannot be measured here (the
+        ``gguf`` package missing, no weight fits its blocks) gives a row with ``error`` instead of failing the
+        publication; a required one raises.
+
+    Raises:
+        ValueError: an unknown format name.
+        ImportError: a required GGUF format without the ``gguf`` package.
+
+    Example:
+
+    ```python
+    >>> rows = quantization_checks(src, dst, info, cfg, ("q8_0", "q4_0"))
+    >>> [(r["format"], r["ok"]) for r in rows]
+    [('q8_0', False), ('q4_0', False)]
+    ```
+    """
     if not formats:
         return []
     if info.kind != "transformers":
         logger.warning("hf-specdef publish: quantized checks cover transformers models; skipped for %s", info.kind)
         return []
+    from ..quantization import get_format
     from ..quantization.compare import compare_quantized
     from ..stock import load_stock
 
+    for f in formats:
+        get_format(f)  # unknown names fail before any model is loaded
     ref, prot = load_stock(src), load_stock(dst)
     rows = []
     for f in formats:
-        q = compare_quantized(ref, prot, f, tolerance=cfg.tolerance)
-        rows.append(q.to_dict() | {"required": f in cfg.quantization_safe, "deviation_str": _fmt(q.deviation),
+        required = f in cfg.quantization_safe
+        try:
+            q = compare_quantized(ref, prot, f, tolerance=cfg.tolerance)
+        except (ImportError, ValueError, RuntimeError) as e:
+            if required:
+                raise
+            logger.warning("hf-specdef publish: cannot measure the release quantized in %s (%s)", f, e)
+            rows.append({"format": f, "required": False, "ok": None, "error": f"{type(e).__name__}: {e}"})
+            continue
+        rows.append(q.to_dict() | {"required": required, "deviation_str": _fmt(q.deviation),
                                    "quantization_error_str": _fmt(q.quantization_error),
                                    "protected_error_str": _fmt(q.protected_error)})
+        if not q.ok and not required:
+            logger.warning("hf-specdef publish: the release breaks when quantized in %s (deviation %s from the "
+                           "quantized original); the card says so", f, _fmt(q.deviation))
     return rows
+
+
+def record_deviations(folder: Path, checks: list[ComponentCheck]) -> list[Path]:
+    """Write each component's verified max relative deviation into its protection record (``config.json``).
+
+    The protection itself may leave ``"max_relative_deviation": null`` (streaming skips its forward check above a
+    size limit); after :func:`verify_folder` measured it, the record carries the figure the card quotes.
+
+    Args:
+        folder: the protected folder (staged, before it is published).
+        checks: the figures of :func:`verify_folder` (a check's ``component`` names its sub-folder).
+
+    Returns:
+        The config files written (components without a record, record level ``none``, are left alone).
+
+    Example:
+
+    ```python
+    >>> record_deviations(staged, verify_folder(src, staged, info, cfg))
+    [PosixPath('.../config.json')]
+    ```
+    """
+    import json
+
+    from ..record import get_record, record_key
+
+    written = []
+    for c in checks:
+        conf_path = (folder / c.component if c.component else folder) / "config.json"
+        if not conf_path.is_file():
+            continue
+        conf = json.loads(conf_path.read_text())
+        rec = get_record(conf)
+        if not rec:
+            continue
+        dev = c.max_relative_deviation
+        rec["max_relative_deviation"] = dev if math.isfinite(dev) else "non-finite"
+        conf[record_key(conf)] = rec
+        conf_path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+        written.append(conf_path)
+    return written
 
 
 def _refuse_if_bad_quantized(rows: list[dict[str, Any]]) -> None:

@@ -118,9 +118,9 @@ def check_hub_id(value: Any, what: str, fix: str) -> str:
 
     try:
         validate_repo_id(value)
-    except HFValidationError as e:
-        raise ValueError(f"{what}={value!r} is not a valid Hub repository id (owner/name: letters, digits, '-', '_', "
-                         f"'.'): {e} {fix}") from None
+    except HFValidationError:  # its message repeats the value raw (newlines and all): quote it once, with repr
+        raise ValueError(f"{what}={value!r} is not a valid Hub repository id (owner/name or name: letters, digits, "
+                         f"'-', '_' and '.', at most 96 characters per part, no '--' or '..'). {fix}") from None
     return value
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from ..config import SpecDefConfig
 from ..errors import SpecDefError
 from . import decoders, mmdit, moe  # noqa: F401  (register the decoder, MMDiT and MoE families of issue 19)
-from .base import AXIS_ONLY_SITES, Pair, TensorBlock
+from .base import AXIS_ONLY_SITES, ModelConfigError, Pair, TensorBlock, TensorShapeError
 from .registry import (
     REGISTRY,
     ArchSpec,
@@ -25,9 +25,9 @@ from .registry import (
 
 __all__ = [
     "AXIS_ONLY_SITES", "ArchSpec", "Attention", "GatedMLP", "Linear", "Pair", "PreNorm", "REGISTRY", "TensorBlock",
-    "NoSitesError", "absent_sites", "cfg_get", "drop_inexact", "find_pairs", "known_architectures", "lookup", "pairs_for",
-    "pairs_from_site_map",
-    "register_architecture", "select_pairs",
+    "ModelConfigError", "NoSitesError", "TensorShapeError", "absent_sites", "check_blocks", "cfg_get", "drop_inexact",
+    "find_pairs", "known_architectures", "lookup", "pairs_for", "pairs_from_site_map", "register_architecture",
+    "select_pairs",
 ]
 
 
@@ -52,8 +52,27 @@ def pairs_from_site_map(site_map: Sequence[Mapping[str, Any]], shape_of: Mapping
                 raise ValueError(f"site_map names tensor {b.name!r}, which the model does not have.")
             n = shape_of[b.name][b.axis] if b.axis < len(shape_of[b.name]) else -1
             if not 0 <= b.start < b.stop <= n or b.stop - b.start != p.size:
-                raise ValueError(f"site_map block {b.to_dict()} does not fit {b.name!r} of shape {tuple(shape_of[b.name])}.")
+                raise TensorShapeError(b.name, f"site_map block {b.to_dict()} does not fit {b.name!r} of shape "
+                                               f"{tuple(shape_of[b.name])}.")
     return pairs
+
+
+def check_blocks(pairs: Sequence[Pair], shape_of: Mapping[str, Sequence[int]]) -> None:
+    """Every block of every pair lies inside its tensor and the blocks of one pair have one size, else
+    :class:`TensorShapeError` naming the tensor, its shape, the block the site needs and the fix (checked on the
+    shapes alone, before any tensor is read)."""
+    for p in pairs:
+        for b in p.producers + p.consumers:
+            shape = tuple(int(x) for x in shape_of[b.name])
+            n = shape[b.axis] if b.axis < len(shape) else 0
+            if 0 <= b.start < b.stop <= n and b.stop - b.start == p.size:
+                continue
+            raise TensorShapeError(b.name, (
+                f"tensor {b.name!r} has shape {shape}, but the {p.site} site of layer {p.layer} ({p.key}) needs entries "
+                f"{b.start}..{b.stop} along axis {b.axis} (a {p.size}-entry block, so a size of at least {b.stop} there): "
+                "the weight may be stored transposed (a torch Linear weight is (out_features, in_features)) or "
+                "config.json may not match the weights; re-save the tensor in the architecture's layout or fix "
+                "config.json."))
 
 
 def pairs_for(
@@ -62,6 +81,8 @@ def pairs_for(
     """All pairs of a model (before the config's site/layer selection).
 
     Raises :class:`NoSitesError` for an architecture the registry does not know and no site map.
+    Raises :class:`ModelConfigError` for config fields the registry cannot use (missing, not a positive
+    integer, inconsistent) and :class:`TensorShapeError` for a tensor whose shape does not match its site.
     """
     if cfg.site_map is not None:
         return pairs_from_site_map(cfg.site_map, shape_of)
@@ -73,6 +94,7 @@ def pairs_for(
             f"known: {known_architectures()}. {SITE_MAP_HELP}"
         )
     pairs = find_pairs(spec, config, shape_of)
+    check_blocks(pairs, shape_of)
     if not pairs:
         raise NoSitesError(f"the {spec.name} site registry found no pairs in this model's tensors. {SITE_MAP_HELP}")
     return pairs

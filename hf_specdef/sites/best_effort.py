@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Pair
+from .base import ModelConfigError, Pair, TensorShapeError
 from .registry import LLAMA, ArchSpec, ShapeOf, _llama_heads, cfg_get, find_pairs
 
 BEST_EFFORT = ArchSpec(name="best-effort (Llama-style names)", block=LLAMA.block, attention=LLAMA.attention,
@@ -25,8 +25,9 @@ def _heads_fit(config: Any, shape_of: ShapeOf, block: str) -> bool:
     """Whether the config's head counts explain the first block's q/k/v/o shapes."""
     if cfg_get(config, "num_attention_heads") is None or cfg_get(config, "hidden_size") is None:
         return False
-    n, kv, d = _llama_heads(config, block, shape_of)
-    if not (n and kv and d) or n % kv:
+    try:
+        n, kv, d = _llama_heads(config, block, shape_of)
+    except ModelConfigError:  # a guess: a config the heads cannot be read from means no attention sites
         return False
     shape = {p: shape_of.get(f"{block}.self_attn.{p}_proj.weight") for p in "qkvo"}
     return (None not in shape.values() and shape["q"][0] == n * d and shape["k"][0] == kv * d == shape["v"][0]
@@ -35,9 +36,15 @@ def _heads_fit(config: Any, shape_of: ShapeOf, block: str) -> bool:
 
 def best_effort_pairs(config: Any, shape_of: ShapeOf) -> list[Pair]:
     """Llama-style pairs of an unregistered model (unverified; see the module docstring). ``[]`` if none."""
-    pairs = find_pairs(_NO_ATTENTION, config, shape_of)
+    try:
+        pairs = find_pairs(_NO_ATTENTION, config, shape_of)
+    except (ModelConfigError, TensorShapeError):  # the names look like Llama's, the shapes do not: no guess
+        return []
     blocks = sorted({p.block for p in pairs}) or sorted({n.rsplit(".self_attn.", 1)[0] for n in shape_of
                                                           if ".layers." in n and ".self_attn." in n})
     if blocks and _heads_fit(config, shape_of, blocks[0]):
-        pairs = find_pairs(BEST_EFFORT, config, shape_of)
+        try:
+            pairs = find_pairs(BEST_EFFORT, config, shape_of)
+        except (ModelConfigError, TensorShapeError):  # a later block does not fit the heads: keep mlp/norm guesses
+            pass
     return pairs

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from .base import Pair, TensorBlock
+from .base import ModelConfigError, Pair, TensorBlock
 from .registry import (
     ArchSpec,
     Attention,

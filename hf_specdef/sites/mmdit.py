@@ -52,7 +52,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .base import Pair, TensorBlock
+from .base import ModelConfigError, Pair, TensorBlock
 from .registry import ArchSpec, ShapeOf, _bias, _natural, cfg_get, register_architecture
 
 __all__ = ["MMDIT", "MMDIT_CLASSES", "AdaNormFold", "Stream", "mmdit_blocks", "mmdit_pairs"]
@@ -120,9 +120,13 @@ SINGLE_FOLDS = (AdaNormFold("norm.linear", 3, 0, 1, _QKV + ("proj_mlp",)),)
 def _heads(config: Any, block: str, q: str, shape_of: ShapeOf) -> tuple[int, int]:
     n, d = cfg_get(config, "num_attention_heads"), cfg_get(config, "attention_head_dim")
     rows = shape_of[f"{block}.{q}.weight"][0]
-    if not isinstance(n, int) or not isinstance(d, int) or n * d != rows:
-        raise ValueError(f"cannot split {block}.{q} ({rows} rows) into num_attention_heads={n!r} x attention_head_dim={d!r} "
-                         "from the config; pass an explicit SpecDefConfig(site_map=...) for this model.")
+    bad = [f"{k}={v!r}" for k, v in (("num_attention_heads", n), ("attention_head_dim", d))
+           if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    if bad or n * d != rows:
+        why = " is not a positive integer" if bad else f" does not give the {rows} rows of {block}.{q} (n x d = {n * d})"
+        raise ModelConfigError(f"{', '.join(bad) or f'num_attention_heads={n!r} x attention_head_dim={d!r}'}{why}; set "
+                               "them to the model's head count and head size, as it was trained, or pass an explicit "
+                               "SpecDefConfig(site_map=...) for this model.")
     return n, d
 
 

@@ -57,7 +57,7 @@ def config_int(config: Any, key: str, default: Any = _REQUIRED) -> int:
 
 
 def _shape_text(shape: Sequence[int]) -> str:
-    return "(" + ", ".join(str(int(x)) for x in shape) + ")"
+    return str(tuple(int(x) for x in shape))
 
 
 def check_extent(shape_of: ShapeOf, name: str, axis: int, size: int, basis: str, fix: str) -> None:
@@ -209,10 +209,14 @@ def rotary_dims(config: Any, head_dim: int) -> int:
     rope = cfg_get(config, "rope_parameters")
     factor = rope.get("partial_rotary_factor") if isinstance(rope, Mapping) else None
     factor = factor if factor is not None else cfg_get(config, "partial_rotary_factor", "rotary_pct", default=1.0)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        raise ModelConfigError(f"partial_rotary_factor={factor!r} is not a number in (0, 1]; set it to the share of each "
+                               "head that RoPE rotates (1.0: all of it), or pass an explicit SpecDefConfig(site_map=...).")
     rot = int(head_dim * factor)
     if not 0 < rot <= head_dim or rot % 2:
-        raise ValueError(f"cannot pair the rotary dims: {rot} of a {head_dim}-dim head (partial rotary factor {factor!r}); "
-                         "pass an explicit SpecDefConfig(site_map=...) for this model.")
+        raise ModelConfigError(f"partial_rotary_factor={factor!r} rotates {rot} dims of a {head_dim}-dim head, which cannot be "
+                               "split into rotary pairs (an even number >= 2 is needed); fix head_dim / the factor, or "
+                               "pass an explicit SpecDefConfig(site_map=...) for this model.")
     return rot
 
 
@@ -230,9 +234,14 @@ def _blocks(shape_of: ShapeOf, module: str, lin: Linear, start: int, stop: int, 
     return (TensorBlock(f"{module}.{lin.param}", lin.out_axis, start, stop, offset),) + _bias(shape_of, module, start, stop)
 
 
-def _check_attention_shapes(att: Attention, block: str, shape_of: ShapeOf, n: int, kv: int, d: int) -> None:
+_HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size", "n_head", "n_embd",
+                "attention_head_dim")
+
+
+def _check_attention_shapes(att: Attention, block: str, config: Any, shape_of: ShapeOf, n: int, kv: int, d: int) -> None:
     """The q/k/v/o weights have the extents the config's head counts imply along the axes the pairs index."""
-    basis = f"config.json ({n} attention heads, {kv} key/value heads, head size {d})"
+    fields = ", ".join(f"{k}={v!r}" for k in _HEAD_FIELDS if (v := cfg_get(config, k)) is not None)
+    basis = f"config.json ({fields + ': ' if fields else ''}{n} heads, {kv} key/value heads of size {d})"
     fix = "config.json does not match these weights: set its head fields to the values the model was trained with."
     if att.interleaved or att.fused:  # one projection holds q, k and v
         rows = 3 * n * d if att.interleaved else (n + 2 * kv) * d
@@ -261,7 +270,7 @@ def _attention_pairs(att: Attention, block: str, layer: int, config: Any, shape_
         raise ModelConfigError(f"num_key_value_heads={kv} does not divide num_attention_heads={n} (every key/value "
                                f"head serves the same number of query heads); set it to a divisor of {n}, as the "
                                "model was trained.")
-    _check_attention_shapes(att, block, shape_of, n, kv, d)
+    _check_attention_shapes(att, block, config, shape_of, n, kv, d)
     rep = n // kv
     rot = rotary_dims(config, d) if att.rotary else d
     q_row, k_row, v_row = _head_rows(att, n, kv, d)
@@ -307,12 +316,20 @@ def _mlp_pair(mlp: GatedMLP, block: str, layer: int, shape_of: ShapeOf) -> Pair 
                                       "the architecture uses.")
     inner = int(shape_of[down0][mlp.down.in_axis])
     start = 0 if mlp.up_half in (None, 0) else inner
-    basis = f"the mlp site ({down0} reads {inner} hidden channels)"
     fix = "the up and down projections of one MLP must agree; re-save the weights in the architecture's layout."
+    mult = 1 if mlp.up_half is None else 2
+    up0 = f"{block}.{ups[0].weight}"
+    up_rows = shape_of[up0][mlp.up.out_axis] if mlp.up.out_axis < len(shape_of[up0]) else 0
+    if up_rows != inner * mult and up_rows % mult == 0 and len(shape_of[down0]) == 2 \
+            and shape_of[down0][1 - mlp.down.in_axis] == up_rows // mult:
+        # the down projection is the odd one out (stored transposed): name it, not the up projection
+        check_extent(shape_of, down0, mlp.down.in_axis, up_rows // mult,
+                     f"the mlp site ({up0} writes {up_rows // mult} hidden channels)", fix)
+    basis = f"the mlp site ({down0} reads {inner} hidden channels)"
     for x in downs[1:]:
         check_extent(shape_of, f"{block}.{x.weight}", x.in_axis, inner, basis, fix)
     for u in ups:
-        check_extent(shape_of, f"{block}.{u.weight}", u.out_axis, inner * (1 if mlp.up_half is None else 2), basis, fix)
+        check_extent(shape_of, f"{block}.{u.weight}", u.out_axis, inner * mult, basis, fix)
     return Pair(
         "mlp", layer, block, mlp.group,
         producers=sum((_blocks(shape_of, f"{block}.{u.name}", u, start, start + inner) for u in ups), ()),
@@ -326,10 +343,16 @@ def _norm_pair(pn: PreNorm, block: str, layer: int, shape_of: ShapeOf, index: in
     if f"{norm}.weight" not in shape_of or not readers:
         return None
     dim = int(shape_of[f"{norm}.weight"][0])
+    fix = "every reader of a pre-norm reads all its channels; re-save the weights in the architecture's layout."
+    widths = {shape_of[f"{block}.{r.weight}"][r.in_axis] if r.in_axis < len(shape_of[f"{block}.{r.weight}"]) else -1
+              for r in readers}
+    if len(widths) == 1 and dim not in widths and min(widths) > 0:  # the readers agree: the norm weight is the odd one
+        check_extent(shape_of, f"{norm}.weight", 0, int(next(iter(widths))),
+                     f"the norm site (its readers {', '.join(r.name for r in readers)} read "
+                     f"{next(iter(widths))} channels)", fix)
     for r in readers:
         check_extent(shape_of, f"{block}.{r.weight}", r.in_axis, dim,
-                     f"the norm site ({norm}.weight has {dim} channels, which it reads)",
-                     "every reader of a pre-norm reads all its channels; re-save the weights in the architecture's layout.")
+                     f"the norm site ({norm}.weight has {dim} channels, which it reads)", fix)
     return Pair(
         "norm", layer, block, index,
         producers=(TensorBlock(f"{norm}.weight", 0, 0, dim, pn.offset),) + _bias(shape_of, norm, 0, dim),
@@ -355,12 +378,15 @@ def find_pairs(spec: ArchSpec, config: Any, shape_of: ShapeOf) -> list[Pair]:
     """Every pair of every site type of ``spec`` in a model whose tensors are ``shape_of``."""
     pairs: list[Pair] = []
     for layer, block in enumerate(find_blocks(spec, list(shape_of))):
+        # attention first (its shape checks name a q/k/v/o weight against the config's head counts), then norms
+        # (theirs name a reader stored transposed, e.g. an up projection), then the mlp (whose check alone cannot
+        # tell an up from a down projection stored transposed); the pairs are sorted below
         for att in spec.attention:
             for site_pairs in _attention_pairs(att, block, layer, config, shape_of).values():
                 pairs.extend(site_pairs)
-        pairs.extend(p for m in spec.mlp if _applies(m, config) and (p := _mlp_pair(m, block, layer, shape_of)))
         pairs.extend(p for i, pn in enumerate(spec.norms)
                      if _applies(pn, config) and (p := _norm_pair(pn, block, layer, shape_of, i)))
+        pairs.extend(p for m in spec.mlp if _applies(m, config) and (p := _mlp_pair(m, block, layer, shape_of)))
     if spec.extra_pairs is not None:
         pairs.extend(spec.extra_pairs(config, shape_of))
     return sorted(pairs, key=lambda p: (p.layer, SITE_ORDER.get(p.site, 9), p.block, p.group))

@@ -81,12 +81,46 @@ class CheckpointReport(ProtectionReport):
     bytes_written: int = 0
     peak_cached_bytes: int = 0
     tensor_error: float | None = None
+    # why the forward check did not run ("" when it did); derived when the report is built (see _no_forward_check)
+    forward_check_skipped: str = ""
+
+    def __post_init__(self) -> None:
+        if self.deviation is None and not self.forward_check_skipped:
+            self.forward_check_skipped = self._no_forward_check()
+
+    def _no_forward_check(self) -> str:
+        """Why ``protect_checkpoint`` measured no output deviation: verification off, a skip it noted, no config, or
+        the model above ``FORWARD_CHECK_MAX_BYTES`` (read when the report is built)."""
+        if self.tensor_error is None:
+            return "verification skipped with verify=False / --no-verify: no tensor check and no forward check ran"
+        noted = next((n for n in self.notes if n.startswith("forward check skipped")), None)
+        if noted is not None:
+            return noted
+        root = Path(self.source) if self.source else None
+        if root is not None and root.is_file():
+            root = root.parent
+        if root is not None and self.component:
+            root = root / self.component
+        size = sum(f.stat().st_size for f in root.glob("*.safetensors")) if root is not None and root.is_dir() else 0
+        limit = FORWARD_CHECK_MAX_BYTES
+        if size > limit:
+            return f"forward check skipped: model {size / 2**20:.1f} MiB > {limit / 2**20:g} MiB"
+        if root is not None and not (root / "config.json").is_file():
+            return "forward check skipped: no config.json to load the model with"
+        return f"forward check skipped: model (with its text encoder) > {limit / 2**20:g} MiB"
+
+    def unmeasured_reason(self) -> str:
+        why = self.forward_check_skipped or self._no_forward_check()
+        if self.tensor_error is None:
+            return f"not measured ({why})"
+        return (f"not measured ({why}; every deformed tensor checked instead: max relative error "
+                f"{self.tensor_error:.2e} after undoing its deformation)")
 
     def to_dict(self, full: bool = False) -> dict[str, Any]:
         d = super().to_dict(full=full)
         d.update(source=self.source, destination=self.destination, component=self.component, device=self.device,
                  shards=self.shards, bytes_written=self.bytes_written, peak_cached_bytes=self.peak_cached_bytes,
-                 tensor_error=self.tensor_error)
+                 tensor_error=self.tensor_error, forward_check_skipped=self.forward_check_skipped or None)
         return d
 
     def __str__(self) -> str:

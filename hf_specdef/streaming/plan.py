@@ -13,10 +13,19 @@ from dataclasses import dataclass
 import torch
 
 from .. import engine
-from ..checkpoint import Checkpoint
+from ..checkpoint import CONFIG_NAME, Checkpoint
 from ..config import SpecDefConfig
 from ..engine import Plan
-from ..sites import NoSitesError, Pair, absent_sites, drop_inexact, pairs_for, select_pairs
+from ..sites import (
+    ModelConfigError,
+    NoSitesError,
+    Pair,
+    TensorShapeError,
+    absent_sites,
+    drop_inexact,
+    pairs_for,
+    select_pairs,
+)
 
 
 @dataclass
@@ -54,10 +63,23 @@ def _components(pairs: Sequence[Pair]) -> list[list[int]]:
     return sorted(groups.values(), key=lambda g: g[0])
 
 
+def checkpoint_pairs(ckpt: Checkpoint, cfg: SpecDefConfig) -> list[Pair]:
+    """Every pair of a checkpoint from its headers (:func:`~hf_specdef.sites.pairs_for`), with a config or shape
+    error naming the checkpoint's ``config.json`` / the shard file holding the tensor."""
+    try:
+        return pairs_for(ckpt.config, ckpt.shapes(), cfg, ckpt.class_name)
+    except ModelConfigError as e:
+        raise e.at(str(ckpt.root / CONFIG_NAME)) from None
+    except TensorShapeError as e:
+        info = ckpt.infos.get(e.tensor)
+        raise (e.at(str(info.file)) if info is not None and not e.source else e) from None
+
+
 def plan_checkpoint(ckpt: Checkpoint, cfg: SpecDefConfig) -> StreamPlan:
-    """Pairs and plans of a checkpoint from its headers; raises ``NoSitesError`` / ``PrecisionBudgetError``."""
-    shapes = ckpt.shapes()
-    all_pairs = pairs_for(ckpt.config, shapes, cfg, ckpt.class_name)
+    """Pairs and plans of a checkpoint from its headers; raises ``NoSitesError`` / ``PrecisionBudgetError``, and
+    ``ModelConfigError`` / ``TensorShapeError`` (before anything is read) for a config the sites cannot be read from
+    or a tensor whose shape does not match its site."""
+    all_pairs = checkpoint_pairs(ckpt, cfg)
     dtypes = ckpt.dtypes()
     pairs, inexact = drop_inexact(select_pairs(all_pairs, cfg), dtypes.__getitem__)
     skipped = absent_sites(cfg, all_pairs, ckpt.config, ckpt.class_name) + inexact

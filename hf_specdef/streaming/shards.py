@@ -107,14 +107,25 @@ class ShardStreamer:
             for i in comp:
                 plan = self.sp.plans[i]
                 block = engine.producer_block(plan.pair, {}, region=self._region)
+
+                def where(name: str) -> str:
+                    return f"{self.ckpt.infos[name].file}: "
+
+                def stored(b: TensorBlock) -> torch.Tensor:
+                    return self.ckpt.view(b.name).narrow(b.axis, b.start, b.stop - b.start)
+
                 try:
                     m, s0, s1 = engine.build_deformation(plan, block, self.cfg, region=self._region)
-                except RuntimeError:  # e.g. a decomposition failing on NaN/inf
+                except RuntimeError:  # e.g. a decomposition failing on NaN/inf, or on values whose squares overflow
                     self._check_producers(plan.pair)
-                    raise
+                    err = engine.overflow_error(plan, self._region, where, stored)
+                    if err is None:
+                        raise
+                    raise err from None
                 if not (math.isfinite(s0) and math.isfinite(s1)):
                     self._check_producers(plan.pair)
-                    raise CheckpointError(f"pair {plan.pair.key}: sigma_1 {s0:g} -> {s1:g} is not finite.")
+                    raise engine.overflow_error(plan, self._region, where, stored) or engine.not_finite_error(
+                        plan, s0, s1, where(plan.pair.producers[0].name))
                 del block
                 for b in plan.pair.producers:
                     self.ops.setdefault(b.name, []).append(TensorOp(b, m, True))
@@ -256,8 +267,13 @@ class ShardStreamer:
         """A deformed tensor has NaN/inf: the source's (a broken checkpoint) or an overflow of its dtype."""
         if not all_finite(self.ckpt.view(name)):
             raise self._broken(name)
-        raise CheckpointError(f"deforming tensor {name!r} (from {self.ckpt.infos[name].file}) overflowed its "
-                              f"dtype {dtype} (inf/NaN); lower alpha or use precision='float32'.")
+        largest = float(self.ckpt.view(name).abs().max().float())
+        dtype_name = str(dtype).removeprefix("torch.")
+        fix = ("lower alpha or use precision='float32'" if dtype.itemsize < 4 else
+               "trained weights are far smaller, so the tensor is likely corrupted: repair or re-export it, or leave "
+               "its site out (SpecDefConfig(sites=...) / --sites)")
+        raise CheckpointError(f"{self.ckpt.infos[name].file}: tensor {name!r} (values up to {largest:.3g}) overflows "
+                              f"{dtype_name} once deformed (inf/NaN); {fix}.")
 
     def _chunk_buffer(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """A tensor of ``shape`` over the writer's reused buffer (fresh memory for every chunk costs page faults)."""
