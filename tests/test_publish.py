@@ -782,8 +782,10 @@ def test_card_escapes_every_string_it_is_given(llama_src, tmp_path):
     code (a hostile repo id that got past validation still renders as one Python string literal)."""
     from huggingface_hub import ModelCard
 
-    from hf_specdef.publishing.card import _load_snippet, escape_markdown, render_card
+    from hf_specdef.publishing.card import render_card
     from hf_specdef.publishing.checks import ComponentCheck
+    from hf_specdef.publishing.escaping import escape_markdown
+    from hf_specdef.publishing.snippet import load_snippet as _load_snippet
     from hf_specdef.publishing.source import describe_source
 
     info = describe_source(llama_src[0], base_model="me/tiny-llama")

@@ -12,8 +12,8 @@ from diffusers import ModelMixin
 
 from ..probe import first_float_param
 from ..sites import diffusers as diffusers_sites
+from ..sites.config_checks import cfg_get
 from ..sites.mmdit import MMDIT_CLASSES
-from ..sites.registry import cfg_get
 
 __all__ = ["diffusers_probe"]
 

@@ -13,23 +13,20 @@ The card claims what was done and measured on *this* release, nothing else:
   measurement's, named as such), or says plainly that none was measured, with the bound that holds for any release
   that only rescales weights; figures measured on another model are labelled as such;
 * the ``fine-tuning-resistance`` tag is only given for a **red-team worst case over uninformed attacks above
-  1.5×** (:data:`RESISTANCE_TAG_MIN`): a quick toy measurement (one optimizer, a synthetic task) is not a worst case,
+  1.5×** (:data:`~.claims.RESISTANCE_TAG_MIN`): a quick toy measurement (one optimizer, a synthetic task) is not a worst case,
   and without a measurement a bit-exact release is not slowed at all by a scale-invariant optimizer.
 
 Every user-provided string (Hub ids, folder and class names from the source's files, names from the records and
-from red-team results) is escaped for where it lands: Markdown text through :func:`escape_markdown`, the Python
-usage snippet through JSON string literals (:func:`_py_str`) and identifier checks, the YAML front matter through
-:class:`~huggingface_hub.ModelCardData` (``yaml.dump``).
+from red-team results) is escaped for where it lands: Markdown text through :func:`~.escaping.escape_markdown`, the
+Python usage snippet through JSON string literals (:func:`~.escaping.python_string_literal`) and identifier checks,
+the YAML front matter through :class:`~huggingface_hub.ModelCardData` (``yaml.dump``).
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
-import re
-import unicodedata
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -38,21 +35,15 @@ from typing import Any
 from .. import __version__
 from ..config import SpecDefConfig
 from .checks import ComponentCheck, _fmt
+from .claims import REFERENCE_MODEL, as_number, card_tags, resistance_summary
 from .components import _components, _record_of
+from .escaping import escape_markdown, markdown_values
+from .snippet import load_snippet, release_dtype
 from .source import SourceInfo
 
 TEMPLATE_NAME = "specdef_model_card.md"
-TAGS = ("specdef", "hf-specdef")
-SPECTRAL_TAG = "spectral-deformation"  # only when spectral mode was used
-RESISTANCE_TAG = "fine-tuning-resistance"  # only for a measured red-team worst case above RESISTANCE_TAG_MIN
-RESISTANCE_TAG_MIN = 1.5
 PAPER_URL = "https://arxiv.org/abs/2602.18868"
 MAX_CARD_PAIRS = 64  # rows of the per-pair table in a card at record level "full"
-REFERENCE_MODEL = "SmolLM2-135M-Instruct"  # the model of the labelled reference measurements
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-_DTYPES = ("float32", "bfloat16", "float16")
-_MD_SPECIAL = re.compile(r"([\\`*\[\]<>|~&$])")
-_MD_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")  # an intraword "_" opens no emphasis
 
 
 def template_path() -> Path:
@@ -69,53 +60,6 @@ def template_path() -> Path:
     ```
     """
     return Path(str(resources.files("hf_specdef") / "templates" / TEMPLATE_NAME))
-
-
-def escape_markdown(value: Any) -> str:
-    """``value`` as inline Markdown text that renders literally: one line, no HTML, no emphasis, links or table cells.
-
-    Whitespace runs (newlines included) become one space (so no value can start a block: a heading, a list, a raw
-    HTML block), control and format characters (bidirectional overrides) are dropped, and every character that
-    could start inline markup is backslash-escaped: HTML ``<>``, entities ``&``, emphasis ``*`` ``~`` and ``_``
-    (except between two letters or digits, where it opens nothing), code spans, links ``[]``, math ``$`` and the
-    table cell separator ``|`` (CommonMark allows a backslash before any ASCII punctuation; GFM tables need
-    ``\\|``). The card only places values inside a line, never at its start.
-
-    Args:
-        value: any value; ``None`` gives ``""``.
-
-    Returns:
-        The escaped text.
-
-    Example:
-
-    ```python
-    >>> escape_markdown("x\\n**VERIFIED SAFE** <script>|")
-    'x \\\\*\\\\*VERIFIED SAFE\\\\*\\\\* \\\\<script\\\\>\\\\|'
-    ```
-    """
-    if value is None:
-        return ""
-    text = "".join(ch for ch in str(value) if ch.isspace() or unicodedata.category(ch) not in ("Cc", "Cf"))
-    text = re.sub(r"\s+", " ", text).strip()
-    return _MD_UNDERSCORE.sub(r"\\_", _MD_SPECIAL.sub(r"\\\1", text))
-
-
-def _md_any(value: Any) -> Any:
-    """:func:`escape_markdown` applied to every string inside ``value`` (lists and dicts kept as such)."""
-    if isinstance(value, str):
-        return escape_markdown(value)
-    if isinstance(value, Mapping):
-        return {k: _md_any(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_md_any(v) for v in value]
-    return value
-
-
-def _py_str(value: str) -> str:
-    """A Python string literal of ``value`` (JSON's escapes are Python's; backticks escaped so that no value can
-    close the Markdown code fence around the snippet)."""
-    return json.dumps(str(value), ensure_ascii=True).replace("`", "\\u0060")
 
 
 def format_factor(factor: float) -> str:
@@ -149,76 +93,6 @@ def _is_power_of_two(f: float) -> bool:
     return f > 0 and m == 0.5
 
 
-def release_dtype(safety: Mapping[str, Any] | None, folder: Path) -> str | None:
-    """The dtype a user should load the release in: float32 for a float32-only release, else its storage dtype when
-    the protection is exact there (else its first exact dtype); without a precision record, ``config.json``'s
-    ``dtype`` / ``torch_dtype``. ``None`` when nothing says.
-
-    Args:
-        safety: :func:`hf_specdef.release_dtypes.folder_safety` of the folder (or a protection report's precision).
-        folder: the published folder.
-
-    Returns:
-        ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``None``.
-
-    Example:
-
-    ```python
-    >>> release_dtype({"float32_only": True, "exact_dtypes": ["float32"]}, Path("."))
-    'float32'
-    ```
-    """
-    if safety:
-        if safety.get("float32_only"):
-            return "float32"
-        exact = [d for d in safety.get("exact_dtypes") or [] if d in _DTYPES]
-        if safety.get("storage_dtype") in exact:
-            return str(safety["storage_dtype"])
-        if exact:
-            return exact[0]
-    conf = folder / "config.json"
-    try:
-        config = json.loads(conf.read_text()) if conf.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        config = {}
-    dtype = config.get("dtype") or config.get("torch_dtype")
-    return dtype if dtype in _DTYPES else None
-
-
-def _load_snippet(info: SourceInfo, repo_id: str, folder: Path | None = None, dtype: str | None = None) -> str:
-    """The card's Python usage snippet: the stock class (when the library has it; else the Auto class), the full
-    ``owner/name`` id, the release's dtype and, when the folder holds tokenizer files, its tokenizer. Every value is
-    a JSON string literal or a checked identifier: nothing from the source can become code."""
-    rid = _py_str(repo_id)
-    dtype = dtype if dtype in _DTYPES else None
-    lines = ["# replace <owner> with the Hub user or organisation the release is pushed to"] if "<owner>" in repo_id else []
-    if info.kind == "transformers":
-        import transformers
-
-        cls = info.class_name if _is_library_class(transformers, info.class_name) else "AutoModel"
-        tok = folder is not None and any((folder / f).is_file() for f in _TOKENIZER_FILES)
-        imports = ", ".join(dict.fromkeys([cls] + (["AutoTokenizer"] if tok else [])))
-        lines = (["import torch"] if dtype else []) + [f"from transformers import {imports}", ""] + lines
-        lines.append(f"model = {cls}.from_pretrained({rid}" + (f", dtype=torch.{dtype})" if dtype else ")"))
-        if tok:
-            lines.append(f"tokenizer = AutoTokenizer.from_pretrained({rid})")
-        return "\n".join(lines)
-    import diffusers
-
-    if info.is_pipeline:
-        cls, var = "DiffusionPipeline", "pipe"
-    else:
-        cls = info.class_name if _is_library_class(diffusers, info.class_name) else "AutoModel"
-        var = "model"
-    lines = (["import torch"] if dtype else []) + [f"from diffusers import {cls}", ""] + lines
-    lines.append(f"{var} = {cls}.from_pretrained({rid}" + (f", torch_dtype=torch.{dtype})" if dtype else ")"))
-    return "\n".join(lines)
-
-
-def _is_library_class(module: Any, name: str) -> bool:
-    return isinstance(name, str) and name.isidentifier() and isinstance(getattr(module, name, None), type)
-
-
 def _records(info: SourceInfo, folder: Path) -> dict[str, dict[str, Any]]:
     return {name: rec for name, _, _ in _components(info, folder)
             if (rec := _record_of(folder / name if name else folder)) is not None}
@@ -229,13 +103,6 @@ def _layer_key(layer: Any) -> tuple[str, int, str]:
     text = str(layer)
     component, _, index = text.rpartition(":")
     return (component, int(index), "") if index.isdigit() else (component, -1, text)
-
-
-def _number(x: Any) -> float | None:
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        return None
 
 
 def _merge_records(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -259,7 +126,7 @@ def _merge_records(records: dict[str, dict[str, Any]]) -> dict[str, Any]:
         all_pairs = list(rec.get("pairs", []) or []) + list((rec.get("pipeline") or {}).get("pairs", []) or [])
         if recorded is None:
             recorded = [p.get("factor") for p in all_pairs]
-        factors.update(f for x in recorded or [] if (f := _number(x)) is not None)
+        factors.update(f for x in recorded or [] if (f := as_number(x)) is not None)
         for p in rec.get("pairs", []) or []:
             pairs.append({k: p.get(k) for k in ("layer", "site", "group", "mode", "factor", "k", "hot")}
                          | ({"layer": f"{name}:{p.get('layer')}"} if prefix and name else {}))
@@ -295,99 +162,12 @@ def protection_summary(info: SourceInfo, folder: Path) -> dict[str, Any]:
     return _merge_records(_records(info, folder))
 
 
-def _ratio(x: Any) -> str:
-    return f"{float(x):.2f}×"
-
-
-def resistance_summary(measure: Mapping[str, Any] | None, rescaling: bool = False) -> dict[str, Any]:
-    """The card's headline on fine-tuning resistance, from the ``measure`` block of :func:`publish`.
-
-    The ``fine-tuning-resistance`` tag (``tag``) needs a **red-team** worst case over uninformed attacks above
-    :data:`RESISTANCE_TAG_MIN` (1.5×). A quick toy measurement never earns it (one optimizer on a synthetic task is
-    not a worst case), and neither does a release that only rescales weights (``rescaling``) unless the red team ran
-    the scale-invariant attack (``full-madam``): such a release is fine-tuned by a multiplicative optimizer as fast
-    as the original, by construction, whatever the other attacks measured.
-
-    Args:
-        measure: :func:`hf_specdef.resistance.redteam_measure` (a red team: its summary has ``uninformed_attacks``),
-            :func:`hf_specdef.resistance.measure_resistance` (the quick toy measurement: ``slowdown_*`` entries) or
-            ``None``.
-        rescaling: the release only rescales weights (axis mode only, or exact in bfloat16).
-
-    Returns:
-        ``{"kind": "none" | "redteam" | "quick", "worst": float | None, "worst_str", "attack", "lower_bound", "tag",
-        "scale_invariant_measured", ...}``; ``worst`` is the measured worst case (the smallest slowdown), ``tag``
-        whether it earns the ``fine-tuning-resistance`` tag.
-
-    Example:
-
-    ```python
-    >>> resistance_summary(None)["kind"]
-    'none'
-    ```
-    """
-    out: dict[str, Any] = {"kind": "none", "worst": None, "worst_str": None, "attack": None, "lower_bound": False,
-                           "tag": False, "attacks": None, "seeds": None, "undo_str": None, "undo_attack": None,
-                           "scale_invariant_measured": False}
-    if not measure:
-        return out
-    s = measure.get("summary") or {}
-    if "uninformed_attacks" in s or "worst_case_slowdown" in s or "variant" in s:
-        worst = _number(s.get("worst_case_slowdown"))
-        out |= {"kind": "redteam", "worst": worst, "worst_str": _ratio(worst) if worst is not None else None,
-                "attack": escape_markdown(s.get("worst_case_attack")), "lower_bound": bool(s.get("worst_case_lower_bound")),
-                "attacks": _number(s.get("uninformed_attacks")), "seeds": _number(s.get("seeds"))}
-        if out["attacks"] is not None:
-            out["attacks"] = int(out["attacks"])
-        if out["seeds"] is not None:
-            out["seeds"] = int(out["seeds"])
-        if _number(s.get("undo_slowdown")) is not None:
-            out |= {"undo_str": _ratio(s["undo_slowdown"]), "undo_attack": escape_markdown(s.get("undo_attack"))}
-        from ..redteam.report import SCALE_INVARIANT_ATTACK
-
-        rows = [str(r.get("variant", "")) for r in measure.get("rows") or []]
-        out["scale_invariant_measured"] = any(r.split(":")[0].split(" ")[0] == SCALE_INVARIANT_ATTACK for r in rows)
-        out["tag"] = (worst is not None and math.isfinite(worst) and worst > RESISTANCE_TAG_MIN
-                      and (out["scale_invariant_measured"] or not rescaling))
-        return out
-    quick = {k[len("slowdown_"):]: v for k, v in s.items() if k.startswith("slowdown_") and _number(v) is not None}
-    if quick:
-        which, worst = min(quick.items(), key=lambda kv: float(kv[1]))
-        out |= {"kind": "quick", "worst": float(worst), "worst_str": f"{float(worst):.1f}×",
-                "attack": "training the deformed parameters" if which == "sites" else "training the other, undeformed "
-                          "parameters" if which == "bypass" else escape_markdown(which)}
-    return out
-
-
-def card_tags(modes: Sequence[str], resistance: Mapping[str, Any], library_name: str) -> list[str]:
-    """The card's tags: ``specdef``, ``hf-specdef``, ``spectral-deformation`` only when spectral mode was used,
-    ``fine-tuning-resistance`` only when :func:`resistance_summary` says so, and the library.
-
-    Args:
-        modes: the modes the records say were used.
-        resistance: :func:`resistance_summary`.
-        library_name: ``"transformers"`` or ``"diffusers"``.
-
-    Returns:
-        The tags.
-
-    Example:
-
-    ```python
-    >>> card_tags(["axis"], resistance_summary(None, rescaling=True), "transformers")
-    ['specdef', 'hf-specdef', 'transformers']
-    ```
-    """
-    return (list(TAGS) + ([SPECTRAL_TAG] if "spectral" in modes else [])
-            + ([RESISTANCE_TAG] if resistance.get("tag") else []) + [library_name])
-
-
 def _pair_row(pair: Mapping[str, Any]) -> dict[str, Any]:
     """One row of the per-pair table: every value escaped text, ``hot`` a list of escaped module names."""
     row = {k: "" if v is None else escape_markdown(v) for k, v in pair.items() if k not in ("hot", "factor")}
     row["hot"] = [escape_markdown(m) for m in pair.get("hot") or []]
     factor = pair.get("factor")
-    row["factor"] = format_factor(factor) if _number(factor) is not None else escape_markdown(factor)
+    row["factor"] = format_factor(factor) if as_number(factor) is not None else escape_markdown(factor)
     return row
 
 
@@ -402,7 +182,7 @@ def _gguf_format(name: Any) -> bool | None:
 def _quantization_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for q in rows:
-        row = dict(_md_any(dict(q)))
+        row = dict(markdown_values(dict(q)))
         row["kept_float_count"] = len(q.get("kept_float") or [])
         row["status"] = ("error" if q.get("error") else "ok" if q.get("ok") else "broken")
         out.append(row)
@@ -480,34 +260,34 @@ def render_card(
     full_id = repo_id if repo_id_given else f"<owner>/{repo_id}"
     alpha = summary.get("alpha", cfg.alpha)
     rows = _quantization_rows(quantization or [])
-    kwargs = {k: _md_any(v) for k, v in data.to_dict().items()}  # from_template also passes these: escaped
+    kwargs = {k: markdown_values(v) for k, v in data.to_dict().items()}  # from_template also passes these: escaped
     kwargs |= dict(
         title=md(repo_id), repo_id=md(full_id), base_model=md(info.base_model), base_model_url=base_url,
         base_model_is_hub_id=info.base_model_is_hub_id, hf_specdef_version=md(__version__),
         date=datetime.date.today().isoformat(), record_level=cfg.record, is_pipeline=info.is_pipeline,
         library_name=info.library_name,
-        sites=_md_any(list(summary.get("sites", cfg.sites))),
-        alpha=format_factor(alpha) if _number(alpha) is not None else md(alpha),
+        sites=markdown_values(list(summary.get("sites", cfg.sites))),
+        alpha=format_factor(alpha) if as_number(alpha) is not None else md(alpha),
         factors=[format_factor(f) for f in factors], factors_str=", ".join(format_factor(f) for f in factors),
         inverted=any(f < 1 for f in factors), powers_of_two=bool(factors) and all(_is_power_of_two(f) for f in factors),
-        top_k=md(summary.get("top_k", cfg.top_k)), layers=_md_any([str(x) for x in summary.get("layers", [])]),
+        top_k=md(summary.get("top_k", cfg.top_k)), layers=markdown_values([str(x) for x in summary.get("layers", [])]),
         layers_selection=md(summary.get("layers_selection", cfg.layers)), mode=md(summary.get("mode", cfg.mode)),
         modes=modes, rescaling=rescaling, spectral="spectral" in modes,
         num_pairs=summary.get("num_pairs", 0), num_hot=summary.get("num_hot", 0),
-        precision=md(summary.get("precision", cfg.precision)), components=_md_any(summary.get("components", [])),
+        precision=md(summary.get("precision", cfg.precision)), components=markdown_values(summary.get("components", [])),
         precision_used=md(summary.get("precision_used") or "(no record)"), release_dtypes=release_dtypes,
         pipeline_fold=md(summary.get("pipeline_fold")) or None,
         pairs=[_pair_row(p) for p in shown] if cfg.record == "full" else [],
         pairs_truncated=len(summary.get("pairs", [])) > len(shown),
-        checks=[_md_any(c.to_dict()) | {"deviation_str": _fmt(c.max_relative_deviation), "tolerance": f"{c.tolerance:g}"}
+        checks=[markdown_values(c.to_dict()) | {"deviation_str": _fmt(c.max_relative_deviation), "tolerance": f"{c.tolerance:g}"}
                 for c in all_checks],
         inspections=[{"component": md(c.component), "deformed": c.deformed, "matrices": c.matrices,
                       "coverage": f"{c.coverage:.1%}", "hot_coverage": f"{c.hot_coverage:.1%}"} for c in checks],
-        max_deviation_str=_fmt(max_dev), coverage_str=cov, hot_coverage_str=hot, measure=_md_any(measure),
+        max_deviation_str=_fmt(max_dev), coverage_str=cov, hot_coverage_str=hot, measure=markdown_values(measure),
         resistance=resistance, tolerance=f"{cfg.tolerance:g}",
         reference=resistance["kind"] != "redteam" and bool(modes),
         reference_same_model=REFERENCE_MODEL.lower().split("-instruct")[0] in info.base_model.lower(),
-        load_snippet=_load_snippet(info, full_id, folder, release_dtype(safety, folder)),
+        load_snippet=load_snippet(info, full_id, folder, release_dtype(safety, folder)),
         quantization=rows, quantization_safe=list(cfg.quantization_safe), quantization_note=md(quantization_note),
         quantization_gguf=any(_gguf_format(r.get("format")) for r in rows),
         quantization_int=any(_gguf_format(r.get("format")) is False for r in rows),

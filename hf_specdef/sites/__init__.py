@@ -9,6 +9,7 @@ from ..config import SpecDefConfig
 from ..errors import SpecDefError
 from . import decoders, mmdit, moe  # noqa: F401  (register the decoder, MMDiT and MoE families of issue 19)
 from .base import AXIS_ONLY_SITES, ModelConfigError, Pair, TensorBlock, TensorShapeError
+from .config_checks import cfg_get
 from .registry import (
     REGISTRY,
     ArchSpec,
@@ -16,7 +17,6 @@ from .registry import (
     GatedMLP,
     Linear,
     PreNorm,
-    cfg_get,
     find_pairs,
     known_architectures,
     lookup,

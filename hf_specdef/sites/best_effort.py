@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from .base import ModelConfigError, Pair, TensorShapeError
-from .registry import LLAMA, ArchSpec, ShapeOf, _llama_heads, cfg_get, find_pairs
+from .config_checks import ShapeOf, cfg_get, llama_heads
+from .registry import LLAMA, ArchSpec, find_pairs
 
 BEST_EFFORT = ArchSpec(name="best-effort (Llama-style names)", block=LLAMA.block, attention=LLAMA.attention,
                        mlp=LLAMA.mlp, norms=LLAMA.norms)
@@ -26,7 +27,7 @@ def _heads_fit(config: Any, shape_of: ShapeOf, block: str) -> bool:
     if cfg_get(config, "num_attention_heads") is None or cfg_get(config, "hidden_size") is None:
         return False
     try:
-        n, kv, d = _llama_heads(config, block, shape_of)
+        n, kv, d = llama_heads(config, block, shape_of)
     except ModelConfigError:  # a guess: a config the heads cannot be read from means no attention sites
         return False
     shape = {p: shape_of.get(f"{block}.self_attn.{p}_proj.weight") for p in "qkvo"}

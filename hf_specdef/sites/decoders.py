@@ -34,18 +34,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .registry import (
-    LLAMA,
-    ArchSpec,
-    Attention,
-    GatedMLP,
-    Linear,
-    PreNorm,
-    _llama_heads,
-    _mha_heads,
-    cfg_get,
-    register_architecture,
-)
+from .config_checks import cfg_get, llama_heads, mha_heads
+from .registry import LLAMA, ArchSpec, Attention, GatedMLP, Linear, PreNorm, register_architecture
 
 _L = Linear
 _Q, _K, _V, _O = (_L(f"self_attn.{p}_proj") for p in "qkvo")
@@ -54,7 +44,7 @@ QWEN3 = ArchSpec(
     name="qwen3",
     model_types=("qwen3",),
     block=LLAMA.block,
-    attention=(Attention(_Q, _K, _V, _O, heads=_llama_heads, rotary=True,
+    attention=(Attention(_Q, _K, _V, _O, heads=llama_heads, rotary=True,
                          qk_norms=("self_attn.q_norm", "self_attn.k_norm")),),
     mlp=LLAMA.mlp,
     norms=LLAMA.norms,
@@ -66,7 +56,7 @@ GEMMA = ArchSpec(
     name="gemma",
     model_types=("gemma",),
     block=LLAMA.block,
-    attention=(Attention(_Q, _K, _V, _O, heads=_llama_heads, rotary=True),),
+    attention=(Attention(_Q, _K, _V, _O, heads=llama_heads, rotary=True),),
     mlp=LLAMA.mlp,
     norms=(PreNorm("input_layernorm", _QKV_READERS, offset=1.0),
            PreNorm("post_attention_layernorm", _GATE_UP, offset=1.0)),
@@ -79,7 +69,7 @@ GEMMA3_TEXT = ArchSpec(
     name="gemma3_text",
     model_types=("gemma3_text",),
     block=LLAMA.block,
-    attention=(Attention(_Q, _K, _V, _O, heads=_llama_heads, rotary=True,
+    attention=(Attention(_Q, _K, _V, _O, heads=llama_heads, rotary=True,
                          qk_norms=("self_attn.q_norm", "self_attn.k_norm"), norm_offset=1.0),),
     mlp=LLAMA.mlp,
     norms=_SANDWICH,
@@ -90,7 +80,7 @@ PHI3 = ArchSpec(
     name="phi3",
     model_types=("phi3",),
     block=LLAMA.block,
-    attention=(Attention(_QKV, _QKV, _QKV, _O, heads=_llama_heads, rotary=True, fused=True),),
+    attention=(Attention(_QKV, _QKV, _QKV, _O, heads=llama_heads, rotary=True, fused=True),),
     mlp=(GatedMLP(_L("mlp.gate_up_proj"), _L("mlp.down_proj"), up_half=1),),
     norms=(PreNorm("input_layernorm", (_QKV,)), PreNorm("post_attention_layernorm", (_L("mlp.gate_up_proj"),))),
 )
@@ -101,7 +91,7 @@ GPT_NEOX = ArchSpec(
     model_types=("gpt_neox",),
     block=LLAMA.block,
     attention=(Attention(_NEOX_QKV, _NEOX_QKV, _NEOX_QKV, _L("attention.dense"),
-                         heads=_mha_heads("num_attention_heads", "hidden_size"), rotary=True, interleaved=True),),
+                         heads=mha_heads("num_attention_heads", "hidden_size"), rotary=True, interleaved=True),),
     norms=(PreNorm("input_layernorm", (_NEOX_QKV,)), PreNorm("post_attention_layernorm", (_L("mlp.dense_h_to_4h"),))),
 )
 
@@ -118,7 +108,7 @@ OPT = ArchSpec(
     name="opt",
     model_types=("opt",),
     block=r"^(?P<block>(?:.*\.)?decoder\.layers\.\d+)\.",
-    attention=(Attention(*_OPT_QKV, _L("self_attn.out_proj"), heads=_mha_heads("num_attention_heads", "hidden_size")),),
+    attention=(Attention(*_OPT_QKV, _L("self_attn.out_proj"), heads=mha_heads("num_attention_heads", "hidden_size")),),
     mlp=(GatedMLP(_L("fc1"), _L("fc2"), when=_relu),),
     norms=(PreNorm("self_attn_layer_norm", _OPT_QKV, when=_opt_pre_ln),
            PreNorm("final_layer_norm", (_L("fc1"),), when=_opt_pre_ln)),

@@ -36,17 +36,16 @@ from dataclasses import replace
 from typing import Any
 
 from .base import ModelConfigError, Pair, TensorBlock
+from .config_checks import ShapeOf, cfg_get
 from .registry import (
     ArchSpec,
     Attention,
     GatedMLP,
     Linear,
     PreNorm,
-    ShapeOf,
     _attention_pairs,
     _mlp_pair,
     _norm_pair,
-    cfg_get,
     find_blocks,
     register_architecture,
 )

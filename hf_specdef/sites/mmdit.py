@@ -53,7 +53,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import ModelConfigError, Pair, TensorBlock
-from .registry import ArchSpec, ShapeOf, _bias, _natural, cfg_get, register_architecture
+from .config_checks import ShapeOf, cfg_get
+from .registry import ArchSpec, _bias, _natural, register_architecture
 
 __all__ = ["MMDIT", "MMDIT_CLASSES", "AdaNormFold", "Stream", "mmdit_blocks", "mmdit_pairs"]
 

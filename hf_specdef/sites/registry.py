@@ -14,71 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .base import ModelConfigError, Pair, TensorBlock, TensorShapeError
-
-ShapeOf = Mapping[str, Sequence[int]]
-
-
-def cfg_get(config: Any, *names: str, default: Any = None) -> Any:
-    """First attribute/key of ``config`` among ``names`` that is set."""
-    for n in names:
-        v = config.get(n) if isinstance(config, Mapping) else getattr(config, n, None)
-        if v is not None:
-            return v
-    return default
-
-
-_REQUIRED = object()
-# what the config fields the registry reads mean (for the error that names a bad one)
-_MEANING = {
-    "num_attention_heads": "the number of attention (query) heads",
-    "num_key_value_heads": "the number of key/value heads (grouped-query attention; equal to num_attention_heads "
-                           "without it)",
-    "head_dim": "the size of one attention head",
-    "hidden_size": "the model width",
-    "n_head": "the number of attention heads",
-    "n_embd": "the model width",
-}
-
-
-def config_int(config: Any, key: str, default: Any = _REQUIRED) -> int:
-    """``config[key]`` as a positive integer (``default`` where it is missing and a default is given), or
-    :class:`~hf_specdef.sites.base.ModelConfigError` naming the field, its value and the fix."""
-    value = cfg_get(config, key)
-    meaning = _MEANING.get(key, "its value")
-    if value is None:
-        if default is not _REQUIRED:
-            return default
-        raise ModelConfigError(f"{key} is missing; the site registry needs it ({meaning}). Add \"{key}\": <positive "
-                               "integer> as the model was trained, or pass an explicit SpecDefConfig(site_map=...).")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ModelConfigError(f"{key}={value!r} is not a positive integer; set it to {meaning} (a whole number >= 1, "
-                               "as the model was trained), or pass an explicit SpecDefConfig(site_map=...).")
-    return value
-
-
-def _shape_text(shape: Sequence[int]) -> str:
-    return str(tuple(int(x) for x in shape))
-
-
-def check_extent(shape_of: ShapeOf, name: str, axis: int, size: int, basis: str, fix: str) -> None:
-    """Tensor ``name`` must have ``size`` entries along ``axis`` (what ``basis`` implies), else
-    :class:`~hf_specdef.sites.base.TensorShapeError` naming the tensor, its shape, the implied shape and the fix
-    (a 2-D weight whose other axis has ``size`` entries is called out as stored transposed)."""
-    shape = tuple(int(x) for x in shape_of[name])
-    if axis < len(shape) and shape[axis] == size:
-        return
-    implied = list(shape) + [1] * max(0, axis + 1 - len(shape))
-    implied[axis] = size
-    if len(shape) == 2 and shape[1 - axis] == size:  # the other way round: stored transposed
-        implied = [shape[1], shape[0]]
-        raise TensorShapeError(name, (
-            f"tensor {name!r} has shape {_shape_text(shape)}, but {basis} implies {_shape_text(implied)}: it looks "
-            f"stored transposed (a torch Linear weight is (out_features, in_features)); re-save it as "
-            f"{_shape_text(implied)}" + (", or fix config.json if it does not belong to these weights." if "config.json"
-                                         in basis else ".")))
-    raise TensorShapeError(name, (
-        f"tensor {name!r} has shape {_shape_text(shape)}, but {basis} implies {_shape_text(implied)} "
-        f"({size} along axis {axis}); {fix}"))
+from .config_checks import ShapeOf, cfg_get, check_attention_shapes, check_extent, llama_heads, mha_heads, shape_text
 
 
 @dataclass(frozen=True)
@@ -234,27 +170,6 @@ def _blocks(shape_of: ShapeOf, module: str, lin: Linear, start: int, stop: int, 
     return (TensorBlock(f"{module}.{lin.param}", lin.out_axis, start, stop, offset),) + _bias(shape_of, module, start, stop)
 
 
-_HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size", "n_head", "n_embd",
-                "attention_head_dim")
-
-
-def _check_attention_shapes(att: Attention, block: str, config: Any, shape_of: ShapeOf, n: int, kv: int, d: int) -> None:
-    """The q/k/v/o weights have the extents the config's head counts imply along the axes the pairs index."""
-    fields = ", ".join(f"{k}={v!r}" for k in _HEAD_FIELDS if (v := cfg_get(config, k)) is not None)
-    basis = f"config.json ({fields + ': ' if fields else ''}{n} heads, {kv} key/value heads of size {d})"
-    fix = "config.json does not match these weights: set its head fields to the values the model was trained with."
-    if att.interleaved or att.fused:  # one projection holds q, k and v
-        rows = 3 * n * d if att.interleaved else (n + 2 * kv) * d
-        wanted = [(att.q, rows)]
-    else:
-        wanted = [(att.q, n * d), (att.k, kv * d), (att.v, kv * d)]
-    for lin, size in wanted:
-        name = f"{block}.{lin.weight}"
-        if name in shape_of:
-            check_extent(shape_of, name, lin.out_axis, size, basis, fix)
-    check_extent(shape_of, f"{block}.{att.o.weight}", att.o.in_axis, n * d, basis, fix)
-
-
 def _attention_pairs(att: Attention, block: str, layer: int, config: Any, shape_of: ShapeOf) -> dict[str, list[Pair]]:
     q, k, v, o = (f"{block}.{p.name}" for p in (att.q, att.k, att.v, att.o))
     if f"{block}.{att.v.weight}" not in shape_of or f"{block}.{att.o.weight}" not in shape_of:
@@ -270,7 +185,7 @@ def _attention_pairs(att: Attention, block: str, layer: int, config: Any, shape_
         raise ModelConfigError(f"num_key_value_heads={kv} does not divide num_attention_heads={n} (every key/value "
                                f"head serves the same number of query heads); set it to a divisor of {n}, as the "
                                "model was trained.")
-    _check_attention_shapes(att, block, config, shape_of, n, kv, d)
+    check_attention_shapes(att, block, config, shape_of, n, kv, d)
     rep = n // kv
     rot = rotary_dims(config, d) if att.rotary else d
     q_row, k_row, v_row = _head_rows(att, n, kv, d)
@@ -311,7 +226,7 @@ def _mlp_pair(mlp: GatedMLP, block: str, layer: int, shape_of: ShapeOf) -> Pair 
         return None
     down0 = f"{block}.{downs[0].weight}"
     if mlp.down.in_axis >= len(shape_of[down0]):
-        raise TensorShapeError(down0, f"tensor {down0!r} has shape {_shape_text(shape_of[down0])}: the mlp site reads "
+        raise TensorShapeError(down0, f"tensor {down0!r} has shape {shape_text(shape_of[down0])}: the mlp site reads "
                                       f"its input axis {mlp.down.in_axis}, which it lacks; re-save it in the layout "
                                       "the architecture uses.")
     inner = int(shape_of[down0][mlp.down.in_axis])
@@ -396,44 +311,13 @@ def find_pairs(spec: ArchSpec, config: Any, shape_of: ShapeOf) -> list[Pair]:
 # The table
 # --------------------------------------------------------------------------------------------
 
-def _llama_heads(config: Any, block: str, shape_of: ShapeOf) -> tuple[int, int, int]:
-    """``(heads, kv heads, head size)`` from ``num_attention_heads`` / ``num_key_value_heads`` / ``head_dim`` (or
-    ``hidden_size / num_attention_heads``), each checked (:class:`~hf_specdef.sites.base.ModelConfigError`)."""
-    n = config_int(config, "num_attention_heads")
-    kv = config_int(config, "num_key_value_heads", default=n)
-    if n % kv:
-        raise ModelConfigError(f"num_key_value_heads={kv} does not divide num_attention_heads={n} (every key/value "
-                               f"head serves the same number of query heads); set it to a divisor of {n}, as the "
-                               "model was trained.")
-    if cfg_get(config, "head_dim") is not None:
-        return n, kv, config_int(config, "head_dim")
-    return n, kv, _split(config, "hidden_size", n, "num_attention_heads", head_dim=True)
-
-
-def _split(config: Any, hidden_key: str, n: int, n_key: str, head_dim: bool = False) -> int:
-    hidden = config_int(config, hidden_key)
-    if hidden % n:
-        alt = "set head_dim (the size of one head) or fix the head count" if head_dim else "fix the head count"
-        raise ModelConfigError(f"{hidden_key}={hidden} is not divisible by {n_key}={n}, so the heads have no whole "
-                               f"size; {alt} to the values the model was trained with.")
-    return hidden // n
-
-
-def _mha_heads(n_key: str, hidden_key: str) -> Callable[[Any, str, ShapeOf], tuple[int, int, int]]:
-    def heads(config: Any, block: str, shape_of: ShapeOf) -> tuple[int, int, int]:
-        n = config_int(config, n_key)
-        return n, n, _split(config, hidden_key, n, n_key)
-
-    return heads
-
-
 _L = Linear
 LLAMA = ArchSpec(
     name="llama",
     model_types=("llama", "mistral", "qwen2"),
     block=r"^(?P<block>(?:.*\.)?layers\.\d+)\.",
     attention=(Attention(_L("self_attn.q_proj"), _L("self_attn.k_proj"), _L("self_attn.v_proj"), _L("self_attn.o_proj"),
-                         heads=_llama_heads, rotary=True),),
+                         heads=llama_heads, rotary=True),),
     mlp=(GatedMLP(_L("mlp.up_proj"), _L("mlp.down_proj")),),
     norms=(PreNorm("input_layernorm", (_L("self_attn.q_proj"), _L("self_attn.k_proj"), _L("self_attn.v_proj"))),
            PreNorm("post_attention_layernorm", (_L("mlp.gate_proj"), _L("mlp.up_proj")))),
@@ -443,7 +327,7 @@ GPT2 = ArchSpec(
     name="gpt2",
     model_types=("gpt2",),
     block=r"^(?P<block>(?:.*\.)?h\.\d+)\.",
-    attention=(Attention(_C, _C, _C, Linear("attn.c_proj", conv1d=True), heads=_mha_heads("n_head", "n_embd"), fused=True),),
+    attention=(Attention(_C, _C, _C, Linear("attn.c_proj", conv1d=True), heads=mha_heads("n_head", "n_embd"), fused=True),),
     norms=(PreNorm("ln_1", (_C,)), PreNorm("ln_2", (Linear("mlp.c_fc", conv1d=True),))),
 )
 BERT = ArchSpec(  # post-LN: the norm output is also the residual, so no norm site
@@ -451,14 +335,14 @@ BERT = ArchSpec(  # post-LN: the norm output is also the residual, so no norm si
     model_types=("bert", "roberta"),
     block=r"^(?P<block>(?:.*\.)?encoder\.layer\.\d+)\.",
     attention=(Attention(_L("attention.self.query"), _L("attention.self.key"), _L("attention.self.value"),
-                         _L("attention.output.dense"), heads=_mha_heads("num_attention_heads", "hidden_size")),),
+                         _L("attention.output.dense"), heads=mha_heads("num_attention_heads", "hidden_size")),),
 )
 CLIP_TEXT = ArchSpec(
     name="clip_text",
     model_types=("clip_text_model",),
     block=r"^(?!vision_model)(?P<block>(?:.*\.)?encoder\.layers\.\d+)\.",  # text_model. prefix optional
     attention=(Attention(_L("self_attn.q_proj"), _L("self_attn.k_proj"), _L("self_attn.v_proj"), _L("self_attn.out_proj"),
-                         heads=_mha_heads("num_attention_heads", "hidden_size")),),
+                         heads=mha_heads("num_attention_heads", "hidden_size")),),
     norms=(PreNorm("layer_norm1", (_L("self_attn.q_proj"), _L("self_attn.k_proj"), _L("self_attn.v_proj"))),
            PreNorm("layer_norm2", (_L("mlp.fc1"),))),
 )

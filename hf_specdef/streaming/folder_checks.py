@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,11 @@ def forward_check(src_root: Path, out_root: Path, config: Mapping[str, Any], tol
         res = verify(ref, prot, tolerance=tolerance)
     except ValueError as e:  # no probe for this model kind
         return None, f"forward check skipped: {e}"
+    if not math.isfinite(res.max_relative_deviation):
+        raise VerificationError(
+            "the protected checkpoint's outputs differ from the source's by inf/NaN on the probe inputs: a weight is "
+            "too large to deform in its dtype, or the source checkpoint is broken (look for values far above 1e4 in "
+            "its weights); nothing was written.")
     if not res.ok:
         raise VerificationError(
             f"the protected checkpoint's outputs deviate by {res.max_relative_deviation:.3g} (max relative) from the "
