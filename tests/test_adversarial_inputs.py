@@ -209,3 +209,27 @@ def test_the_cli_marks_errors_that_are_not_ours(monkeypatch, capsys):
     monkeypatch.setattr(inspect_cmd, "run", lambda args: 1 // 0)
     assert main(["inspect", "x"]) == 1
     assert "unexpected ZeroDivisionError" in capsys.readouterr().err
+
+
+FILE_CASES = sorted(c for c in PROTECT_CASES if c.startswith(("header-", "shard-", "index-", "config-", "heads-", "kv-",
+                                                              "hidden-", "weight-transposed", "no-weights")))
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+@pytest.mark.parametrize("case", FILE_CASES)
+def test_inspect_and_verify_reject_broken_folders_cleanly(case, command, pristine, tmp_path, capsys):
+    """The same broken folders through the read-only commands: one clear line, nothing leaked, nothing changed."""
+    kind, breaker, _, named = PROTECT_CASES[case]
+    src = tmp_path / "src"
+    shutil.copytree(pristine / kind, src)
+    breaker(src)
+    before = _hashes(src)
+    argv = ["inspect", str(src)] if command == "inspect" else ["verify", str(pristine / kind), str(src)]
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if "error:" in line]
+    assert rc != 0 and len(errors) == 1, err
+    assert "unexpected" not in errors[0] and "Traceback" not in "\n".join(err), errors[0]
+    assert named.lower() in errors[0].lower(), errors[0]
+    assert _hashes(src) == before

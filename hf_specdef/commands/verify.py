@@ -121,19 +121,21 @@ def check_folder(folder: Path) -> None:
     """Refuse, before anything is loaded, a model folder whose config.json or tensor shapes contradict its
     architecture's sites (:class:`~hf_specdef.sites.ModelConfigError` / :class:`~hf_specdef.sites.TensorShapeError`,
     naming the file, field or tensor and the value), instead of the loader's own error. Folders the checks cannot
-    read (no safetensors, an architecture the registry does not know) are left to the loader."""
-    from ..checkpoint import CheckpointError, open_checkpoint
+    read (no safetensors, an architecture the registry does not know) are left to the loader; a corrupted
+    safetensors header or index, or a config.json that is not a JSON object, is refused
+    (:class:`~hf_specdef.checkpoint.CheckpointError`)."""
+    from ..checkpoint import open_checkpoint
     from ..config import SpecDefConfig
     from ..sites import NoSitesError
     from ..streaming.plan import checkpoint_pairs
 
     if not Path(folder).is_dir() or not any(Path(folder).glob("*.safetensors")):
         return
-    try:
-        with open_checkpoint(folder) as ckpt:
+    with open_checkpoint(folder) as ckpt:  # a corrupted header, index or config.json: CheckpointError, raised
+        try:
             checkpoint_pairs(ckpt, SpecDefConfig())
-    except (NoSitesError, CheckpointError):
-        return
+        except NoSitesError:
+            return
 
 
 def _quantized(orig: torch.nn.Module, prot: torch.nn.Module, formats: tuple[str, ...], args: argparse.Namespace,
