@@ -20,18 +20,20 @@ logging.getLogger("hf_specdef").addHandler(logging.NullHandler())
 _LAZY = {
     "SpecDefConfig": "config",
     "SpecDefError": "errors",
-    "CheckpointError": "checkpoint",
-    "protect": "protection",
-    "ProtectionReport": "report",
-    "VerificationError": "protection",
-    "PrecisionBudgetError": "engine",
-    "AlreadyProtectedError": "record",
-    "IntegrationMissingError": "handlers",
+    "CheckpointError": "storage.checkpoint",
+    "protect": "protection.in_memory",
+    "ProtectionReport": "deformation.report",
+    "VerificationError": "protection.in_memory",
+    "PrecisionBudgetError": "deformation.precision",
+    "AlreadyProtectedError": "deformation.record",
+    "IntegrationMissingError": "analysis.integration_registry",
     "NoSitesError": "sites",
-    "verify": "verification",
-    "inspect_model": "inspection",
-    "protect_checkpoint": "streaming",
-    "save_protected": "saving",
+    "verify": "analysis.verification",
+    "inspect_model": "analysis.inspection",
+    "protect_checkpoint": "protection.streaming",
+    "save_protected": "protection.saving",
+    "publish": "publishing.publish",
+    "PublishError": "publishing.errors",
     "SpecUndoConfig": "tuners.specundo",
     "SpecUndoModel": "tuners.specundo",
 }
@@ -46,7 +48,7 @@ def __getattr__(name: str) -> Any:
 
 
 def _install_integrations() -> None:
-    from .integrations import install_all
+    from hf_specdef.integrations import install_all
 
     install_all()
 

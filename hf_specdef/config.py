@@ -55,7 +55,7 @@ class SpecDefConfig:
             float32/float64: as requested (spectral; axis with a power-of-two alpha if spectral would exceed
             ``tolerance``); bfloat16: axis mode with alpha rounded to a power of two (bit-exact); float16: axis
             mode with a power-of-two factor per pair chosen so that every scaled weight stays exactly
-            representable (:mod:`hf_specdef.exact_scaling`), refused when that factor would fall below
+            representable (:mod:`hf_specdef.tensor_math.exact_scaling`), refused when that factor would fall below
             alpha/16. ``"refuse"``: raise when the requested protection exceeds ``tolerance`` in the storage
             dtype. ``"axis"``: switch such pairs to axis mode with a power-of-two alpha. ``"float32"``: upcast
             the model to float32 (keeping only the deformed weights in float32 is not enough, the inflated
@@ -71,7 +71,7 @@ class SpecDefConfig:
             by a power of two (``alpha`` must be one; it is lowered per pair where a float16 quantization scale would
             leave its range), the ``norm`` site inverted (norm weight divided, readers multiplied), and protection
             checks that the quantized protected model equals the quantized original (see
-            :mod:`hf_specdef.quantization.deformation`). Pairs that cannot be made safe are skipped with the reason.
+            :mod:`hf_specdef.deformation.quantization_safe`). Pairs that cannot be made safe are skipped with the reason.
             In-memory protection of transformers models only.
     """
 

@@ -19,7 +19,7 @@ import torch
 import transformers as tf
 
 from hf_specdef import SpecDefConfig
-from hf_specdef.protection import tied_parameter_names
+from hf_specdef.protection.in_memory import tied_parameter_names
 from hf_specdef.sites import drop_inexact, pairs_for, select_pairs
 
 # published sizes (config.json of each release)

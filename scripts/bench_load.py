@@ -98,8 +98,8 @@ def cost_breakdown(directory: str, common: dict[str, Any], cfg: Any, device: str
     """Median seconds of each part of a protected load, measured on a plain loaded model."""
     from transformers import AutoModelForCausalLM
 
-    from hf_specdef import probe
-    from hf_specdef.protection import protect_model
+    from hf_specdef.analysis import probe
+    from hf_specdef.protection.in_memory import protect_model
 
     model = AutoModelForCausalLM.from_pretrained(directory, **common)
     inputs = probe.probe_inputs(model)

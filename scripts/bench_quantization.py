@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_specdef import protect
-    from hf_specdef.commands.verify import quantize_formats
-    from hf_specdef.quantization.compare import chat_ids, compare_quantized, greedy_text
+    from hf_specdef.analysis.quantized import chat_ids, compare_quantized, greedy_text
+    from hf_specdef.cli.verify import quantize_formats
 
     formats = quantize_formats(args.formats)
     tok = AutoTokenizer.from_pretrained(args.model)

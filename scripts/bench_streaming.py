@@ -96,7 +96,7 @@ def worker(kind: str, src: Path, dst: Path, opts: dict) -> dict:
     else:
         import threading
 
-        from hf_specdef import engine
+        from hf_specdef.deformation import engine
 
         # measurement only: time spent in the core's report-only sigma_1 estimate (engine.sigma_max)
         real_sigma, lock, spent = engine.sigma_max, threading.Lock(), [0.0]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from hf_specdef.commands.bench import main
+from hf_specdef.research.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

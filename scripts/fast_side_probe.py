@@ -28,15 +28,15 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="folder of the unprotected causal LM (with its tokenizer)")
-    p.add_argument("--variant", default="default", help="red-team protection variant (hf_specdef.redteam.config)")
+    p.add_argument("--variant", default="default", help="red-team protection variant (hf_specdef.research.redteam.config)")
     p.add_argument("--lr", type=float, default=2.15e-9, help="the step size of the one step (default 2.15e-9)")
     args = p.parse_args(argv)
 
-    from hf_specdef.redteam.config import RedTeamConfig
-    from hf_specdef.redteam.data import build_attack_data
-    from hf_specdef.redteam.suite import load_model
-    from hf_specdef.redteam.training import eval_loss
-    from hf_specdef.redteam.variants import protect_variant, storage_dtype
+    from hf_specdef.research.redteam.config import RedTeamConfig
+    from hf_specdef.research.redteam.data import build_attack_data
+    from hf_specdef.research.redteam.suite import load_model
+    from hf_specdef.research.redteam.training import eval_loss
+    from hf_specdef.research.redteam.variants import protect_variant, storage_dtype
 
     cfg = RedTeamConfig.preset_config("quick", variants=(args.variant,))
     model, tokenizer, _ = load_model(args.model)

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import hf_specdef
     from hf_specdef import SpecDefConfig
-    from hf_specdef.protection import protect_model
+    from hf_specdef.protection.in_memory import protect_model
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config(args, 2048)).eval().to(args.device)

@@ -151,7 +151,7 @@ PROTECT_CASES: dict[str, tuple[str, Callable[[Path], None] | None, list[str], st
 def test_protect_rejects_bad_input_cleanly(case, forward_check, pristine, tmp_path, capsys, monkeypatch):
     """``large``: as for any checkpoint over 64 MiB, no forward check with stock transformers backs the others up."""
     if not forward_check:
-        monkeypatch.setattr("hf_specdef.streaming.FORWARD_CHECK_MAX_BYTES", 0)
+        monkeypatch.setattr("hf_specdef.protection.streaming.FORWARD_CHECK_MAX_BYTES", 0)
     kind, breaker, extra, named = PROTECT_CASES[case]
     src = tmp_path / "src"
     shutil.copytree(pristine / kind, src)
@@ -204,7 +204,7 @@ def test_other_commands_reject_bad_input_cleanly(case, pristine, tmp_path, capsy
 
 def test_the_cli_marks_errors_that_are_not_ours(monkeypatch, capsys):
     """The property the cases above rely on: a leaked message (a bug) is told apart from a handled error."""
-    import hf_specdef.commands.inspect as inspect_cmd
+    import hf_specdef.cli.inspect as inspect_cmd
 
     monkeypatch.setattr(inspect_cmd, "run", lambda args: 1 // 0)
     assert main(["inspect", "x"]) == 1

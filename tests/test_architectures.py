@@ -19,10 +19,11 @@ import torch
 from safetensors.torch import load_file
 from tiny_archs import TINY_ARCHS, TINY_DENOISERS
 
-from hf_specdef import SpecDefConfig, engine, inspect_model, protect, protect_checkpoint, verify
-from hf_specdef import probe as probe_mod
-from hf_specdef.detection import detect_deformations
-from hf_specdef.protection import ParamTensors
+from hf_specdef import SpecDefConfig, inspect_model, protect, protect_checkpoint, verify
+from hf_specdef.analysis import probe as probe_mod
+from hf_specdef.deformation import engine
+from hf_specdef.protection.in_memory import ParamTensors
+from hf_specdef.undo.detection import detect_deformations
 
 ALPHA = 1000.0
 # float32 spectral at alpha=1000 costs about alpha x unit roundoff. Sandwich-norm models (Gemma 2/3) normalise the
@@ -422,7 +423,7 @@ def test_unregistered_model_without_llama_names_gets_the_no_sites_error() -> Non
 def test_publish_dry_run_accepts_norm_weight_and_per_expert_claims(arch: str, saved, tmp_path: Path) -> None:
     """publish re-inspects the stock-loaded model: Qwen3 claims k_norm (a 1-D weight, no matrix evidence), a streamed
     Mixtral record names per-expert modules that transformers 5 loads into fused 3-D experts."""
-    from hf_specdef.publish import publish
+    from hf_specdef.publishing.publish import publish
 
     src = saved(arch)[0]
     result = publish(src, "me/x", cfg_for(arch), dry_run=True, output_dir=tmp_path / "out", progress=False)

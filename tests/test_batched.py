@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import TINY_MODELS, tiny_llama
 
-from hf_specdef import SpecDefConfig, batched, engine
-from hf_specdef.protection import Backup, ParamTensors, model_pairs
+from hf_specdef import SpecDefConfig
+from hf_specdef.deformation import batched, engine
+from hf_specdef.protection.in_memory import Backup, ParamTensors, model_pairs
 
 CONFIGS = {
     "default": SpecDefConfig(alpha=1000.0),

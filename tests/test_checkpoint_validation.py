@@ -27,8 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hf_specdef import protect_checkpoint
-from hf_specdef.checkpoint import ST_DTYPES, Checkpoint, CheckpointError, open_checkpoint, read_header
-from hf_specdef.safetensors_header import DTYPE_BITS, MAX_HEADER_BYTES
+from hf_specdef.storage.checkpoint import ST_DTYPES, Checkpoint, CheckpointError, open_checkpoint, read_header
+from hf_specdef.storage.safetensors_header import DTYPE_BITS, MAX_HEADER_BYTES
 
 SETTINGS = settings(max_examples=150, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
@@ -198,7 +198,7 @@ def test_corner_cases_accepted_like_safe_open(text: str, data: int, shard: Path)
 
 def test_validation_reads_the_header_only(shard: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Header work only: 8 + n bytes are read, however large the tensors."""
-    import hf_specdef.safetensors_header as sh
+    import hf_specdef.storage.safetensors_header as sh
 
     header = json.dumps({"w": {"dtype": "F32", "shape": [1 << 20], "data_offsets": [0, 4 << 20]}}).encode()
     with open(shard, "wb") as f:
@@ -783,7 +783,7 @@ def _damage(src: Path, case: str) -> tuple[str, str]:
 @pytest.mark.parametrize("case", [*sorted(CORRUPT_SHARD), "missing_from_index"])
 def test_protect_refuses_a_corrupted_checkpoint(case: str, forward_check: bool, llama_src: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    import hf_specdef.streaming as streaming
+    import hf_specdef.protection.streaming as streaming
     from hf_specdef.cli import main
 
     if not forward_check:  # as for any checkpoint over 64 MiB: no final forward check to catch it
@@ -809,7 +809,7 @@ def test_protect_refuses_a_corrupted_checkpoint(case: str, forward_check: bool, 
 def test_the_undamaged_copy_protects_on_the_large_model_path(llama_src: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The control: what the corruptions above change is what is refused."""
-    import hf_specdef.streaming as streaming
+    import hf_specdef.protection.streaming as streaming
 
     monkeypatch.setattr(streaming, "FORWARD_CHECK_MAX_BYTES", 0)
     report = protect_checkpoint(llama_src, tmp_path / "dst", verify=True, progress=False)

@@ -27,11 +27,12 @@ from diffusers import (  # noqa: E402
     UNet2DConditionModel,
 )
 
-from hf_specdef import SpecDefConfig, handlers, protect, verify  # noqa: E402
+from hf_specdef import SpecDefConfig, protect, verify  # noqa: E402
+from hf_specdef.analysis import integration_registry as handlers
+from hf_specdef.deformation.record import get_record, set_record  # noqa: E402
 from hf_specdef.integrations import diffusers as hd  # noqa: E402
-from hf_specdef.integrations.diffusers_pipeline import protect_pipeline  # noqa: E402
-from hf_specdef.integrations.diffusers_save import save_protected  # noqa: E402
-from hf_specdef.record import get_record, set_record  # noqa: E402
+from hf_specdef.integrations.diffusers.pipeline import protect_pipeline  # noqa: E402
+from hf_specdef.integrations.diffusers.save import save_protected  # noqa: E402
 
 ALPHA = 1000.0
 
@@ -321,8 +322,8 @@ def test_hooks_installed_once():
     hd.install()
     assert (ModelMixin.save_pretrained, DiffusionPipeline.save_pretrained, ModelMixin.from_pretrained.__func__) == first
     assert not getattr(ModelMixin.save_pretrained.__wrapped__, "_specdef_wrapped", False)
-    assert hd.diffusers_probe in __import__("hf_specdef").probe.PROBE_BUILDERS
-    # the core's registries (hf_specdef.handlers): protect(pipe) and save_protected(pipe or model) come here
+    assert hd.diffusers_probe in __import__("hf_specdef.analysis.probe", fromlist=["probe"]).PROBE_BUILDERS
+    # the core's registries (hf_specdef.analysis.integration_registry): protect(pipe) and save_protected(pipe or model) come here
     assert handlers.pipeline_protector(object()) is protect_pipeline
     assert handlers.saver_for(tiny_unet()) is save_protected and handlers.installed("diffusers")
 

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_llama
 
 from hf_specdef import SpecDefConfig, protect
-from hf_specdef.evaluation import AttackConfig, best_run, cycle, ema, run_attack, site_parameter_names, steps_to_target
+from hf_specdef.research.evaluation import AttackConfig, best_run, cycle, ema, run_attack, site_parameter_names, steps_to_target
 
 
 def _task(vocab: int = 32, n: int = 8, batch: int = 8, seq: int = 16, seed: int = 0) -> list[torch.Tensor]:
@@ -135,7 +135,7 @@ def test_specundo_attack_runs(setup):
 
 def test_benchmark_smoke(tmp_path):
     """A seconds-long benchmark writes results.json with the summary keys, PNG plots and the markdown table."""
-    from hf_specdef.evaluation.benchmark import BenchConfig, run_benchmark
+    from hf_specdef.research.evaluation.benchmark import BenchConfig, run_benchmark
 
     cfg = BenchConfig.preset("tiny")
     res = run_benchmark(cfg, tmp_path, progress=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_specdef import import_hooks
+from hf_specdef.integrations import import_hooks
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "transformers", "diffusers", "peft")
@@ -193,7 +193,8 @@ ORDERS = """
         assert set(m.specdef_report.sites) == {"attn.vo", "mlp"}, m.specdef_report.sites
     unet = UNet2DConditionModel.from_pretrained("unet", specdef_config=cfg)  # stock diffusers ignores the keyword
     assert unet.config._specdef["sites"] == ["attn.vo", "mlp"], unet.config
-    # the integrations registered with the core (hf_specdef.handlers) when they installed: protect() of a pipeline
+    # the integrations registered with the core (hf_specdef.analysis.integration_registry) when they installed:
+    # protect() of a pipeline
     # and save_protected() find them, whichever was imported first
     from types import SimpleNamespace
     plain = UNet2DConditionModel.from_pretrained("unet")
@@ -201,7 +202,8 @@ ORDERS = """
     assert report.results and plain.config._specdef["sites"] == ["attn.vo", "mlp"]
     plain = UNet2DConditionModel.from_pretrained("unet")
     assert hf_specdef.save_protected(plain, f"unet_saved_{order}", cfg, progress=False).results
-    assert __import__("hf_specdef.record").record.get_record(plain) is None  # save-time: unchanged in memory
+    # save-time protection: the model in memory is unchanged
+    assert __import__("hf_specdef.deformation.record", fromlist=["get_record"]).get_record(plain) is None
     llama = LlamaForCausalLM.from_pretrained("llama")
     assert hf_specdef.save_protected(llama, f"llama_saved_{order}", cfg, progress=False, overwrite=True).results
     # a SpecUndo adapter loads through PEFT's registry, SpecUndoConfig never imported in this process

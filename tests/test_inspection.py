@@ -9,8 +9,9 @@ import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
 
-from hf_specdef import SpecDefConfig, inspect_model, linalg, protect
-from hf_specdef.inspection import _TOP, RTOL, inspect_tensors
+from hf_specdef import SpecDefConfig, inspect_model, protect
+from hf_specdef.analysis.inspection import _TOP, RTOL, inspect_tensors
+from hf_specdef.tensor_math import linalg
 
 
 def _rand(*shape, seed=0, dtype=torch.float32):

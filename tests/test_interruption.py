@@ -18,7 +18,7 @@ import torch
 from conftest import tiny_llama
 
 from hf_specdef import SpecDefConfig, protect_checkpoint
-from hf_specdef.staging import make_staging, sweep_stale
+from hf_specdef.storage.staging import make_staging, sweep_stale
 
 CFG = SpecDefConfig(alpha=1000.0)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_specdef import linalg
+from hf_specdef.tensor_math import linalg
 
 
 def _rand(*shape, seed=0):

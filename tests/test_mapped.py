@@ -1,4 +1,4 @@
-"""Memory-mapped weights get a private copy before protection writes them (hf_specdef.mapped)."""
+"""Memory-mapped weights get a private copy before protection writes them (hf_specdef.storage.memory_mapped)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 from conftest import tiny_llama
 from transformers import AutoModelForCausalLM
 
-from hf_specdef import SpecDefConfig, mapped
+from hf_specdef import SpecDefConfig
+from hf_specdef.analysis.probe import max_relative_deviation
 from hf_specdef.integrations.transformers import SpecDefQuantizationConfig
-from hf_specdef.probe import max_relative_deviation
+from hf_specdef.storage import memory_mapped as mapped
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.exists("/proc/self/maps"),
                            reason="file mappings are read from /proc/self/maps")

@@ -13,13 +13,13 @@ from hf_specdef import (
     PrecisionBudgetError,
     SpecDefConfig,
     VerificationError,
-    engine,
     inspect_model,
     protect,
     verify,
 )
-from hf_specdef import probe as probe_mod
-from hf_specdef.protection import ParamTensors
+from hf_specdef.analysis import probe as probe_mod
+from hf_specdef.deformation import engine
+from hf_specdef.protection.in_memory import ParamTensors
 
 
 def _snapshot(model):

@@ -18,7 +18,7 @@ from conftest import tiny_llama
 
 import hf_specdef
 from hf_specdef import SpecDefConfig
-from hf_specdef.publish import PublishError, publish, template_path
+from hf_specdef.publishing.publish import PublishError, publish, template_path
 
 FAKE_TOKEN = "hf_FAKEtokenDoNotLeak0123456789abcdefXYZ"
 REPO = Path(__file__).resolve().parents[1]
@@ -197,7 +197,7 @@ def test_refuses_when_verification_fails(llama_src, tmp_path, monkeypatch):
     """A protected folder whose stock-loaded outputs deviate is never published (nor left behind)."""
     from safetensors.torch import load_file, save_file
 
-    import hf_specdef.publish as pub
+    import hf_specdef.publishing.publish as pub
 
     src, _ = llama_src
     real = pub.protect_folder
@@ -221,7 +221,7 @@ def test_refuses_claimed_but_not_deformed(llama_src, tmp_path, monkeypatch):
     """SPEC §7: a folder whose record claims a protection its weights do not show is never published."""
     import shutil
 
-    import hf_specdef.publish as pub
+    import hf_specdef.publishing.publish as pub
 
     src, _ = llama_src
 
@@ -337,7 +337,7 @@ def test_existing_output_dir_refused(llama_src, tmp_path):
 def test_measure_puts_resistance_in_the_card(llama_src, tmp_path):
     from huggingface_hub import ModelCard
 
-    from hf_specdef.publish import MeasureConfig
+    from hf_specdef.publishing.publish import MeasureConfig
 
     out = tmp_path / "measured"
     res = publish(llama_src[0], "me/m", SpecDefConfig(), dry_run=True, output_dir=out, progress=False,
@@ -393,7 +393,7 @@ def test_template_copies_identical():
 
 def test_cli_config_parsing():
     from hf_specdef.cli import build_parser
-    from hf_specdef.commands.publish import config_from_args
+    from hf_specdef.cli.publish import config_from_args
 
     args = build_parser().parse_args(["publish", "--model", "x", "--alpha", "64", "--sites", "attn.vo,norm",
                                       "--layers", "0,1", "--mode", "axis", "--record", "full", "--top-k", "2"])
@@ -486,7 +486,7 @@ def _redteam_results(cfg: SpecDefConfig) -> dict:
 def test_redteam_worst_case_goes_on_the_card_and_other_protections_are_refused(llama_src, tmp_path):
     from huggingface_hub import ModelCard
 
-    from hf_specdef.resistance import ResistanceError
+    from hf_specdef.publishing.resistance import ResistanceError
 
     cfg = SpecDefConfig()
     with pytest.raises(ResistanceError, match="another protection.*alpha=100"):
@@ -701,7 +701,7 @@ def test_no_quantize_cli_and_formats_flag(llama_src, tmp_path, monkeypatch, capf
 
 def test_a_broken_promise_refuses_but_a_broken_measurement_does_not(llama_src, tmp_path, monkeypatch):
     """Measured formats that break the release go on the card; only cfg.quantization_safe formats must hold."""
-    import hf_specdef.publish as pub
+    import hf_specdef.publishing.publish as pub
 
     res = publish(llama_src[0], "me/q", SpecDefConfig(), dry_run=True, output_dir=tmp_path / "q", progress=False,
                   quantize=("q5_0",))
@@ -715,7 +715,7 @@ def test_a_broken_promise_refuses_but_a_broken_measurement_does_not(llama_src, t
 
 def test_record_gets_the_deviation_publish_measured(llama_src, tmp_path, monkeypatch):
     """Streaming leaves "max_relative_deviation": null above its forward-check size; publish writes what it verified."""
-    import hf_specdef.publish as pub
+    import hf_specdef.publishing.publish as pub
 
     real = pub.protect_folder
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from hf_specdef import SpecDefConfig, protect
+from hf_specdef.analysis.quantized import compare_quantized
 from hf_specdef.config import QUANTIZATION_FORMATS
 from hf_specdef.quantization import FORMATS, UnsupportedShapeError, fake_quantize, stored_values
-from hf_specdef.quantization.compare import compare_quantized
 from hf_specdef.quantization.formats import max_exact_factor
 
 ALL = tuple(FORMATS)
@@ -147,8 +147,8 @@ def test_bf16_release_is_exact_in_float_and_quantized():
 
 
 def test_recipe_and_blind_undo(safe_pair):
-    from hf_specdef.detection import detect_deformations
-    from hf_specdef.undo import recipe_sites, undo_in_place
+    from hf_specdef.undo.detection import detect_deformations
+    from hf_specdef.undo.merge import recipe_sites, undo_in_place
 
     original, model, _ = safe_pair
     restored = copy.deepcopy(model)
@@ -167,7 +167,7 @@ def test_recipe_and_blind_undo(safe_pair):
 
 
 def _norm_pairs(model):
-    from hf_specdef.detection import candidate_pairs
+    from hf_specdef.undo.detection import candidate_pairs
 
     return [p for p in candidate_pairs(model) if p.site == "norm"]
 
@@ -217,7 +217,7 @@ def test_save_protected_writes_a_quantization_safe_release(tmp_path):
 
 
 def test_publish_card_states_the_quantizations(tmp_path):
-    from hf_specdef.publish import publish
+    from hf_specdef.publishing.publish import publish
 
     src = tmp_path / "src"
     llama_256().save_pretrained(src)

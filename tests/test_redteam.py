@@ -12,12 +12,12 @@ import textwrap
 import pytest
 import torch
 
-from hf_specdef.redteam import attacks as atk
-from hf_specdef.redteam.config import RedTeamConfig
-from hf_specdef.redteam.data import AttackDataError, build_attack_data, default_corpus
-from hf_specdef.redteam.search import grid_lr, loss_at_key, search_lr, steps_key
-from hf_specdef.redteam.suite import RedTeamError, median_slowdown, run_redteam, slowdown
-from hf_specdef.redteam.training import Run
+from hf_specdef.research.redteam import attacks as atk
+from hf_specdef.research.redteam.config import RedTeamConfig
+from hf_specdef.research.redteam.data import AttackDataError, build_attack_data, default_corpus
+from hf_specdef.research.redteam.search import grid_lr, loss_at_key, search_lr, steps_key
+from hf_specdef.research.redteam.suite import RedTeamError, median_slowdown, run_redteam, slowdown
+from hf_specdef.research.redteam.training import Run
 
 
 def byte_tokenizer():
@@ -64,7 +64,7 @@ def test_suite_has_at_least_12_uninformed_attacks_and_the_informed_ones():
 def test_linears_attack_trains_linear_weights_only(tiny_lm_dir):
     from transformers import AutoModelForCausalLM
 
-    from hf_specdef.redteam.prepare import prepare_model
+    from hf_specdef.research.redteam.prepare import prepare_model
 
     work = prepare_model(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), atk.SUITE["linears-adamw"], 0)
     trained = {n for n, p in work.named_parameters() if p.requires_grad}
@@ -79,7 +79,7 @@ def test_outlier_frozen_attack_freezes_where_two_pairs_compensated_sides_meet(ti
     from transformers import AutoModelForCausalLM
 
     from hf_specdef import SpecDefConfig, protect
-    from hf_specdef.redteam.prepare import prepare_model
+    from hf_specdef.research.redteam.prepare import prepare_model
 
     batch = build_attack_data(byte_tokenizer(), seq_len=16, eval_windows=4).train[:4]
     attack = atk.SUITE["full-adamw-freeze-outliers"]
@@ -103,7 +103,7 @@ def test_outlier_masked_attack_masks_the_lines_protection_shrank(tiny_lm_dir):
     from transformers import AutoModelForCausalLM
 
     from hf_specdef import SpecDefConfig, protect
-    from hf_specdef.redteam.prepare import gradient_outlier_lines, prepare_model
+    from hf_specdef.research.redteam.prepare import gradient_outlier_lines, prepare_model
 
     batch = build_attack_data(byte_tokenizer(), seq_len=16, eval_windows=4).train[:4]
     assert gradient_outlier_lines(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), batch) == {}
@@ -141,7 +141,7 @@ def test_outlier_projected_attack_finds_dense_deformation_directions(tiny_lm_dir
     from transformers import AutoModelForCausalLM
 
     from hf_specdef import SpecDefConfig, protect
-    from hf_specdef.redteam.prepare import gradient_outlier_directions, prepare_model
+    from hf_specdef.research.redteam.prepare import gradient_outlier_directions, prepare_model
 
     batch = build_attack_data(byte_tokenizer(), seq_len=16, eval_windows=4).train[:4]
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
@@ -304,7 +304,7 @@ def test_slowdown_is_a_lower_bound_when_the_target_is_never_reached():
     m = median_slowdown([slowdown(30, 10, 100), slowdown(None, 10, 100), slowdown(20, 10, 100)])
     assert m["ratio"] == 3.0 and m["min"] == 2.0 and m["max"] == 10.1 and not m["lower_bound"]
     assert m["max_lower_bound"] and not m["min_lower_bound"]
-    from hf_specdef.redteam.report import _range
+    from hf_specdef.research.redteam.report import _range
 
     assert _range(m) == "2.00 to >=10.10"  # never reached within the budget: only a lower bound is proven
     m2 = median_slowdown([slowdown(40, 10, 100), slowdown(30, 10, 100)])
@@ -315,8 +315,8 @@ def test_slowdown_is_a_lower_bound_when_the_target_is_never_reached():
 def test_run_attack_on_trainer_stops_at_the_target(tiny_lm_dir):
     from transformers import AutoModelForCausalLM
 
-    from hf_specdef.redteam.prepare import prepare_model
-    from hf_specdef.redteam.training import eval_loss, run_attack
+    from hf_specdef.research.redteam.prepare import prepare_model
+    from hf_specdef.research.redteam.training import eval_loss, run_attack
 
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     data = build_attack_data(byte_tokenizer(), seq_len=16, eval_windows=4)
@@ -332,9 +332,9 @@ def test_run_attack_on_trainer_stops_at_the_target(tiny_lm_dir):
 def test_run_attack_trains_full_madam_with_multiplicative_adam_through_the_trainer(tiny_lm_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from hf_specdef.redteam import optimizers
-    from hf_specdef.redteam.prepare import prepare_model
-    from hf_specdef.redteam.training import eval_loss, run_attack
+    from hf_specdef.research.redteam import optimizers
+    from hf_specdef.research.redteam.prepare import prepare_model
+    from hf_specdef.research.redteam.training import eval_loss, run_attack
 
     steps: list[float] = []
 
@@ -392,7 +392,7 @@ def test_redteam_attacks_a_given_protected_model_reusing_the_unprotected_baselin
     from transformers import AutoModelForCausalLM
 
     from hf_specdef import SpecDefConfig, protect
-    from hf_specdef.redteam.suite import run_redteam
+    from hf_specdef.research.redteam.suite import run_redteam
 
     cfg = RedTeamConfig.preset_config("tiny", attacks=("full-adamw",), max_runs=4)
     first = run_redteam(tiny_lm_dir, None, cfg, progress=False)
@@ -422,7 +422,7 @@ def test_variant_protected_in_bfloat16_keeps_the_float32_function(tiny_lm_dir):
     (a different function, 1.4e-3 on SmolLM2): only the parameters are cast."""
     from transformers import AutoModelForCausalLM
 
-    from hf_specdef.redteam.suite import protect_variant
+    from hf_specdef.research.redteam.suite import protect_variant
 
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir).to(torch.bfloat16).float()  # bf16-valued weights
     model.model.rotary_emb.inv_freq.mul_(1.0 + 1e-6)  # not a bf16 value: a buffer cast would change it
@@ -435,7 +435,7 @@ def test_variant_protected_in_bfloat16_keeps_the_float32_function(tiny_lm_dir):
 
 
 def test_redteam_bad_inputs_leave_nothing(tiny_lm_dir, tmp_path):
-    from hf_specdef.redteam.suite import run_redteam
+    from hf_specdef.research.redteam.suite import run_redteam
 
     cfg = RedTeamConfig.preset_config("tiny", attacks=("full-adamw",))
     with pytest.raises(RedTeamError, match="not a model folder"):
@@ -458,7 +458,7 @@ def test_redteam_refuses_an_already_protected_model(tiny_lm_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from hf_specdef import SpecDefConfig, protect
-    from hf_specdef.redteam.suite import run_redteam
+    from hf_specdef.research.redteam.suite import run_redteam
 
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
     protect(model, SpecDefConfig(), progress=False)
@@ -471,10 +471,10 @@ DDP_SCRIPT = textwrap.dedent("""
     from transformers import AutoModelForCausalLM
     sys.path.insert(0, sys.argv[3])
     from test_redteam import byte_tokenizer
-    from hf_specdef.redteam import attacks
-    from hf_specdef.redteam.data import build_attack_data
-    from hf_specdef.redteam.prepare import prepare_model
-    from hf_specdef.redteam.training import eval_loss, is_main_process, run_attack, world_size
+    from hf_specdef.research.redteam import attacks
+    from hf_specdef.research.redteam.data import build_attack_data
+    from hf_specdef.research.redteam.prepare import prepare_model
+    from hf_specdef.research.redteam.training import eval_loss, is_main_process, run_attack, world_size
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
     data = build_attack_data(byte_tokenizer(), seq_len=16, eval_windows=4)
     a = attacks.SUITE["full-adamw"]
@@ -509,8 +509,8 @@ def test_accelerate_launch_ddp_reproduces_single_process_steps(tiny_lm_dir, tmp_
 
 def test_interrupted_redteam_resumes_from_its_journal_without_rerunning_finished_runs(tiny_lm_dir, tmp_path,
                                                                                      monkeypatch):
-    from hf_specdef.redteam import suite
-    from hf_specdef.redteam.journal import JournalError, journal_path
+    from hf_specdef.research.redteam import suite
+    from hf_specdef.research.redteam.journal import JournalError, journal_path
 
     cfg = RedTeamConfig.preset_config("tiny", attacks=("full-adamw",), max_runs=4)
     whole = suite.run_redteam(tiny_lm_dir, tmp_path / "whole", cfg, progress=False)
@@ -548,7 +548,7 @@ def test_interrupted_redteam_resumes_from_its_journal_without_rerunning_finished
 
 def test_report_describes_a_given_checkpoint_without_a_record_and_a_resolved_precision():
     """A protection made elsewhere (no SpecDef record) must not crash the report at the end of an hour's run."""
-    from hf_specdef.redteam.report import describe_protection
+    from hf_specdef.research.redteam.report import describe_protection
 
     assert describe_protection({"config": {}, "pairs": None}) == "a given checkpoint without a SpecDef record"
     text = describe_protection({"config": {"alpha": 1000.0, "mode": "spectral"}, "pairs": 270,
@@ -558,7 +558,7 @@ def test_report_describes_a_given_checkpoint_without_a_record_and_a_resolved_pre
 
 
 def test_headline_of_a_bit_exact_protection_without_the_scale_invariant_attack_says_it_would_not_slow():
-    from hf_specdef.redteam.report import headline
+    from hf_specdef.research.redteam.report import headline
 
     def results(attacks: tuple[str, ...], dev32: float, dev16: float) -> dict:
         summary = {"variant": "default", "worst_case_slowdown": 9.4, "worst_case_attack": attacks[0],
@@ -580,7 +580,7 @@ def test_cli_stopped_by_sigterm_keeps_its_journal_and_says_resume(tiny_lm_dir, t
     import sys
     import time
 
-    from hf_specdef.redteam.journal import journal_path
+    from hf_specdef.research.redteam.journal import journal_path
 
     out = tmp_path / "rt"
     proc = subprocess.Popen([sys.executable, "-m", "hf_specdef", "redteam", str(tiny_lm_dir), "--out", str(out),
@@ -598,8 +598,8 @@ def test_cli_stopped_by_sigterm_keeps_its_journal_and_says_resume(tiny_lm_dir, t
 
 
 def test_cut_takes_an_earlier_run_only_where_it_is_the_run_asked_for():
-    from hf_specdef.redteam.reuse import cut
-    from hf_specdef.redteam.training import Run
+    from hf_specdef.research.redteam.reuse import cut
+    from hf_specdef.research.redteam.training import Run
 
     long = Run("full-adamw", 1e-3, 0, 20, [(s, 5.0 - 0.1 * s) for s in range(11)], target=3.5, stopped_at=10)
     short = cut(long, 6)
@@ -613,7 +613,7 @@ def test_cut_takes_an_earlier_run_only_where_it_is_the_run_asked_for():
 
 
 def test_reuse_runs_adds_a_seed_and_an_attack_training_only_the_new_runs(tiny_lm_dir, tmp_path, monkeypatch):
-    from hf_specdef.redteam import suite
+    from hf_specdef.research.redteam import suite
 
     cfg = RedTeamConfig.preset_config("tiny", attacks=("full-adamw",), max_runs=4)
     first = suite.run_redteam(tiny_lm_dir, None, cfg, progress=False)

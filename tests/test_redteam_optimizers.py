@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_llama
 
 from hf_specdef import SpecDefConfig, protect
-from hf_specdef.redteam.optimizers import MultiplicativeAdam
+from hf_specdef.research.redteam.optimizers import MultiplicativeAdam
 
 
 def test_madam_update_of_a_rescaled_weight_is_the_rescaled_update():

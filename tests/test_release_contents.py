@@ -14,9 +14,9 @@ from conftest import tiny_llama
 from safetensors.torch import save_file
 
 from hf_specdef import SpecDefConfig, protect_checkpoint
-from hf_specdef.checkpoint import CheckpointError
 from hf_specdef.publishing.errors import PublishError
-from hf_specdef.release_files import check_release_folder, plan_copies, weight_kind
+from hf_specdef.storage.checkpoint import CheckpointError
+from hf_specdef.storage.release_files import check_release_folder, plan_copies, weight_kind
 
 CFG = SpecDefConfig(alpha=1000.0)
 

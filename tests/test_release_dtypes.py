@@ -15,9 +15,10 @@ import torch
 from conftest import tiny_llama
 from safetensors.torch import load_file
 
-from hf_specdef import PrecisionBudgetError, SpecDefConfig, probe, protect, protect_checkpoint
-from hf_specdef.downcast import DowncastError
-from hf_specdef.exact_scaling import exact_division_log2, in_range_log2
+from hf_specdef import PrecisionBudgetError, SpecDefConfig, protect, protect_checkpoint
+from hf_specdef.analysis import probe
+from hf_specdef.analysis.downcast import DowncastError
+from hf_specdef.tensor_math.exact_scaling import exact_division_log2, in_range_log2
 
 
 def coarse_fp16_llama(seed: int = 0) -> torch.nn.Module:

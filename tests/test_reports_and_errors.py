@@ -24,9 +24,9 @@ from conftest import tiny_llama
 from safetensors.torch import load_file, save_file
 
 from hf_specdef import SpecDefConfig, inspect_model, protect, protect_checkpoint
+from hf_specdef.analysis.inspection import BLOCK_CRITERIA, MATRIX_CRITERIA
 from hf_specdef.cli import main
 from hf_specdef.errors import SpecDefError
-from hf_specdef.inspection import BLOCK_CRITERIA, MATRIX_CRITERIA
 
 # raw Python/torch texts (as words: "eigh" is inside "weights"), and the CLI's mark of an error that is not ours
 RAW = re.compile(r"\b(division|modulo|exceeds dimension|eigh|linalg|failed to converge|traceback|unexpected|nonetype|"
@@ -211,7 +211,7 @@ def test_inspect_model_refuses_a_bad_threshold(value):
 # --------------------------------------------------------------------------------------------
 
 def test_report_header_states_the_factor_used_and_why_no_deviation(pristine, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("hf_specdef.streaming.FORWARD_CHECK_MAX_BYTES", 0)  # as for any model over 64 MiB
+    monkeypatch.setattr("hf_specdef.protection.streaming.FORWARD_CHECK_MAX_BYTES", 0)  # as for any model over 64 MiB
     dst = tmp_path / "dst"
     rc, err, out = _run(["protect", str(pristine / "bf16"), str(dst), "--alpha", "1000", "--no-progress"], capsys)
     assert rc == 0, err

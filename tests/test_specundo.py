@@ -15,10 +15,10 @@ from peft import LoraConfig, PeftModel, PeftType, get_peft_model
 
 import hf_specdef  # noqa: F401  (registers the tuner)
 from hf_specdef import SpecDefConfig, SpecUndoConfig, SpecUndoModel, protect
-from hf_specdef.detection import detect_deformations
-from hf_specdef.record import get_record
+from hf_specdef.deformation.record import get_record
 from hf_specdef.tuners.specundo import export_lora
-from hf_specdef.undo import undo_in_place
+from hf_specdef.undo.detection import detect_deformations
+from hf_specdef.undo.merge import undo_in_place
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "clip_text": tiny_clip_text}
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(7))

@@ -19,12 +19,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hf_specdef import SpecDefConfig, protect, protect_checkpoint
-from hf_specdef.checkpoint import CheckpointError, open_checkpoint
-from hf_specdef.engine import PrecisionBudgetError
-from hf_specdef.protection import VerificationError
-from hf_specdef.record import AlreadyProtectedError
+from hf_specdef.deformation.engine import PrecisionBudgetError
+from hf_specdef.deformation.record import AlreadyProtectedError
+from hf_specdef.protection.in_memory import VerificationError
+from hf_specdef.protection.streaming import pick_device
 from hf_specdef.sites import NoSitesError
-from hf_specdef.streaming import pick_device
+from hf_specdef.storage.checkpoint import CheckpointError, open_checkpoint
 
 CFG = SpecDefConfig(alpha=1000.0)  # default sites, spectral (attn.vo) + axis (qk/mlp/norm)
 
@@ -256,7 +256,7 @@ def _bump_one_entry(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("sketch", [False, True], ids=["full-check", "sketch-check"])
 @pytest.mark.parametrize("corrupt", [lambda t: t * 1.01, _bump_one_entry], ids=["scaled", "one-entry"])
 def test_verification_catches_a_wrong_write(llama_src, tmp_path, monkeypatch, corrupt, sketch):
-    from hf_specdef.streaming import shards, tensor_checks
+    from hf_specdef.protection.streaming import shards, tensor_checks
 
     if sketch:  # every matrix goes through the two-pass random-sketch check instead of the full float64 undo
         monkeypatch.setattr(tensor_checks, "_SMALL", 0)
@@ -269,7 +269,7 @@ def test_verification_catches_a_wrong_write(llama_src, tmp_path, monkeypatch, co
 
 def test_a_deformation_that_does_not_inflate_sigma_is_refused(llama_src, tmp_path, monkeypatch):
     """A decision whose M leaves sigma_1 where it was (here: faked) stops the run before its tensors are written."""
-    from hf_specdef.streaming import shards
+    from hf_specdef.protection.streaming import shards
 
     real = shards.engine.build_deformation
 
@@ -285,7 +285,7 @@ def test_a_deformation_that_does_not_inflate_sigma_is_refused(llama_src, tmp_pat
 
 @pytest.mark.parametrize("cfg", [CFG, SpecDefConfig(mode="axis", alpha=1000.0)], ids=["spectral", "axis-non-pow2"])
 def test_sketch_check_passes_a_correct_write(llama_src, tmp_path, monkeypatch, cfg):
-    from hf_specdef.streaming import tensor_checks
+    from hf_specdef.protection.streaming import tensor_checks
 
     monkeypatch.setattr(tensor_checks, "_SMALL", 0)
     report = protect_checkpoint(llama_src, tmp_path / "dst", cfg, progress=False)
@@ -315,7 +315,7 @@ def test_unwritable_destination_parent(llama_src, tmp_path):
 
 def test_full_destination_leaves_no_output(llama_src, tmp_path, monkeypatch):
     """A write failing mid-way (disk full) gives one error naming the file; the temp folder is removed."""
-    from hf_specdef.streaming.writer import ShardWriter
+    from hf_specdef.protection.streaming.writer import ShardWriter
 
     real_write = ShardWriter.write
     calls = {"n": 0}
@@ -355,7 +355,7 @@ ARCHS = {
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_architectures_and_prefixes_match_in_memory(arch, tmp_path, monkeypatch):
-    from hf_specdef.streaming import tensor_checks
+    from hf_specdef.protection.streaming import tensor_checks
 
     monkeypatch.setattr(tensor_checks, "_SMALL", 0)  # verify every matrix on the sketch (Conv1D, fused qkv, biases...)
     build, prefix = ARCHS[arch]
@@ -481,7 +481,7 @@ def test_pipeline_folder_streams_like_in_memory_with_the_pipeline_site(tmp_path)
 
 
 def test_pipeline_site_options_and_a_broken_fold(tmp_path, monkeypatch):
-    import hf_specdef.streaming as streaming
+    import hf_specdef.protection.streaming as streaming
 
     _, src = _tiny_pipeline_folder(tmp_path)
     before = _hashes(src)
@@ -536,7 +536,7 @@ def test_pipeline_site_options_and_a_broken_fold(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.o_proj.weight"])
 def test_nan_in_a_consumer_is_named_on_the_sketch_path(name, llama_src, tmp_path, monkeypatch):
     """Transformed chunks are not scanned for NaN when verifying: the sketch check sees it and names the tensor."""
-    from hf_specdef.streaming import tensor_checks
+    from hf_specdef.protection.streaming import tensor_checks
 
     monkeypatch.setattr(tensor_checks, "_SMALL", 0)
     src = _copy(llama_src, tmp_path / "src")
@@ -548,7 +548,7 @@ def test_nan_in_a_consumer_is_named_on_the_sketch_path(name, llama_src, tmp_path
 
 
 def test_intra_op_threads_lowered_while_streaming_and_restored(llama_src, tmp_path, monkeypatch):
-    from hf_specdef.streaming import resources, shards
+    from hf_specdef.protection.streaming import resources, shards
 
     user = torch.get_num_threads()
     torch.set_num_threads(2)  # what a 2-core machine starts with

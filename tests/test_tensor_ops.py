@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_specdef import linalg
-from hf_specdef.linalg import Deformation
+from hf_specdef.deformation.tensor_ops import TensorOp, apply_ops, merge_axis_steps, row_chunks
 from hf_specdef.sites.base import TensorBlock
-from hf_specdef.tensor_ops import TensorOp, apply_ops, merge_axis_steps, row_chunks
+from hf_specdef.tensor_math import linalg
+from hf_specdef.tensor_math.linalg import Deformation
 
 
 def _spectral(d: int, seed: int, factor: float = 1000.0) -> Deformation:

@@ -18,10 +18,10 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 import hf_specdef  # noqa: F401  (installs the hook)
 from hf_specdef import AlreadyProtectedError, SpecDefConfig, VerificationError, protect
+from hf_specdef.analysis.probe import max_relative_deviation
 from hf_specdef.integrations import transformers as hook
 from hf_specdef.integrations.transformers import SpecDefQuantizationConfig, save_protected
-from hf_specdef.linalg import top_singular_values
-from hf_specdef.probe import max_relative_deviation
+from hf_specdef.tensor_math.linalg import top_singular_values
 
 ALPHA = 1000.0
 HEAD_DIM = 16  # tiny_llama: hidden 64, 4 query heads, 2 kv heads
@@ -162,11 +162,11 @@ def test_save_protected_leaves_model_unchanged_and_writes_protected_files(tmp_pa
 
 
 def test_save_protected_failure_writes_nothing_and_restores(tmp_path, monkeypatch):
-    import hf_specdef.probe
+    import hf_specdef.analysis.probe
 
     model = tiny_llama(seed=4)
     before = params(model)
-    monkeypatch.setattr(hf_specdef.probe, "max_relative_deviation", lambda ref, out: 0.5)  # a broken deformation
+    monkeypatch.setattr(hf_specdef.analysis.probe, "max_relative_deviation", lambda ref, out: 0.5)  # a broken deformation
     with pytest.raises(VerificationError, match="nothing was written"):
         save_protected(model, tmp_path / "out", SpecDefConfig(alpha=ALPHA), progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -175,8 +175,8 @@ def test_save_protected_failure_writes_nothing_and_restores(tmp_path, monkeypatc
 
 
 def test_load_time_protection_keeps_no_backup_and_a_failure_returns_no_model(checkpoint, monkeypatch):
-    import hf_specdef.probe
-    from hf_specdef.protection import Backup
+    import hf_specdef.analysis.probe
+    from hf_specdef.protection.in_memory import Backup
 
     saved: list[str] = []
     monkeypatch.setattr(Backup, "add", lambda self, name, *a: saved.append(name))
@@ -184,19 +184,19 @@ def test_load_time_protection_keeps_no_backup_and_a_failure_returns_no_model(che
     assert saved == []  # from_pretrained returns the model or raises: nothing to restore
     protect(tiny_llama(seed=6), SpecDefConfig(), progress=False)
     assert saved  # in-memory protection of a model the caller holds keeps its backup
-    monkeypatch.setattr(hf_specdef.probe, "max_relative_deviation", lambda ref, out: 0.5)  # a broken deformation
+    monkeypatch.setattr(hf_specdef.analysis.probe, "max_relative_deviation", lambda ref, out: 0.5)  # a broken deformation
     with pytest.raises(VerificationError, match="must be discarded"):
         AutoModelForCausalLM.from_pretrained(checkpoint, specdef_config=SpecDefConfig())
 
 
 def test_check_deformation_refuses_undeformed_weights():
-    from hf_specdef.protection import ParamTensors, protect_model
+    from hf_specdef.protection.in_memory import ParamTensors, protect_model
 
     model = tiny_llama(seed=5)
     report = protect_model(model, SpecDefConfig(sites=("attn.vo",)), progress=False)
     tensors = ParamTensors(model)
     hook.check_deformation(report.results, tensors)  # the real deformation passes
-    from hf_specdef.engine import undo
+    from hf_specdef.deformation.engine import undo
 
     undo(report.results, tensors)  # weights back to (about) the original: the claim no longer holds
     with pytest.raises(hook.DeformationCheckError, match="do not show the claimed deformation"):

@@ -1,14 +1,15 @@
 """Integrations with transformers, diffusers and PEFT, installed when their library is imported.
 
 ``import hf_specdef`` imports none of these libraries. :func:`install_all` (run by ``import hf_specdef``)
-registers post-import hooks (:mod:`hf_specdef.import_hooks`): each integration module is imported -- and
+registers post-import hooks (:mod:`hf_specdef.integrations.import_hooks`): each integration module is imported -- and
 installs its hooks -- once the module of the library that defines the hooked classes has been imported,
 or right away if it already is. So ``from_pretrained(..., specdef_config=...)`` and the SpecUndo PEFT
 method work whether ``hf_specdef`` is imported before or after the library.
 
 The core never imports this package (``tests/test_layering.py``): an integration registers with the core when it
 installs -- the savers of :func:`hf_specdef.save_protected` and the pipeline protector of
-:func:`hf_specdef.protect` (:mod:`hf_specdef.handlers`), probe builders (:data:`hf_specdef.probe.PROBE_BUILDERS`).
+:func:`hf_specdef.protect` (:mod:`hf_specdef.analysis.integration_registry`), probe builders
+(:data:`hf_specdef.analysis.probe.PROBE_BUILDERS`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import importlib
 import sys
 from collections.abc import Callable
 
-from .. import import_hooks
+from hf_specdef.integrations import import_hooks
 
 __all__ = ["HOOKS", "install_all"]
 

@@ -1,4 +1,4 @@
-"""The steps of :func:`hf_specdef.publish.publish`, one module each.
+"""The steps of :func:`hf_specdef.publishing.publish.publish`, one module each.
 
 * :mod:`.source`: what is being published (a local folder or a Hub id) and the metadata its card carries;
 * :mod:`.components`: the torch models of a checkpoint folder, their protection records, stock loading;

@@ -32,14 +32,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from ..config import SpecDefConfig
-from .checks import ComponentCheck, _fmt
-from .claims import REFERENCE_MODEL, as_number, card_tags, resistance_summary
-from .components import _components, _record_of
-from .escaping import escape_markdown, markdown_values
-from .snippet import load_snippet, release_dtype
-from .source import SourceInfo
+from hf_specdef import __version__
+from hf_specdef.config import SpecDefConfig
+from hf_specdef.publishing.checks import ComponentCheck, _fmt
+from hf_specdef.publishing.claims import REFERENCE_MODEL, as_number, card_tags, resistance_summary
+from hf_specdef.publishing.components import _components, _record_of
+from hf_specdef.publishing.escaping import escape_markdown, markdown_values
+from hf_specdef.publishing.snippet import load_snippet, release_dtype
+from hf_specdef.publishing.source import SourceInfo
 
 TEMPLATE_NAME = "specdef_model_card.md"
 PAPER_URL = "https://arxiv.org/abs/2602.18868"
@@ -173,7 +173,7 @@ def _pair_row(pair: Mapping[str, Any]) -> dict[str, Any]:
 
 def _gguf_format(name: Any) -> bool | None:
     """Whether ``name`` is a GGUF format (``False``: an int format; ``None``: unknown)."""
-    from ..quantization import FORMATS
+    from hf_specdef.quantization import FORMATS
 
     fmt = FORMATS.get(name) if isinstance(name, str) else None
     return None if fmt is None else fmt.gguf_type is not None
@@ -218,10 +218,10 @@ def render_card(
         template: a custom Jinja template (default :func:`template_path`). It receives the same variables, already
             escaped; ``card_data``'s fields are passed escaped too.
         release_dtypes: the statement of the dtypes the release is exact in
-            (:func:`hf_specdef.release_dtypes.card_paragraph`), ending the card's first paragraph.
+            (:func:`hf_specdef.analysis.release_dtypes.card_paragraph`), ending the card's first paragraph.
         quantization: the rows of :func:`hf_specdef.publishing.checks.quantization_checks` (measured on this release).
         quantization_note: why quantization was not measured, when ``quantization`` is empty.
-        safety: the release's precision summary (:func:`hf_specdef.release_dtypes.folder_safety`): the dtype of the
+        safety: the release's precision summary (:func:`hf_specdef.analysis.release_dtypes.folder_safety`): the dtype of the
             usage snippet.
         repo_id_given: ``False`` when no ``repo_id`` was given (a dry run): the snippet then says ``<owner>/name``.
 

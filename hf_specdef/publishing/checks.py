@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 
-from ..config import SpecDefConfig
-from .components import _components, _load, _record_of
-from .errors import PublishError
-from .source import SourceInfo
+from hf_specdef.config import SpecDefConfig
+from hf_specdef.publishing.components import _components, _load, _record_of
+from hf_specdef.publishing.errors import PublishError
+from hf_specdef.publishing.source import SourceInfo
 
 logger = logging.getLogger("hf_specdef")
 
@@ -87,15 +87,15 @@ def _matches(finding: str, claim: str) -> bool:
 def inspection_threshold(alpha: float) -> float:
     """Outlier ratio above which the inspector calls a block deformed: its default (20), lowered for small alpha
     (a block deformed by alpha shows a ratio of about alpha; unprotected blocks stay near 1)."""
-    from ..inspection import DEFAULT_THRESHOLD
+    from hf_specdef.analysis.inspection import DEFAULT_THRESHOLD
 
     return min(DEFAULT_THRESHOLD, max(float(alpha) / 2, 2.0))
 
 
 def check_claims(model: torch.nn.Module, claimed: list[str] | None, threshold: float | None = None) -> tuple[list[str], Any]:
     """Inspect ``model`` and return the claimed hot modules that the inspector does not flag as deformed."""
-    from ..inspection import DEFAULT_THRESHOLD, inspect_model
-    from ..sites.moe import loaded_module_name
+    from hf_specdef.analysis.inspection import DEFAULT_THRESHOLD, inspect_model
+    from hf_specdef.sites.moe import loaded_module_name
 
     report = inspect_model(model, threshold=threshold or DEFAULT_THRESHOLD)
     flagged = report.deformed
@@ -111,7 +111,7 @@ def check_claims(model: torch.nn.Module, claimed: list[str] | None, threshold: f
 
 
 def _probe(model: Any) -> dict[str, Any]:
-    from .. import probe
+    from hf_specdef.analysis import probe
 
     try:
         return probe.probe_inputs(model)
@@ -129,7 +129,7 @@ def verify_folder(src: Path, dst: Path, info: SourceInfo, cfg: SpecDefConfig, re
     only the composed function): they take the deviation of ``composed``, the end-to-end check. Raises
     nothing: the caller decides (``ok`` and ``not_deformed``).
     """
-    from ..verification import verify
+    from hf_specdef.analysis.verification import verify
 
     checks = []
     for name, kind, class_name in _components(info, dst):
@@ -190,7 +190,7 @@ def verify_pipeline(src: Path, dst: Path, info: SourceInfo, cfg: SpecDefConfig) 
     This is what catches pipeline-level sites that span components (the text encoder's final norm folded into
     the denoiser's cross-attention), which per-component checks cannot.
     """
-    from ..probe import max_relative_deviation
+    from hf_specdef.analysis.probe import max_relative_deviation
 
     ref = _pipeline_output(_load(src, info.kind, info.class_name))
     pipe = _load(dst, info.kind, info.class_name)
@@ -205,7 +205,7 @@ def quantization_checks(src: Path, dst: Path, info: SourceInfo, cfg: SpecDefConf
 
     The original and the protected copy are loaded with stock transformers (float32), every linear weight of both is
     quantized in each of ``formats`` and the two are compared on the probe batch
-    (:func:`hf_specdef.quantization.compare.compare_quantized`).
+    (:func:`hf_specdef.analysis.quantized.compare_quantized`).
 
     Args:
         src: the original folder.
@@ -215,7 +215,7 @@ def quantization_checks(src: Path, dst: Path, info: SourceInfo, cfg: SpecDefConf
         formats: the formats to measure.
 
     Returns:
-        A row per format: :class:`~hf_specdef.quantization.compare.QuantizedComparison` ``.to_dict()`` plus
+        A row per format: :class:`~hf_specdef.analysis.quantized.QuantizedComparison` ``.to_dict()`` plus
         ``required`` and the formatted figures. A format that is not required and cannot be measured here (the
         ``gguf`` package missing, no weight fits its blocks) gives a row with ``error`` instead of failing the
         publication; a required one raises.
@@ -237,9 +237,9 @@ def quantization_checks(src: Path, dst: Path, info: SourceInfo, cfg: SpecDefConf
     if info.kind != "transformers":
         logger.warning("hf-specdef publish: quantized checks cover transformers models; skipped for %s", info.kind)
         return []
-    from ..quantization import get_format
-    from ..quantization.compare import compare_quantized
-    from ..stock import load_stock
+    from hf_specdef.analysis.quantized import compare_quantized
+    from hf_specdef.analysis.stock_loading import load_stock
+    from hf_specdef.quantization import get_format
 
     for f in formats:
         get_format(f)  # unknown names fail before any model is loaded
@@ -286,7 +286,7 @@ def record_deviations(folder: Path, checks: list[ComponentCheck]) -> list[Path]:
     """
     import json
 
-    from ..record import get_record, record_key
+    from hf_specdef.deformation.record import get_record, record_key
 
     written = []
     for c in checks:

@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .escaping import escape_markdown
+from hf_specdef.publishing.escaping import escape_markdown
 
 TAGS = ("specdef", "hf-specdef")
 SPECTRAL_TAG = "spectral-deformation"  # only when spectral mode was used
@@ -45,8 +45,8 @@ def resistance_summary(measure: Mapping[str, Any] | None, rescaling: bool = Fals
     as the original, by construction, whatever the other attacks measured.
 
     Args:
-        measure: :func:`hf_specdef.resistance.redteam_measure` (a red team: its summary has ``uninformed_attacks``),
-            :func:`hf_specdef.resistance.measure_resistance` (the quick toy measurement: ``slowdown_*`` entries) or
+        measure: :func:`hf_specdef.publishing.resistance.redteam_measure` (a red team: its summary has ``uninformed_attacks``),
+            :func:`hf_specdef.publishing.resistance.measure_resistance` (the quick toy measurement: ``slowdown_*`` entries) or
             ``None``.
         rescaling: the release only rescales weights (axis mode only, or exact in bfloat16).
 
@@ -79,7 +79,7 @@ def resistance_summary(measure: Mapping[str, Any] | None, rescaling: bool = Fals
             out["seeds"] = int(out["seeds"])
         if as_number(s.get("undo_slowdown")) is not None:
             out |= {"undo_str": _ratio(s["undo_slowdown"]), "undo_attack": escape_markdown(s.get("undo_attack"))}
-        from ..redteam.report import SCALE_INVARIANT_ATTACK
+        from hf_specdef.publishing.redteam_results import SCALE_INVARIANT_ATTACK
 
         rows = [str(r.get("variant", "")) for r in measure.get("rows") or []]
         out["scale_invariant_measured"] = any(r.split(":")[0].split(" ")[0] == SCALE_INVARIANT_ATTACK for r in rows)

@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..record import get_record
-from .errors import PublishError
-from .source import SourceInfo, _read_json
+from hf_specdef.deformation.record import get_record
+from hf_specdef.publishing.errors import PublishError
+from hf_specdef.publishing.source import SourceInfo, _read_json
 
 
 def _load(path: Path, kind: str, class_name: str) -> Any:

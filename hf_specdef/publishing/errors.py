@@ -1,8 +1,8 @@
-"""The error of a refused publication, raised by every step of :func:`hf_specdef.publish.publish`."""
+"""The error of a refused publication, raised by every step of :func:`hf_specdef.publishing.publish.publish`."""
 
 from __future__ import annotations
 
-from ..errors import SpecDefError
+from hf_specdef.errors import SpecDefError
 
 
 class PublishError(SpecDefError, ValueError):

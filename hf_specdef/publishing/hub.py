@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..release_files import check_release_folder
-from .errors import PublishError
+from hf_specdef.publishing.errors import PublishError
+from hf_specdef.storage.release_files import check_release_folder
 
 
 def resolve_token(token: str | None = None) -> str | None:
@@ -37,7 +37,7 @@ def _hub_offline() -> bool:
 def push_folder(folder: Path, repo_id: str, *, private: bool, token: str | None, commit_message: str) -> str:
     """``create_repo(exist_ok=True)`` then ``upload_folder``; returns the commit URL. Errors carry no token.
 
-    The folder is checked against the release rule first (:func:`hf_specdef.release_files.check_release_folder`):
+    The folder is checked against the release rule first (:func:`hf_specdef.storage.release_files.check_release_folder`):
     a weight file other than the protected checkpoint's (or an unprotected pipeline component's) refuses the push."""
     from huggingface_hub import HfApi
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from ..config import SpecDefConfig
-from ..release_files import plan_copies
-from .components import _load
-from .errors import PublishError
-from .source import _read_json
+from hf_specdef.config import SpecDefConfig
+from hf_specdef.publishing.components import _load
+from hf_specdef.publishing.errors import PublishError
+from hf_specdef.publishing.source import _read_json
+from hf_specdef.storage.release_files import plan_copies
 
 logger = logging.getLogger("hf_specdef")
 
@@ -32,13 +32,13 @@ def protect_folder(src: Path, dst: Path, cfg: SpecDefConfig, *, force: bool = Fa
     the other files of ``src`` (tokenizer, chat template, ...) are copied."""
     if cfg.quantization_safe:
         return _protect_in_memory(src, dst, cfg, force=force, progress=progress)
-    from ..streaming import protect_checkpoint
+    from hf_specdef.protection.streaming import protect_checkpoint
 
     return protect_checkpoint(src, dst, cfg, device=device, force=force, progress=progress, verify=True)
 
 
 def _protect_in_memory(src: Path, dst: Path, cfg: SpecDefConfig, *, force: bool, progress: bool) -> Any:
-    from ..saving import save_protected
+    from hf_specdef.protection.saving import save_protected
 
     config = _read_json(src / "config.json") if (src / "config.json").is_file() else {}
     archs = config.get("architectures") or []

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .escaping import python_string_literal
-from .source import SourceInfo
+from hf_specdef.publishing.escaping import python_string_literal
+from hf_specdef.publishing.source import SourceInfo
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -27,7 +27,7 @@ def release_dtype(safety: Mapping[str, Any] | None, folder: Path) -> str | None:
     ``dtype`` / ``torch_dtype``. ``None`` when nothing says.
 
     Args:
-        safety: :func:`hf_specdef.release_dtypes.folder_safety` of the folder (or a protection report's precision).
+        safety: :func:`hf_specdef.analysis.release_dtypes.folder_safety` of the folder (or a protection report's precision).
         folder: the published folder.
 
     Returns:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import PublishError
-from .hub import _scrub
+from hf_specdef.publishing.errors import PublishError
+from hf_specdef.publishing.hub import _scrub
 
 logger = logging.getLogger("hf_specdef")
 

@@ -10,7 +10,7 @@ GPTQ/AWQ checkpoints store their scales), with a shorter trailing group when 128
 Every format stores a few float16 numbers per group (GGUF block scales ``d``, Q4_1's minimum ``m``, the int scales).
 Scaling a whole group by a power of two scales those numbers by the same power of two and leaves the integers
 unchanged, *as long as they stay normal float16 numbers* (:func:`stored_values`, :func:`max_exact_factor`): that is
-what the quantization-safe deformation (:mod:`hf_specdef.quantization.deformation`) relies on.
+what the quantization-safe deformation (:mod:`hf_specdef.deformation.quantization_safe`) relies on.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import SpecDefError
+from hf_specdef.errors import SpecDefError
 
 F16_TINY = 2.0**-14  # smallest normal float16
 F16_MAX = 65504.0

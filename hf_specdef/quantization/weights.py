@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .formats import QuantFormat, fake_quantize, get_format
+from hf_specdef.quantization.formats import QuantFormat, fake_quantize, get_format
 
 logger = logging.getLogger("hf_specdef")
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..config import SpecDefConfig
-from ..errors import SpecDefError
-from . import decoders, mmdit, moe  # noqa: F401  (register the decoder, MMDiT and MoE families of issue 19)
-from .base import AXIS_ONLY_SITES, ModelConfigError, Pair, TensorBlock, TensorShapeError
-from .config_checks import cfg_get
-from .registry import (
+from hf_specdef.config import SpecDefConfig
+from hf_specdef.errors import SpecDefError
+from hf_specdef.sites import decoders, mmdit, moe  # noqa: F401  (register the decoder, MMDiT and MoE families of issue 19)
+from hf_specdef.sites.base import AXIS_ONLY_SITES, ModelConfigError, Pair, TensorBlock, TensorShapeError
+from hf_specdef.sites.config_checks import cfg_get
+from hf_specdef.sites.registry import (
     REGISTRY,
     ArchSpec,
     Attention,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import SpecDefError
+from hf_specdef.errors import SpecDefError
 
 # Site types whose map must be diagonal (SPEC §2 table).
 AXIS_ONLY_SITES = frozenset({"mlp", "norm"})

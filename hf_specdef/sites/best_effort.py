@@ -5,7 +5,7 @@ inside ``...layers.N``, heads from ``num_attention_heads`` / ``num_key_value_hea
 is restricted to rotary pairs ``(i, i + d/2)``, which is exact both with and without (half-split) RoPE.
 
 These are *guesses*: names say nothing about q/k norms, sandwich norms, norm offsets or interleaved RoPE, any of
-which makes a guessed site wrong. :mod:`hf_specdef.best_effort` therefore keeps a site type only after a
+which makes a guessed site wrong. :mod:`hf_specdef.protection.best_effort` therefore keeps a site type only after a
 numerical check on the model; nothing here is used unverified (streaming, inspect and detection do not use it).
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import ModelConfigError, Pair, TensorShapeError
-from .config_checks import ShapeOf, cfg_get, llama_heads
-from .registry import LLAMA, ArchSpec, find_pairs
+from hf_specdef.sites.base import ModelConfigError, Pair, TensorShapeError
+from hf_specdef.sites.config_checks import ShapeOf, cfg_get, llama_heads
+from hf_specdef.sites.registry import LLAMA, ArchSpec, find_pairs
 
 BEST_EFFORT = ArchSpec(name="best-effort (Llama-style names)", block=LLAMA.block, attention=LLAMA.attention,
                        mlp=LLAMA.mlp, norms=LLAMA.norms)

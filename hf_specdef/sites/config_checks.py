@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .base import ModelConfigError, TensorShapeError
+from hf_specdef.sites.base import ModelConfigError, TensorShapeError
 
 ShapeOf = Mapping[str, Sequence[int]]
 

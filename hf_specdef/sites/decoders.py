@@ -34,8 +34,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config_checks import cfg_get, llama_heads, mha_heads
-from .registry import LLAMA, ArchSpec, Attention, GatedMLP, Linear, PreNorm, register_architecture
+from hf_specdef.sites.config_checks import cfg_get, llama_heads, mha_heads
+from hf_specdef.sites.registry import LLAMA, ArchSpec, Attention, GatedMLP, Linear, PreNorm, register_architecture
 
 _L = Linear
 _Q, _K, _V, _O = (_L(f"self_attn.{p}_proj") for p in "qkvo")

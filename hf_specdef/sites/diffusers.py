@@ -35,9 +35,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from .base import ModelConfigError, Pair, TensorBlock
-from .config_checks import ShapeOf, cfg_get
-from .registry import (
+from hf_specdef.sites.base import ModelConfigError, Pair, TensorBlock
+from hf_specdef.sites.config_checks import ShapeOf, cfg_get
+from hf_specdef.sites.registry import (
     ArchSpec,
     Attention,
     GatedMLP,

@@ -52,9 +52,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .base import ModelConfigError, Pair, TensorBlock
-from .config_checks import ShapeOf, cfg_get
-from .registry import ArchSpec, _bias, _natural, register_architecture
+from hf_specdef.sites.base import ModelConfigError, Pair, TensorBlock
+from hf_specdef.sites.config_checks import ShapeOf, cfg_get
+from hf_specdef.sites.registry import ArchSpec, _bias, _natural, register_architecture
 
 __all__ = ["MMDIT", "MMDIT_CLASSES", "AdaNormFold", "Stream", "mmdit_blocks", "mmdit_pairs"]
 

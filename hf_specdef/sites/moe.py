@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import re
 
-from .decoders import QWEN3
-from .registry import LLAMA, ArchSpec, GatedMLP, Linear, PreNorm, register_architecture
+from hf_specdef.sites.decoders import QWEN3
+from hf_specdef.sites.registry import LLAMA, ArchSpec, GatedMLP, Linear, PreNorm, register_architecture
 
 _L = Linear
 _FUSED_GATE_UP = Linear("mlp.experts", param="gate_up_proj", experts=True)

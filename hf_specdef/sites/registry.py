@@ -13,8 +13,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .base import ModelConfigError, Pair, TensorBlock, TensorShapeError
-from .config_checks import ShapeOf, cfg_get, check_attention_shapes, check_extent, llama_heads, mha_heads, shape_text
+from hf_specdef.sites.base import ModelConfigError, Pair, TensorBlock, TensorShapeError
+from hf_specdef.sites.config_checks import (
+    ShapeOf,
+    cfg_get,
+    check_attention_shapes,
+    check_extent,
+    llama_heads,
+    mha_heads,
+    shape_text,
+)
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from peft.utils import register_peft_method
 
-from .config import SPECUNDO, SpecUndoConfig, extend_peft_type
-from .layer import Linear, SpecUndoLayer, UndoOp
-from .model import SpecUndoModel, build_undo_plan, export_lora
+from hf_specdef.tuners.specundo.config import SPECUNDO, SpecUndoConfig, extend_peft_type
+from hf_specdef.tuners.specundo.layer import Linear, SpecUndoLayer, UndoOp
+from hf_specdef.tuners.specundo.model import SpecUndoModel, build_undo_plan, export_lora
 
 __all__ = ["SPECUNDO", "Linear", "SpecUndoConfig", "SpecUndoLayer", "SpecUndoModel", "UndoOp", "build_undo_plan",
            "export_lora", "extend_peft_type", "register"]

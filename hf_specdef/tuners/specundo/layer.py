@@ -97,6 +97,8 @@ class SpecUndoLayer(BaseTunerLayer):
         self.specundo_basis = BufferDict({}, persistent=True)
         self.specundo_index = BufferDict({}, persistent=True)
         self.undo_ops: dict[str, list[UndoOp]] = {}
+        if "undo_ops" not in self.other_param_names:  # so PEFT's delete_adapter drops an adapter's ops too (as LoRA does)
+            self.other_param_names = (*self.other_param_names, "undo_ops")
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs

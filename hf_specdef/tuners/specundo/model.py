@@ -14,10 +14,10 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...detection import DetectionReport, SiteEstimate
-from ...undo import resolve_sites, undo_in_place
-from .config import SpecUndoConfig
-from .layer import Linear, SpecUndoLayer
+from hf_specdef.tuners.specundo.config import SpecUndoConfig
+from hf_specdef.tuners.specundo.layer import Linear, SpecUndoLayer
+from hf_specdef.undo.detection import DetectionReport, SiteEstimate
+from hf_specdef.undo.merge import resolve_sites, undo_in_place
 
 logger = logging.getLogger("hf_specdef")
 
@@ -76,7 +76,7 @@ class SpecUndoModel(BaseTuner):
     """Wraps a (protected) model with SpecUndo layers. Created by ``get_peft_model(model, SpecUndoConfig(...))``.
 
     At injection the deformation is resolved once (``knowledge="recipe"``: from the protection record;
-    ``"blind"``: by :func:`hf_specdef.detection.detect_deformations`) and turned into per-module ops
+    ``"blind"``: by :func:`hf_specdef.undo.detection.detect_deformations`) and turned into per-module ops
     stored in ``config.undo_plan`` (structure) and the layers' buffers (values), so a saved adapter
     reloads without detection. With ``undo="merge"`` the base weights are rewritten back first and
     the adapter carries no ``M̂``. ``detection_report`` holds what blind detection found.

@@ -1,1 +1,0 @@
-"""Subcommands of the ``hf-specdef`` command line (one module each)."""

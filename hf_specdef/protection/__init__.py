@@ -1,0 +1,1 @@
+"""Protection: in memory (``protect``), at save time, streaming over checkpoint files, and the pipeline-level site."""
