@@ -20,6 +20,7 @@ logging.getLogger("hf_specdef").addHandler(logging.NullHandler())
 _LAZY = {
     "SpecDefConfig": "config",
     "SpecDefError": "errors",
+    "MissingExtraError": "errors",
     "CheckpointError": "storage.checkpoint",
     "protect": "protection.in_memory",
     "ProtectionReport": "deformation.report",
@@ -41,9 +42,23 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
+# module -> (the library it needs, the extra that installs it), for objects that need an optional dependency
+_EXTRAS = {"tuners.specundo": ("peft", "peft")}
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module = _LAZY[name]
+        try:
+            return getattr(importlib.import_module(f".{module}", __name__), name)
+        except ModuleNotFoundError as e:
+            library, extra = _EXTRAS.get(module, (None, None))
+            if library is None or (e.name or "").split(".")[0] != library:
+                raise
+            from hf_specdef.errors import MissingExtraError
+
+            raise MissingExtraError(f"hf_specdef.{name} needs {library}, which is not installed: "
+                                    f"pip install 'hf-specdef[{extra}]'") from None
     raise AttributeError(f"module 'hf_specdef' has no attribute {name!r}")
 
 

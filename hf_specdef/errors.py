@@ -21,3 +21,29 @@ class SpecDefError(Exception):
         except SpecDefError as e:
             print(f"not protected: {e}")
     """
+
+
+class MissingExtraError(SpecDefError, ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the extra that installs it."""
+
+
+def require_extra(library: str, extra: str, feature: str) -> None:
+    """Raise :class:`MissingExtraError` naming ``pip install 'hf-specdef[extra]'`` unless ``library`` can be imported.
+
+    Args:
+        library: the importable top-level name (``"peft"``, ``"jinja2"``).
+        extra: the hf-specdef extra that installs it.
+        feature: what needs it, for the message.
+
+    Raises:
+        MissingExtraError: ``library`` is not installed (or is blocked).
+    """
+    import importlib.util
+    import sys
+
+    try:
+        found = sys.modules.get(library, True) is not None and importlib.util.find_spec(library) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise MissingExtraError(f"{feature} needs {library}, which is not installed: pip install 'hf-specdef[{extra}]'")

@@ -44,6 +44,7 @@ import torch
 from hf_specdef import __version__
 from hf_specdef.analysis import release_dtypes
 from hf_specdef.config import SpecDefConfig
+from hf_specdef.errors import require_extra
 from hf_specdef.publishing.card import format_factor, protection_summary, render_card, template_path  # noqa: F401 (re-exported)
 from hf_specdef.publishing.checks import (
     DEFAULT_QUANTIZE,
@@ -273,6 +274,7 @@ def publish(
     >>> print(result.folder)  # README.md (the card), config.json (the record), model.safetensors
     ```
     """
+    require_extra("jinja2", "publish", "publish (the model card template)")
     cfg = cfg or SpecDefConfig()
     if repo_id:
         check_hub_id(repo_id, "repo_id", "Pass the destination as owner/name (e.g. me/my-model-specdef).")

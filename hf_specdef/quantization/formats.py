@@ -86,7 +86,7 @@ def _gguf_quants():
     try:
         from gguf import GGMLQuantizationType, quants
     except ImportError as e:  # pragma: no cover - the test extra installs it
-        raise ImportError("GGUF round-trips need the `gguf` package: pip install 'hf-specdef[quant]' (or gguf).") from e
+        raise ImportError("GGUF round-trips need the `gguf` package: pip install 'hf-specdef[quantization]' (or gguf).") from e
     return GGMLQuantizationType, quants
 
 

@@ -8,6 +8,8 @@ import os
 import time
 from collections.abc import Sequence
 
+from hf_specdef.errors import require_extra
+
 logger = logging.getLogger("hf_specdef")
 
 
@@ -40,6 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_extra("peft", "redteam", "hf-specdef bench")
+    require_extra("matplotlib", "redteam", "hf-specdef bench")
     import torch
 
     from hf_specdef.research.evaluation.benchmark import BenchConfig, run_benchmark

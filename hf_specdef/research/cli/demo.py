@@ -14,6 +14,8 @@ import copy
 import os
 import time
 
+from hf_specdef.errors import require_extra
+
 HELP = "End-to-end demo on an embedded tiny default: protect, verify, attack, undo."
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_extra("peft", "demo", "hf-specdef demo")
+    require_extra("matplotlib", "demo", "hf-specdef demo")
     from hf_specdef.analysis.verification import verify
     from hf_specdef.config import SpecDefConfig
     from hf_specdef.protection.in_memory import protect

@@ -7,6 +7,7 @@ import argparse
 import json
 import time
 
+from hf_specdef.errors import require_extra
 from hf_specdef.research.redteam.attacks import SUITE
 from hf_specdef.research.redteam.config import QUICK_ATTACKS, VARIANTS
 
@@ -53,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_extra("peft", "redteam", "hf-specdef redteam")
+    require_extra("accelerate", "redteam", "hf-specdef redteam")
+    require_extra("matplotlib", "redteam", "hf-specdef redteam")
     from hf_specdef.research.redteam.config import RedTeamConfig
     from hf_specdef.research.redteam.report import headline
     from hf_specdef.research.redteam.suite import run_redteam
