@@ -1,31 +1,36 @@
-"""Deform a list of pairs in a ``name -> tensor`` mapping, in place (no Hugging Face imports).
+"""Plan, build, apply, verify: the deformation of pairs in a ``name -> tensor`` mapping (no Hugging Face imports).
 
-This is shared by in-memory protection (the mapping holds a model's parameters) and the
-streaming path (it holds tensors read from checkpoint shards).
+This is shared by in-memory protection (the mapping holds a model's parameters) and the streaming path (it holds
+tensors read from checkpoint shards). :func:`plan_pairs` gives every pair a :class:`Plan` whose ``variant``
+(:mod:`hf_specdef.deformation.variants`) decides ``M`` (``build``), turns it into steps (``steps``, applied with
+:func:`hf_specdef.deformation.tensor_ops.apply_steps`) and checks it (``before_apply`` / ``check``);
+:func:`deform_pair` runs those stages for one pair, :func:`deform` for a list, one pair at a time, through the same
+driver as the batched engine (:func:`hf_specdef.deformation.batched.deform`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from hf_specdef.config import SpecDefConfig
-from hf_specdef.deformation import precision
+from hf_specdef.deformation import precision, variants
+from hf_specdef.deformation.blocks import EXACT_SIDE as _EXACT_SIDE  # noqa: F401 - re-exported
+from hf_specdef.deformation.blocks import Region, Tensors, producer_block, sigma_max, spectrum_block  # noqa: F401
 from hf_specdef.deformation.precision import PrecisionBudgetError  # noqa: F401 - re-exported (hf_specdef.PrecisionBudgetError)
+from hf_specdef.deformation.tensor_ops import TensorOp, apply_steps, steps_by_tensor
+from hf_specdef.deformation.variants import Decision, DeformationVariant
 from hf_specdef.errors import SpecDefError
 from hf_specdef.sites.base import Pair, TensorBlock
-from hf_specdef.tensor_math import exact_scaling, linalg
+from hf_specdef.tensor_math import linalg
 from hf_specdef.tensor_math.linalg import Deformation
 
 logger = logging.getLogger("hf_specdef")
-
-Tensors = MutableMapping[str, torch.Tensor]
-Region = Callable[[TensorBlock], torch.Tensor]
 
 
 class DeformationError(SpecDefError, ValueError):
@@ -143,48 +148,13 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     policy: str = ""  # "" (as requested), "axis", "axis-float16" or "float32" (see precision.resolve)
     skip: str = ""  # why the policy leaves this pair out ("" = deformed)
-    # a chooser/checker that decides M on the current weights and checks it once applied (the quantization-safe
-    # deformation, hf_specdef.deformation.quantization_safe.SafeGuard): build(tensors) -> (M, sigma0, sigma1) or None
-    # (skip), before(M, tensors) / after(M, tensors) around apply_pair
-    guard: Any = None
+    # how M is decided, applied and checked (hf_specdef.deformation.variants); default: from ``axis``, set again by
+    # plan_pairs once the precision policy has decided the mode
+    variant: DeformationVariant = None  # type: ignore[assignment]
 
-
-def producer_block(pair: Pair, tensors: Tensors,
-                   region: Callable[[TensorBlock], torch.Tensor] | None = None) -> torch.Tensor:
-    """The ``d x n`` matrix whose spectrum the pair deforms: its weight producers side by side.
-
-    1-D producers (norm weights) are used only when there is no weight matrix. With a single
-    producer the result may be a view of the weight (no copy): read it, do not modify it.
-    ``region`` gives the slice of one producer (default: ``tensors[b.name]`` narrowed to the block);
-    the streaming path passes one that reads the slice from a checkpoint. A block with an ``offset`` (Gemma's
-    norm weight ``w`` in ``x_hat * (1 + w)``) contributes ``offset + w``, the values ``M`` scales.
-    """
-    if region is None:
-        def region(b: TensorBlock) -> torch.Tensor:
-            return tensors[b.name].narrow(b.axis, b.start, b.stop - b.start)
-    regions = [(b, _with_offset(region(b), b.offset)) for b in pair.producers]
-    mats = [(b, r) for b, r in regions if r.dim() >= 2] or regions
-    parts = [linalg.as_rows(r, b.axis) for b, r in mats]
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([p.to(parts[0].device) for p in parts], dim=1)
-
-
-def _with_offset(t: torch.Tensor, offset: float) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32)) + offset if offset else t
-
-
-def spectrum_block(pair: Pair, tensors: Tensors, factor: float) -> torch.Tensor:
-    """The block whose spectrum a deformation with ``factor`` inflates: the producers' (``factor >= 1``) or, for an
-    inverted pair (``factor < 1``: producer shrunk, consumers' channels grown), the consumers' weight matrices,
-    rows along the pair axis."""
-    if factor >= 1:
-        return producer_block(pair, tensors)
-    parts = [linalg.as_rows(tensors[b.name].narrow(b.axis, b.start, b.stop - b.start), b.axis)
-             for b in pair.consumers if tensors[b.name].dim() >= 2]
-    if not parts:
-        raise ValueError(f"pair {pair.key}: an inverted deformation needs a weight-matrix consumer.")
-    return torch.cat([p.to(parts[0].device) for p in parts], dim=1)
+    def __post_init__(self) -> None:
+        if self.variant is None:
+            self.variant = variants.variant_for(self)
 
 
 def plan_pairs(pairs: Sequence[Pair], tensors: Tensors, cfg: SpecDefConfig,
@@ -213,6 +183,7 @@ def plan_pairs(pairs: Sequence[Pair], tensors: Tensors, cfg: SpecDefConfig,
         budget = linalg.spectral_budget(axis, cfg.alpha, dtype)
         plan = Plan(p, axis, float(cfg.alpha), budget, dtype)
         precision.resolve(plan, cfg)
+        plan.variant = variants.variant_for(plan)
         if plan.skip:
             left_out.setdefault((p.site, plan.skip), []).append(p.key)
         else:
@@ -242,115 +213,87 @@ def check_finite(pairs: Sequence[Pair], tensors: Tensors) -> None:
                 raise ValueError(f"tensor {name!r} has NaN or inf values; refusing to deform a broken weight.")
 
 
-_EXACT_SIDE = 256  # blocks whose short side is at most this get an exact sigma_1 in the report
-
-
-def sigma_max(block: torch.Tensor, iters: int = 4) -> float:
-    """Largest singular value of a block, for the report: exact (to float32) when the short side is <= 256, else
-    ``iters`` float32 power iterations warm-started at the largest row (a lower bound, close for the
-    weight blocks here)."""
-    if min(block.shape) <= _EXACT_SIDE:  # eigenvalues of the small float32 Gram matrix (relative error ~1e-7)
-        a = block.to(torch.promote_types(block.dtype, torch.float32))
-        gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
-        return float(linalg.eigvalsh(gram)[-1].clamp_min(0).sqrt())
-    a = block.float()
-    v = a[a.norm(dim=1).argmax()].clone()
-    for _ in range(iters):
-        v = a.T @ (a @ v)
-        v = v / v.norm().clamp_min(torch.finfo(a.dtype).tiny)
-    return float((a @ v).norm())
-
-
 def apply_pair(pair: Pair, tensors: Tensors, m: Deformation, inverse: bool = False) -> None:
-    """Apply ``M`` to the producers and ``M^-1`` to the consumers (the inverse with ``inverse``)."""
-    for b in pair.producers:
-        linalg.apply_producer(tensors[b.name], b.axis, b.start, b.stop, m, inverse, b.offset)
-    for b in pair.consumers:
-        linalg.apply_consumer(tensors[b.name], b.axis, b.start, b.stop, m, inverse, b.offset)
+    """Apply ``M`` to the producers and ``M^-1`` to the consumers, in place (the inverse with ``inverse``).
 
-
-def build_deformation(plan: Plan, block: torch.Tensor, cfg: SpecDefConfig,
-                      region: Region | None = None) -> tuple[Deformation, float, float]:
-    """``M`` for one pair from its current producer block, and sigma_1 of the block before and after ``M``.
-
-    Spectral pairs: ``M`` from the top-k decomposition, which also gives sigma_1 (after = factor x before,
-    exact in real arithmetic). Axis pairs: sigma_1 measured (see :func:`sigma_max`; small blocks exactly,
-    before and after from one Gram matrix). float16-exact pairs (``plan.policy == "axis-float16"``) also read
-    every producer and consumer block through ``region`` (current values) to pick channels and factor.
+    Args:
+        pair: the pair.
+        tensors: ``name -> tensor``.
+        m: its deformation.
+        inverse: undo it instead.
     """
-    if not plan.axis:
-        u, s = linalg.top_left_singular(block, cfg.top_k)
-        return Deformation(block.shape[0], plan.factor, basis=u), float(s[0]), plan.factor * float(s[0])
-    a = block.to(torch.promote_types(block.dtype, torch.float32))  # converted once (16-bit weights), else no copy
-    if plan.policy == "axis-float16":
-        m = _exact16_deformation(plan, a, cfg, region)
-    else:
-        m = linalg.axis_deformation(a, cfg.top_k, plan.factor, rotary=plan.pair.rotary)
-    if block.shape[0] <= min(block.shape[1], _EXACT_SIDE):  # d x d Gram G; after M: D G D
-        gram = a @ a.T
-        d = torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        d[m.indices.to(d.device)] = m.factor
-        before, after = linalg.eigvalsh(torch.stack([gram, gram * d[:, None] * d[None, :]]))[:, -1]
-        return m, float(before.clamp_min(0).sqrt()), float(after.clamp_min(0).sqrt())
-    return m, (s0 := sigma_max(a)), _axis_sigma_after(a, m, s0)
+    ops = [TensorOp(b, m, True) for b in pair.producers] + [TensorOp(b, m, False) for b in pair.consumers]
+    for name, steps in steps_by_tensor(ops).items():
+        apply_steps(tensors[name], steps, inverse)
 
 
-def _exact16_deformation(plan: Plan, block: torch.Tensor, cfg: SpecDefConfig, region: Region | None) -> Deformation:
-    """The float16-exact axis deformation of a pair (channels with the largest exact power-of-two factor), or
-    :class:`PrecisionBudgetError` when that factor falls below ``alpha / 16``."""
-    if region is None:
-        raise ValueError(f"pair {plan.pair.key}: a float16-exact deformation needs the pair's tensors (region=...).")
-    lines = {b: linalg.as_rows(region(b), b.axis) for b in plan.pair.producers + plan.pair.consumers}
-    log2 = exact_scaling.channel_log2([lines[b] for b in plan.pair.producers], [lines[b] for b in plan.pair.consumers],
-                                      plan.dtype, int(round(math.log2(plan.factor))))
-    norms = block.pow(2).sum(dim=1)
-    m = exact_scaling.exact_axis_deformation(norms, log2, cfg.top_k, rotary=plan.pair.rotary)
-    if m.factor < precision.min_exact16_factor(cfg):
-        raise precision.refuse_exact16(plan.pair.key, m.factor, cfg)
-    return m
+def build_deformation(plan: Plan, block: torch.Tensor, cfg: SpecDefConfig, region: Region | None = None) -> Decision:
+    """``M`` for one spectral or axis pair from its current producer block, and sigma_1 of the block before and after.
+
+    Args:
+        plan: the pair's plan (its variant decides: :class:`~hf_specdef.deformation.variants.SpectralVariant` from
+            the top-k decomposition, :class:`~hf_specdef.deformation.variants.AxisVariant` from the top rows).
+        block: the producer block (:func:`producer_block`).
+        cfg: the configuration (``top_k``).
+        region: reads a block's current values; float16-exact pairs (``plan.policy == "axis-float16"``) need it.
+
+    Returns:
+        ``(M, sigma_before, sigma_after)``, exactly what the batched engine decides for the pair.
+    """
+    return plan.variant.decide(plan, block, cfg, region)  # type: ignore[attr-defined]
 
 
-def _axis_sigma_after(block: torch.Tensor, m: Deformation, sigma_before: float) -> float:
-    """sigma_1 of ``M @ block`` for an axis ``M`` (``block`` taken before ``M``): exact on small blocks; on
-    large ones the max of sigma_1 of the ``k`` scaled rows and ``sigma_before`` (a lower bound within a factor
-    sqrt(2), tight when alpha >> 1)."""
-    if min(block.shape) <= _EXACT_SIDE:
-        after = block.clone()
-        linalg.apply_producer(after, 0, 0, block.shape[0], m)
-        return sigma_max(after)
-    rows = block.index_select(0, m.indices.to(block.device)).to(torch.promote_types(block.dtype, torch.float32))
-    return max(m.factor * float(linalg.top_singular_values(rows, 1)[0]), sigma_before)
+def checked_build(plan: Plan, tensors: Tensors, cfg: SpecDefConfig) -> Decision | None:
+    """``plan.variant.build`` on ``tensors``, with a failure of its arithmetic (a solver that does not converge, a
+    non-finite sigma_1) explained by :func:`overflow_error` where a producer value is too large to deform.
+
+    Returns:
+        The decision, or ``None`` when the variant skips the pair.
+
+    Raises:
+        DeformationError: a producer value too large to deform, or a non-finite sigma_1.
+    """
+    def read(b: TensorBlock) -> torch.Tensor:
+        return tensors[b.name].narrow(b.axis, b.start, b.stop - b.start)
+
+    try:
+        built = plan.variant.build(plan, tensors, cfg)
+    except RuntimeError:  # e.g. torch.linalg's solver failing on an inf Gram matrix
+        err = overflow_error(plan, read)
+        if err is None:
+            raise
+        raise err from None
+    if built is not None and not (math.isfinite(built[1]) and math.isfinite(built[2])):
+        raise overflow_error(plan, read) or not_finite_error(plan, built[1], built[2])
+    return built
 
 
 def deform_pair(
     plan: Plan, tensors: Tensors, cfg: SpecDefConfig, before_apply: Callable[[Deformation], None] | None = None
 ) -> PairResult | None:
-    """Build ``M`` for one pair from its current producer block and apply it in place.
+    """Build ``M`` for one pair from its current weights, apply it in place and check it (the plan's variant).
 
-    sigma_1 of the producer block is reported before and after (see :func:`build_deformation`). A plan with a
-    ``guard`` is decided and checked by it; ``None`` when the guard skips the pair (its ``skipped`` says why).
+    Args:
+        plan: the pair's plan.
+        tensors: ``name -> tensor``, changed in place.
+        cfg: the configuration.
+        before_apply: called with ``M`` before anything changes (e.g. to back up the rows it changes).
+
+    Returns:
+        What was done, or ``None`` when the variant skips the pair (its ``skipped`` says why).
+
+    Raises:
+        DeformationError: see :func:`checked_build`; the variant's check may raise too (nothing is restored).
     """
-    if plan.guard is not None:
-        built = plan.guard.build(tensors)
-        if built is None:
-            return None
-        m, s0, s1 = built
-        if before_apply is not None:
-            before_apply(m)
-        plan.guard.before(m, tensors)
-        apply_pair(plan.pair, tensors, m)
-        plan.guard.after(m, tensors)
-        return result_of(plan, m, s0, s1)
-    block = producer_block(plan.pair, tensors)
-
-    def read(b: TensorBlock) -> torch.Tensor:
-        return tensors[b.name].narrow(b.axis, b.start, b.stop - b.start)
-
-    region = read if plan.policy == "axis-float16" else None
-    m, s0, s1 = checked_deformation(plan, block, cfg, read, region)  # before apply_pair: ``block`` may be a view
+    built = checked_build(plan, tensors, cfg)
+    if built is None:
+        return None
+    m, s0, s1 = built
     if before_apply is not None:
         before_apply(m)
-    apply_pair(plan.pair, tensors, m)
+    plan.variant.before_apply(plan, m, tensors)
+    plan.variant.apply(plan, m, tensors)
+    plan.variant.check(plan, m, tensors)
     return result_of(plan, m, s0, s1)
 
 
@@ -361,8 +304,17 @@ def result_of(plan: Plan, m: Deformation, sigma_before: float, sigma_after: floa
 
 
 def deform(plans: Iterable[Plan], tensors: Tensors, cfg: SpecDefConfig) -> list[PairResult]:
-    """Deform every planned pair in order (the order matters: pairs may share tensors)."""
-    return [r for p in plans if (r := deform_pair(p, tensors, cfg)) is not None]
+    """Deform every planned pair in order, one at a time (the order matters: pairs may share tensors).
+
+    The driver is the batched engine's with one pair per wave, so the result is bit-identical to
+    :func:`hf_specdef.deformation.batched.deform`'s.
+
+    Returns:
+        The results of the pairs not skipped, in plan order.
+    """
+    from hf_specdef.deformation import batched  # the driver (batched imports this module)
+
+    return batched.deform(list(plans), tensors, cfg, batch=False)
 
 
 def undo(results: Sequence[PairResult], tensors: Tensors) -> None:

@@ -17,7 +17,7 @@ grow; the other sites shrink one side's scales, so their factor is bounded per p
 they touch (:func:`~hf_specdef.quantization.formats.max_exact_factor`). A pair that no unit can serve is skipped
 with the reason. Each pair is decided on the current weights (pairs share tensors: a ``q_proj`` is a norm reader and
 a qk producer) and checked after it is applied: the round trip of every touched group, in every requested format,
-must be exactly the deformed round trip of the group before (:class:`SafeGuard`).
+must be exactly the deformed round trip of the group before (:class:`QuantizationSafeVariant`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hf_specdef.deformation import engine
+from hf_specdef.deformation.variants import Decision, VariantBase
 from hf_specdef.errors import SpecDefError
 from hf_specdef.quantization.formats import (
     QuantFormat,
@@ -105,12 +106,20 @@ def _region(t: torch.Tensor, block: TensorBlock, idx: torch.Tensor) -> torch.Ten
 
 
 @dataclass
-class SafeGuard:
-    """Decides one pair's quantization-safe deformation on the current weights and checks it once applied.
+class QuantizationSafeVariant(VariantBase):
+    """The quantization-safe :class:`~hf_specdef.deformation.variants.DeformationVariant` of one pair: decides its
+    deformation on the current weights and checks it once applied.
 
-    Used by :func:`hf_specdef.deformation.engine.deform_pair` through ``Plan.guard``: ``build`` returns ``(M, sigma_before,
-    sigma_after)`` or ``None`` (the pair is skipped; ``skipped`` says why), ``before``/``after`` bracket
-    ``apply_pair`` and raise :class:`QuantizationSafetyError` if a round trip is not exactly the deformed one.
+    Set as ``Plan.variant`` by :func:`plan_safe`: ``build`` returns ``(M, sigma_before, sigma_after)`` or ``None``
+    (the pair is skipped; ``skipped`` says why), ``before_apply``/``check`` bracket the application and raise
+    :class:`QuantizationSafetyError` if a round trip is not exactly the deformed one. Decided pair by pair
+    (``batchable = False``).
+
+    Args:
+        pair: the pair.
+        alpha: the largest factor (a power of two).
+        top_k: how many units to scale.
+        formats: the quantization formats to stay exact in.
     """
 
     pair: Pair
@@ -120,6 +129,11 @@ class SafeGuard:
     skipped: str | None = None
     note: str | None = None
     _before: dict[tuple[str, int, str], torch.Tensor] = field(default_factory=dict, repr=False)
+    name = "quantization-safe"
+    batchable = False
+
+    def reads(self, plan: engine.Plan) -> Sequence[TensorBlock]:
+        return self.pair.producers + self.pair.consumers
 
     @property
     def inverted(self) -> bool:
@@ -153,7 +167,21 @@ class SafeGuard:
                 exps = torch.minimum(exps, torch.stack(unit_e))
         return [float(2.0**x) for x in exps.tolist()]
 
-    def build(self, tensors: Mapping[str, torch.Tensor]) -> tuple[Deformation, float, float] | None:
+    def build(self, plan: engine.Plan, tensors: Mapping[str, torch.Tensor], cfg: object = None,
+              region: object = None) -> Decision | None:
+        """The pair's decision on the current ``tensors``, or ``None`` (skipped, ``skipped`` says why).
+
+        Args:
+            plan: the pair's plan (its ``pair`` is this variant's).
+            tensors: ``name -> tensor`` (whole tensors: the group scales are read from them).
+            cfg, region: unused (the variant carries its own settings; it never streams).
+
+        Returns:
+            ``(M, sigma_before, sigma_after)`` or ``None``.
+
+        Raises:
+            ValueError: a top-k or shape the units cannot serve is reported through ``skipped``, not raised.
+        """
         try:
             cands = units(self.pair, tensors, self.formats)
         except UnsupportedShapeError as e:
@@ -190,10 +218,16 @@ class SafeGuard:
         s0, s1 = sigma_before_after(self.pair, tensors, m)
         return m, s0, s1
 
-    def before(self, m: Deformation, tensors: Mapping[str, torch.Tensor]) -> None:
+    def before_apply(self, plan: engine.Plan, m: Deformation, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Record the quantized round trip of every group ``m`` is about to change."""
         self._before = self._round_trips(m, tensors)
 
-    def after(self, m: Deformation, tensors: Mapping[str, torch.Tensor]) -> None:
+    def check(self, plan: engine.Plan, m: Deformation, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Compare the round trips after the application with the deformed ones before.
+
+        Raises:
+            QuantizationSafetyError: a round trip is not exactly the deformed one.
+        """
         for (name, i, fmt), now in self._round_trips(m, tensors).items():
             b = (self.pair.producers + self.pair.consumers)[i]
             expected = self._before[(name, i, fmt)] * self._scale_of(b, m.factor)
@@ -217,7 +251,7 @@ class SafeGuard:
 
 
 def sigma_before_after(pair: Pair, tensors: Mapping[str, torch.Tensor], m: Deformation) -> tuple[float, float]:
-    """sigma_1 of the inflated block before and after ``m`` (see :func:`hf_specdef.deformation.engine.sigma_max`)."""
+    """sigma_1 of the inflated block before and after ``m`` (see :func:`hf_specdef.deformation.blocks.sigma_max`)."""
     block = engine.spectrum_block(pair, tensors, m.factor)
     a = block.to(torch.promote_types(block.dtype, torch.float32), copy=True)
     before = engine.sigma_max(a)
@@ -229,8 +263,22 @@ def sigma_before_after(pair: Pair, tensors: Mapping[str, torch.Tensor], m: Defor
 
 def plan_safe(pairs: Sequence[Pair], tensors: Tensors, alpha: float, top_k: int,
               formats: Sequence[str]) -> list[engine.Plan]:
-    """Plans whose ``guard`` makes each pair quantization-safe for ``formats`` at deform time (axis mode, power-of-two
-    factor at most ``alpha``)."""
+    """Plans whose variant (:class:`QuantizationSafeVariant`) makes each pair quantization-safe for ``formats`` at
+    deform time (axis mode, power-of-two factor at most ``alpha``).
+
+    Args:
+        pairs: the selected pairs.
+        tensors: ``name -> tensor`` (checked for NaN/inf).
+        alpha: the largest factor, a power of two.
+        top_k: units to scale per pair.
+        formats: quantization format names.
+
+    Returns:
+        One plan per pair.
+
+    Raises:
+        ValueError: NaN/inf weights, or ``alpha`` not a power of two.
+    """
     engine.check_finite(pairs, tensors)
     if not linalg.is_power_of_two(alpha):
         raise ValueError(f"a quantization-safe deformation needs a power-of-two alpha, got {alpha:g} "
@@ -238,7 +286,9 @@ def plan_safe(pairs: Sequence[Pair], tensors: Tensors, alpha: float, top_k: int,
     fmts = tuple(get_format(f) for f in formats)
     plans = []
     for p in pairs:
-        plan = engine.Plan(p, True, float(alpha), 0.0, tensors[p.producers[0].name].dtype)
-        plan.guard = SafeGuard(p, float(alpha), top_k, fmts)
-        plans.append(plan)
+        variant = QuantizationSafeVariant(p, float(alpha), top_k, fmts)
+        plans.append(engine.Plan(p, True, float(alpha), 0.0, tensors[p.producers[0].name].dtype, variant=variant))
     return plans
+
+
+SafeGuard = QuantizationSafeVariant  # the former name (``Plan.guard``)

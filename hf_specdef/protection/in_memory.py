@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections import defaultdict
@@ -222,12 +221,12 @@ def quantized_check(model: torch.nn.Module, cfg: SpecDefConfig, inputs: dict[str
 
 
 def guard_outcomes(plans: Sequence[Plan], results: Sequence[PairResult], notes: list[str]) -> list[str]:
-    """Reasons of the pairs the plans' guards skipped (their notes are added to ``notes``); raises
-    :class:`NoSitesError` when every pair was skipped."""
-    guards = [p.guard for p in plans if p.guard is not None]
-    skipped = [g.skipped for g in guards if g.skipped]
-    notes.extend(g.note for g in guards if g.note)
-    if guards and not results:
+    """Reasons of the pairs the plans' variants skipped (their notes are added to ``notes``); raises
+    :class:`NoSitesError` when every pair was skipped by a quantization-safe variant."""
+    variants = [p.variant for p in plans]
+    skipped = [v.skipped for v in variants if v.skipped]
+    notes.extend(v.note for v in variants if v.note)
+    if any(not v.batchable for v in variants) and not results:
         raise NoSitesError(f"no selected pair can be made quantization-safe: {skipped[:3]}")
     if any(r.deformation.factor < 1 for r in results):
         notes.append("inverted pairs (factor < 1, the quantization-safe norm site): the readers' grown input columns "
@@ -272,15 +271,8 @@ def deform_verified(
     try:
         with torch.no_grad(), tqdm(total=len(plans), desc="SpecDef protect", unit="pair", disable=not progress,
                                    leave=False) as bar:
-            if batched.supports(plans):
-                results = batched.deform(plans, tensors, cfg, save=saver, done=bar.update)
-            else:  # plans the batched engine does not know (guards, float16-exact, inverted, offset, adjacent rotary)
-                for plan in plans:
-                    result = engine.deform_pair(plan, tensors, cfg, before_apply=functools.partial(
-                        backup.save, plan.pair, tensors) if keep else None)
-                    if result is not None:  # None: skipped by the plan's guard (quantization-safe planning)
-                        results.append(result)
-                    bar.update()
+            # one driver: wave by wave, or pair by pair where a variant is not batchable (quantization-safe)
+            results = batched.deform(plans, tensors, cfg, save=saver, done=bar.update)
         deviation = None
         if reference is not None:
             deviation = max(probe.max_relative_deviation(r, o) for r, o in zip(reference, _as_list(run()), strict=True))

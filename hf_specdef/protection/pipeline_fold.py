@@ -132,6 +132,8 @@ def _plan(root: Path, denoiser: Checkpoint, cfg: SpecDefConfig, pipeline_norm: b
         raise
     named = replace(pair, consumers=tuple(replace(b, name=d_prefix + b.name) for b in pair.consumers))
     result = engine.result_of(replace(plan, pair=named), m, s0, s1)
-    te_ops = {b.name[len(te_prefix):]: [TensorOp(_local(b, te_prefix), m, True)] for b in pair.producers}
-    d_ops = {b.name: [TensorOp(b, m, False)] for b in pair.consumers}
+    ops = plan.variant.steps(plan, m)  # the pair's steps: producers in the text encoder, consumers in the denoiser
+    te_ops = {op.block.name[len(te_prefix):]: [TensorOp(_local(op.block, te_prefix), op.m, op.producer)]
+              for op in ops if op.producer}
+    d_ops = {op.block.name: [op] for op in ops if not op.producer}
     return Fold(te, result, te_ops, d_ops), ""

@@ -128,10 +128,8 @@ class ShardStreamer:
                     raise engine.overflow_error(plan, self._region, where, stored) or engine.not_finite_error(
                         plan, s0, s1, where(plan.pair.producers[0].name))
                 del block
-                for b in plan.pair.producers:
-                    self.ops.setdefault(b.name, []).append(TensorOp(b, m, True))
-                for b in plan.pair.consumers:
-                    self.ops.setdefault(b.name, []).append(TensorOp(b, m, False))
+                for op in plan.variant.steps(plan, m):  # the steps in-memory protection applies, recorded
+                    self.ops.setdefault(op.block.name, []).append(op)
                 require_inflated(plan.pair.key, s0, s1)
                 self.results[i] = engine.result_of(plan, m, s0, s1)
             # producers may sit in a shard another thread writes later: their pages need not stay mapped until then
