@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from hf_specdef.storage.release_files import STANDARD_WEIGHT_NAMES
-from hf_specdef.storage.safetensors_header import CheckpointError, check_index_covers, load_index, read_safetensors_header
+from hf_specdef.storage.safetensors_header import CheckpointError, read_safetensors_header
+from hf_specdef.storage.shard_index import check_index_covers, load_index
 
 logger = logging.getLogger("hf_specdef")
 
