@@ -19,7 +19,7 @@ from hf_specdef.deformation.engine import PairResult, Plan
 from hf_specdef.deformation.record import check_not_protected, make_record, set_record
 from hf_specdef.deformation.report import ProtectionReport
 from hf_specdef.errors import SpecDefError
-from hf_specdef.protection import best_effort
+from hf_specdef.protection import best_effort_check as best_effort
 from hf_specdef.sites import NoSitesError, Pair, absent_sites, cfg_get, drop_inexact, lookup, pairs_for, select_pairs
 from hf_specdef.storage import memory_mapped as mapped
 from hf_specdef.tensor_math.linalg import Deformation

@@ -3,7 +3,7 @@
 ``publish(model, repo_id, cfg)`` runs the publisher's whole path:
 
 1. **protect** the checkpoint folder shard by shard (:func:`hf_specdef.protect_checkpoint`), into a temporary
-   directory next to the destination (:mod:`.publishing.protect`);
+   directory next to the destination (:mod:`.publishing.protected_folder`);
 2. **verify**: load the original and the protected checkpoint with *stock* transformers / diffusers and compare
    them on probe inputs (max relative deviation, storage dtype), then check with :func:`hf_specdef.inspect_model`
    that every matrix the protection claims to have deformed is visibly deformed (SPEC §7: a publisher who forgot
@@ -59,7 +59,7 @@ from hf_specdef.publishing.checks import (
 )
 from hf_specdef.publishing.errors import PublishError
 from hf_specdef.publishing.hub import _hub_offline, push_folder, resolve_token
-from hf_specdef.publishing.protect import protect_folder
+from hf_specdef.publishing.protected_folder import protect_folder
 from hf_specdef.publishing.resistance import MeasureConfig, ResistanceError, measure_resistance, redteam_measure  # noqa: F401 (re-exported)
 from hf_specdef.publishing.source import SourceInfo, check_hub_id, default_repo_name, describe_source, resolve_source
 from hf_specdef.storage.staging import StagingError, commit_staging, make_staging, remove_tree

@@ -5,7 +5,7 @@ inside ``...layers.N``, heads from ``num_attention_heads`` / ``num_key_value_hea
 is restricted to rotary pairs ``(i, i + d/2)``, which is exact both with and without (half-split) RoPE.
 
 These are *guesses*: names say nothing about q/k norms, sandwich norms, norm offsets or interleaved RoPE, any of
-which makes a guessed site wrong. :mod:`hf_specdef.protection.best_effort` therefore keeps a site type only after a
+which makes a guessed site wrong. :mod:`hf_specdef.protection.best_effort_check` therefore keeps a site type only after a
 numerical check on the model; nothing here is used unverified (streaming, inspect and detection do not use it).
 """
 
