@@ -317,11 +317,26 @@ def test_load_time_hooks(tmp_path):
 
 
 def test_hooks_installed_once():
-    first = ModelMixin.save_pretrained, DiffusionPipeline.save_pretrained, ModelMixin.from_pretrained.__func__
+    from diffusers.models.modeling_utils import LegacyModelMixin
+
+    from hf_specdef import integrations
+    from hf_specdef.integrations import PATCHES, patching
+
+    owners = (ModelMixin, DiffusionPipeline)
+    first = {(o, n): o.__dict__[n] for o in owners for n in ("from_pretrained", "save_pretrained")}
+    legacy = LegacyModelMixin.__dict__["from_pretrained"]
     hd.install()
     hd.install()
-    assert (ModelMixin.save_pretrained, DiffusionPipeline.save_pretrained, ModelMixin.from_pretrained.__func__) == first
-    assert not getattr(ModelMixin.save_pretrained.__wrapped__, "_specdef_wrapped", False)
+    integrations.install_all()
+    integrations._install(hd.__name__)  # what the post-import hook runs
+    assert {(o, n): o.__dict__[n] for o, n in first} == first and LegacyModelMixin.__dict__["from_pretrained"] is legacy
+    for obj in first.values():
+        func = getattr(obj, "__func__", obj)
+        assert func._specdef_wrapped and not getattr(func.__wrapped__, "_specdef_wrapped", False)
+        assert getattr(func._specdef_original, "__func__", func._specdef_original) is func.__wrapped__
+    assert not getattr(legacy.__func__, "_specdef_wrapped", False)  # it calls ModelMixin.from_pretrained: no patch
+    mine = [p for p in PATCHES if p.integration == hd.__name__]
+    assert len(mine) == 4 and all(patching.is_applied(p) for p in mine)
     assert hd.diffusers_probe in __import__("hf_specdef.analysis.probe", fromlist=["probe"]).PROBE_BUILDERS
     # the core's registries (hf_specdef.analysis.integration_registry): protect(pipe) and save_protected(pipe or model) come here
     assert handlers.pipeline_protector(object()) is protect_pipeline

@@ -104,38 +104,26 @@ def test_failing_callback_warns_and_does_not_break_the_import(fakelib, caplog):
     assert "could not install the fake integration" in caplog.text and "boom" in caplog.text
 
 
-def test_call_through_runs_the_callback_on_first_call_then_gets_out_of_the_way():
-    class Owner:
-        @classmethod
-        def load(cls, x):
-            return ("load", cls.__name__, x)
-
-        def save(self, x):
-            return ("save", x)
-
-    class Child(Owner):
-        pass
-
-    original_load, original_save = Owner.__dict__["load"], Owner.__dict__["save"]
+def test_cancel_forgets_only_the_given_callbacks(fakelib):
     calls = []
+    mine, other = (lambda: calls.append("mine")), (lambda: calls.append("other"))
+    import_hooks.when_imported(f"{fakelib}.target", mine)
+    import_hooks.when_imported(f"{fakelib}.mid", other)
+    assert import_hooks.cancel([mine]) == [f"{fakelib}.target"] and import_hooks.cancel([mine]) == []
+    assert f"{fakelib}.target" not in import_hooks.pending() and f"{fakelib}.mid" in import_hooks.pending()
+    __import__(f"{fakelib}.top")
+    assert calls == ["other"]  # (the finder leaving sys.meta_path: tests/test_integration_lifecycle.py)
 
-    def wrap_load():  # what an integration does on import: wrap the (restored) method
-        calls.append("load")
-        func = Owner.__dict__["load"].__func__
-        Owner.load = classmethod(lambda cls, x: ("wrapped",) + func(cls, x))
 
-    import_hooks.call_through(Owner, "load", wrap_load)
-    import_hooks.call_through(Owner, "save", lambda: calls.append("save"))
-    assert Child.load(1) == ("wrapped", "load", "Child", 1) and calls == ["load"]
-    assert Child.load(2) == ("wrapped", "load", "Child", 2) and calls == ["load"]
-    assert Owner().save(3) == ("save", 3) and calls == ["load", "save"]
-    assert Owner.__dict__["save"] is original_save
-    # something wraps over a stub before its first call: the stub just calls the original, no callback
-    import_hooks.call_through(Owner, "save", lambda: calls.append("again"))
-    stub = Owner.__dict__["save"]
-    Owner.save = lambda self, x: ("outer",) + stub(self, x)
-    assert Owner().save(4) == ("outer", "save", 4) and calls == ["load", "save"]
-    assert original_load.__func__(Owner, 0) == ("load", "Owner", 0)
+def test_install_all_registers_each_hook_once():
+    from hf_specdef import integrations
+
+    before = import_hooks.pending()
+    integrations.install_all()
+    integrations.install_all()
+    assert import_hooks.pending() == before  # nothing doubled
+    assert [m for m, _, _ in integrations.HOOKS] == ["transformers.modeling_utils", "diffusers.models.modeling_utils",
+                                                     "diffusers.pipelines.pipeline_utils", "peft"]
 
 
 # --------------------------------------------------------------------------------------------

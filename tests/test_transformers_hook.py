@@ -245,15 +245,36 @@ def test_disk_offload_is_refused_before_loading(checkpoint, tmp_path):
 
 
 def test_install_is_idempotent_and_registered():
-    fp = PreTrainedModel.__dict__["from_pretrained"].__func__
-    auto = _BaseAutoModelClass.__dict__["from_pretrained"].__func__
+    from hf_specdef import integrations
+    from hf_specdef.integrations import PATCHES, patching
+
+    fp = PreTrainedModel.__dict__["from_pretrained"]
+    auto = _BaseAutoModelClass.__dict__["from_pretrained"]
     hook.install()
     hook.install()
-    assert PreTrainedModel.__dict__["from_pretrained"].__func__ is fp
-    assert _BaseAutoModelClass.__dict__["from_pretrained"].__func__ is auto
-    assert fp._specdef_wrapped and not getattr(fp.__wrapped__, "_specdef_wrapped", False)
+    integrations.install_all()
+    integrations._install(hook.__name__)  # what the post-import hook runs
+    assert PreTrainedModel.__dict__["from_pretrained"] is fp and _BaseAutoModelClass.__dict__["from_pretrained"] is auto
+    assert fp.__func__._specdef_wrapped and not getattr(fp.__func__.__wrapped__, "_specdef_wrapped", False)
+    assert fp.__func__._specdef_original.__func__ is fp.__func__.__wrapped__
+    assert not getattr(auto.__func__, "_specdef_wrapped", False)  # the Auto classes call PreTrainedModel's: no patch
+    assert "hf-specdef: ``specdef_config=SpecDefConfig(...)``" in fp.__func__.__doc__
     assert AUTO_QUANTIZER_MAPPING["specdef"] is hook.SpecDefHfQuantizer
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["specdef"] is SpecDefQuantizationConfig
+    mine = [p for p in PATCHES if p.integration == hook.__name__]
+    assert [p.label for p in mine] == ["transformers.modeling_utils.PreTrainedModel.from_pretrained",
+                                       "hf_specdef.config.SpecDefConfig.quant_method"]
+    assert all(patching.is_applied(p) for p in mine) and SpecDefConfig.quant_method == "specdef"
+
+
+def test_specdef_config_as_quantization_config_goes_through_the_registry_alone(checkpoint):
+    """No from_pretrained patch is needed for quantization_config=: the stock method, transformers' registry."""
+    stock = PreTrainedModel.__dict__["from_pretrained"].__func__.__wrapped__
+    model = stock(LlamaForCausalLM, checkpoint, quantization_config=SpecDefConfig(sites=("mlp",)))
+    assert set(model.specdef_report.sites) == {"mlp"} and not hasattr(model.config, "quantization_config")
+    # the private flags HfQuantizer.postprocess_model set are put back as they were (absent, not False: transformers
+    # tests hasattr(config, "_is_quantized"))
+    assert not any("_is_quantized" in vars(m.config) for m in model.modules() if hasattr(m, "config"))
 
 
 def test_quantization_config_roundtrip():

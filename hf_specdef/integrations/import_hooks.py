@@ -11,25 +11,24 @@ half-initialized), and importing more of the library then could hit a half-built
 counts, per thread and per library, the modules of that library being executed, and runs the callbacks
 whose module is loaded when that count returns to zero: at the end of the outermost import of the library.
 
-:func:`call_through` is the lighter variant for one method: the callback runs on the method's first call.
+:func:`cancel` forgets waiting hooks (:func:`hf_specdef.integrations.uninstall`).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.abc
 import importlib.machinery
 import logging
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 logger = logging.getLogger("hf_specdef")
 
-__all__ = ["call_through", "pending", "when_imported"]
+__all__ = ["cancel", "pending", "when_imported"]
 
 
 @dataclass(frozen=True)
@@ -72,28 +71,19 @@ def pending() -> list[str]:
         return [h.module for h in _hooks]
 
 
-def call_through(owner: type, name: str, callback: Callable[[], None]) -> None:
-    """Until its first call, ``owner.name`` (a method or classmethod) runs ``callback()`` first.
+def cancel(callbacks: Iterable[Callable[[], None]]) -> list[str]:
+    """Forget the waiting hooks whose callback is one of ``callbacks``; the modules they were waiting for.
 
-    On that call the original attribute is put back, ``callback`` runs (it may wrap the attribute),
-    and the call goes to what ``owner.name`` is then. If something wrapped over the stub in the
-    meantime, the stub just calls the original.
+    The finder leaves ``sys.meta_path`` once no hook waits (:func:`hf_specdef.integrations.uninstall` runs this).
     """
-    original = owner.__dict__[name]
-    is_classmethod = isinstance(original, classmethod)
-    func = original.__func__ if is_classmethod else original
-
-    @functools.wraps(func)
-    def stub(first: Any, *args: Any, **kwargs: Any) -> Any:
-        if owner.__dict__.get(name) is not installed:  # wrapped over, or already restored
-            return func(first, *args, **kwargs)
-        setattr(owner, name, original)
-        callback()
-        current = owner.__dict__[name]
-        return (current.__func__ if isinstance(current, classmethod) else current)(first, *args, **kwargs)
-
-    installed = classmethod(stub) if is_classmethod else stub
-    setattr(owner, name, installed)
+    targets = list(callbacks)
+    with _lock:
+        gone = [h for h in _hooks if any(h.callback is c for c in targets)]
+        for h in gone:
+            _hooks.remove(h)
+        if not _hooks and _FINDER in sys.meta_path:
+            sys.meta_path.remove(_FINDER)
+    return [h.module for h in gone]
 
 
 def _loaded(module: str) -> bool:

@@ -17,6 +17,7 @@ from diffusers import DiffusionPipeline, ModelMixin
 
 from hf_specdef.config import SpecDefConfig
 from hf_specdef.deformation.report import ProtectionReport
+from hf_specdef.integrations import patching
 from hf_specdef.integrations.diffusers.claims import _check_pipeline_claims, _checked, check_claims
 from hf_specdef.integrations.diffusers.pipeline import _apply, _denoiser
 from hf_specdef.storage.staging import make_staging, remove_tree
@@ -24,14 +25,6 @@ from hf_specdef.storage.staging import make_staging, remove_tree
 logger = logging.getLogger("hf_specdef")
 
 __all__ = ["save_protected"]
-
-_WRAPPED_FLAG = "_specdef_wrapped"  # on the from_pretrained / save_pretrained wrappers of the hooks
-
-
-def _original(method: Any) -> Any:
-    """The stock method under our wrapper."""
-    return method.__wrapped__ if getattr(method, _WRAPPED_FLAG, False) else method
-
 
 def _as_config(cfg: Any) -> SpecDefConfig:
     if isinstance(cfg, SpecDefConfig):
@@ -116,8 +109,8 @@ def _stock_save(obj: Any, directory: Path, **kwargs: Any) -> None:
     if isinstance(obj, DiffusionPipeline):
         _check_pipeline_claims(obj)
         with _checked():
-            _original(DiffusionPipeline.save_pretrained)(obj, directory, **kwargs)
+            patching.stock(DiffusionPipeline.save_pretrained)(obj, directory, **kwargs)
     else:
         check_claims(obj)
-        _original(ModelMixin.save_pretrained)(obj, directory, **kwargs)
+        patching.stock(ModelMixin.save_pretrained)(obj, directory, **kwargs)
 

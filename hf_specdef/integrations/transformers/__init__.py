@@ -1,26 +1,30 @@
 """transformers integration: ``from_pretrained(..., specdef_config=cfg)`` and ``save_protected`` (SPEC §1, §4, §7).
 
 This module is imported once ``hf_specdef`` and ``transformers.modeling_utils`` both are (post-import hook, see
-:mod:`hf_specdef.integrations`; ``AutoModel*.from_pretrained`` imports it on its first call), and then
+:mod:`hf_specdef.integrations`; a process that only imported an Auto class gets it when the first
+``AutoModel*.from_pretrained`` imports the model's module), and then
 
-* registers the ``"specdef"`` quantizer (:mod:`.transformers_quantizer`), so
+* registers the ``"specdef"`` quantizer (:mod:`.quantizer`) through transformers' own
+  ``register_quantization_config`` / ``register_quantizer``, so
   ``from_pretrained(path, quantization_config=SpecDefConfig(...))`` deforms the weights once loaded;
-* installs, once, a thin wrapper around ``PreTrainedModel.from_pretrained`` and
-  ``_BaseAutoModelClass.from_pretrained`` (:func:`install`). The wrapper rewrites two keywords:
-  ``specdef_config=cfg`` becomes ``quantization_config=SpecDefQuantizationConfig(cfg)``, and a bare
-  ``SpecDefConfig`` given as ``quantization_config`` is wrapped the same way; and it runs the downcast
-  guard (:mod:`hf_specdef.analysis.downcast`): a checkpoint whose protection is exact only in float32 is refused in
+* applies its rows of :data:`hf_specdef.integrations.PATCHES` (:func:`install`): ``SpecDefConfig.quant_method``
+  (what transformers looks the quantizer up by) and one wrapper around ``PreTrainedModel.from_pretrained``
+  (:func:`from_pretrained`; ``AutoModel*.from_pretrained`` calls it). The wrapper rewrites one keyword,
+  ``specdef_config=cfg`` into ``quantization_config=cfg``, and runs the downcast guard
+  (:mod:`hf_specdef.analysis.downcast`): a checkpoint whose protection is exact only in float32 is refused in
   ``dtype=torch.bfloat16 | torch.float16`` and loaded in float32 for ``dtype="auto"`` (the default), unless
   ``specdef_allow_downcast=True``. Everything else goes to the stock method untouched. Stock transformers
   rejects ``specdef_config`` (the model's ``__init__`` gets an unknown keyword), so the keyword works only
-  once ``hf_specdef`` is imported.
+  while the integration is installed.
+
+:func:`uninstall` (run by :func:`hf_specdef.integrations.uninstall`) restores both patched attributes and removes
+the registry entries.
 
 :func:`save_protected` writes protected files of a model that stays unprotected in memory.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -29,7 +33,6 @@ from typing import Any
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 from hf_specdef.analysis import downcast, probe
 from hf_specdef.analysis import integration_registry as handlers
@@ -38,7 +41,14 @@ from hf_specdef.config import CONFIG_KEY, SpecDefConfig
 from hf_specdef.deformation.engine import PairResult
 from hf_specdef.deformation.record import check_not_protected, get_record, make_record, set_record
 from hf_specdef.deformation.report import ProtectionReport
-from hf_specdef.integrations.transformers.quantizer import QUANT_METHOD, SpecDefHfQuantizer, SpecDefQuantizationConfig, register
+from hf_specdef.integrations import PATCHES, patching
+from hf_specdef.integrations.transformers.quantizer import (
+    QUANT_METHOD,
+    SpecDefHfQuantizer,
+    SpecDefQuantizationConfig,
+    register,
+    unregister,
+)
 from hf_specdef.protection.in_memory import (
     Backup,
     ParamTensors,
@@ -55,11 +65,9 @@ from hf_specdef.storage.staging import commit_staging, make_staging, remove_tree
 logger = logging.getLogger("hf_specdef")
 
 __all__ = [
-    "DeformationCheckError", "SpecDefHfQuantizer", "SpecDefQuantizationConfig", "check_deformation", "install",
-    "save_protected", "translate_kwargs",
+    "QUANT_METHOD", "DeformationCheckError", "SpecDefHfQuantizer", "SpecDefQuantizationConfig", "check_deformation",
+    "from_pretrained", "install", "save_protected", "translate_kwargs", "uninstall",
 ]
-
-_WRAPPED_FLAG = "_specdef_wrapped"
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,27 +76,27 @@ _WRAPPED_FLAG = "_specdef_wrapped"
 
 
 def translate_kwargs(kwargs: dict[str, Any]) -> None:
-    """Rewrite ``specdef_config=`` / a bare ``SpecDefConfig`` ``quantization_config=`` in place (idempotent).
+    """Rewrite ``specdef_config=cfg`` into ``quantization_config=cfg`` in place (idempotent).
 
-    Raises ``ValueError`` if ``specdef_config`` is combined with another ``quantization_config``
-    (SpecDef deforms full-precision weights; stacking it with a real quantizer is not supported).
+    Raises ``ValueError`` if ``specdef_config`` is not a SpecDef config, or is combined with another
+    ``quantization_config`` (SpecDef deforms full-precision weights; stacking it with a real quantizer is not
+    supported).
     """
     spec = kwargs.pop("specdef_config", None)
+    if spec is None:
+        return
+    if not isinstance(spec, (SpecDefConfig, SpecDefQuantizationConfig)):
+        raise ValueError(
+            f"specdef_config={spec!r} must be a hf_specdef.SpecDefConfig (or SpecDefQuantizationConfig for load options)."
+        )
     qc = kwargs.get("quantization_config")
-    if spec is not None:
-        if not isinstance(spec, (SpecDefConfig, SpecDefQuantizationConfig)):
-            raise ValueError(
-                f"specdef_config={spec!r} must be a hf_specdef.SpecDefConfig (or SpecDefQuantizationConfig for load options)."
-            )
-        if qc is not None:
-            raise ValueError(
-                f"from_pretrained got both specdef_config= and quantization_config={type(qc).__name__}; SpecDef cannot be "
-                "combined with a quantizer at load time. Load with one of them (e.g. protect in full precision, "
-                "save_pretrained, then quantize the protected checkpoint)."
-            )
-        kwargs["quantization_config"] = SpecDefQuantizationConfig.wrap(spec)
-    elif isinstance(qc, SpecDefConfig):
-        kwargs["quantization_config"] = SpecDefQuantizationConfig(qc)
+    if qc is not None:
+        raise ValueError(
+            f"from_pretrained got both specdef_config= and quantization_config={type(qc).__name__}; SpecDef cannot be "
+            "combined with a quantizer at load time. Load with one of them (e.g. protect in full precision, "
+            "save_pretrained, then quantize the protected checkpoint)."
+        )
+    kwargs["quantization_config"] = SpecDefQuantizationConfig.wrap(spec)
 
 
 # from_pretrained keywords that say where a config comes from (passed on to get_config_dict)
@@ -125,7 +133,7 @@ def _half_dtype(model: Any) -> Any:
 def guarded_load(func: Any, cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """``func(cls, *args, **kwargs)`` with the downcast guard around it (:mod:`hf_specdef.analysis.downcast`)."""
     forced = bool(kwargs.pop(downcast.FORCE_KWARG, False))
-    if downcast.active() is not None:  # inside a guarded load (Auto class -> model class, pipeline -> component)
+    if downcast.active() is not None:  # inside a guarded load (a diffusers pipeline loading its components)
         return func(cls, *args, **kwargs)
     where, record = _checkpoint_record(args, kwargs)
     key = "dtype" if "dtype" in kwargs else "torch_dtype" if "torch_dtype" in kwargs else None
@@ -142,24 +150,26 @@ def guarded_load(func: Any, cls: type, args: tuple[Any, ...], kwargs: dict[str, 
     return out
 
 
-def _wrap(owner: type) -> None:
-    method = owner.__dict__["from_pretrained"]
-    func = method.__func__
-    if getattr(func, _WRAPPED_FLAG, False):
-        return
+def from_pretrained(stock: Any, cls: type, *args: Any, **kwargs: Any) -> Any:
+    """``specdef_config=SpecDefConfig(...)`` (or a ``SpecDefConfig`` as ``quantization_config``) deforms the weights
+    once loaded; a checkpoint protected exactly only in float32 is refused in bfloat16/float16 unless
+    ``specdef_allow_downcast=True`` (see hf_specdef.integrations.transformers).
 
-    @functools.wraps(func)
-    def from_pretrained(cls: type, *args: Any, **kwargs: Any) -> Any:
-        translate_kwargs(kwargs)
-        return guarded_load(func, cls, args, kwargs)
+    The replacement of ``PreTrainedModel.from_pretrained`` (:data:`hf_specdef.integrations.PATCHES`); its first
+    paragraph is appended to the stock docstring.
 
-    setattr(from_pretrained, _WRAPPED_FLAG, True)
-    from_pretrained.__doc__ = (func.__doc__ or "") + (
-        "\n\n        hf-specdef: ``specdef_config=SpecDefConfig(...)`` (or a ``SpecDefConfig`` as ``quantization_config``)"
-        " deforms the weights once loaded; a checkpoint protected exactly only in float32 is refused in bfloat16/"
-        "float16 unless ``specdef_allow_downcast=True`` (see hf_specdef.integrations.transformers).\n"
-    )
-    owner.from_pretrained = classmethod(from_pretrained)
+    Args:
+        stock: the stock ``from_pretrained`` function.
+        cls: the class it is called on.
+        *args: passed to ``stock``.
+        **kwargs: passed to ``stock`` once ``specdef_config`` is rewritten (:func:`translate_kwargs`) and the
+            downcast guard has read ``dtype`` and ``specdef_allow_downcast`` (:func:`guarded_load`).
+
+    Returns:
+        What ``stock`` returns.
+    """
+    translate_kwargs(kwargs)
+    return guarded_load(stock, cls, args, kwargs)
 
 
 def _saves(obj: Any) -> bool:
@@ -168,14 +178,18 @@ def _saves(obj: Any) -> bool:
 
 
 def install() -> None:
-    """Register the quantizer and wrap ``from_pretrained`` (PreTrainedModel and the Auto classes); register
+    """Register the quantizer, apply this integration's rows of :data:`hf_specdef.integrations.PATCHES`, and register
     :func:`save_protected` as the transformers saver of :func:`hf_specdef.save_protected`
-    (:mod:`hf_specdef.analysis.integration_registry`).
-    Idempotent."""
+    (:mod:`hf_specdef.analysis.integration_registry`). Idempotent."""
     register()
-    _wrap(PreTrainedModel)
-    _wrap(_BaseAutoModelClass)
+    patching.apply_all(PATCHES, __name__)
     handlers.register_saver("transformers", _saves, save_protected)
+
+
+def uninstall() -> list[str]:
+    """Undo :func:`install` in transformers: restore the patched attributes (the identical objects) and remove the
+    registry entries; what was undone, one line each. The saver registered with hf-specdef's core stays."""
+    return patching.restore_all(PATCHES, __name__) + unregister()
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,14 +3,19 @@
 SpecDef is not a quantization, but the quantizer registry is transformers' one hook that runs on
 the loaded model inside ``from_pretrained``. :class:`SpecDefHfQuantizer` deforms the weights once
 they are loaded (on whatever device each layer was placed, ``device_map`` included) and then
-removes every trace of itself (``remove_quantization_config``), so the model behaves, saves and
+removes every trace of itself (``remove_quantization_config``; the private ``config._is_quantized`` flags that
+``HfQuantizer.postprocess_model`` set are put back as they were: absent), so the model behaves, saves and
 reloads like a plain one: config.json gets the protection record as the plain ``specdef`` key and
 no ``quantization_config`` that a loader without hf-specdef would refuse.
 
 :class:`SpecDefQuantizationConfig` is the registry-facing wrapper of the user-facing
-:class:`~hf_specdef.SpecDefConfig`; the ``from_pretrained`` hook of
-:mod:`hf_specdef.integrations.transformers` converts a ``SpecDefConfig`` into it, so users never
-have to build one unless they want load options such as ``force=True``.
+:class:`~hf_specdef.SpecDefConfig`, with load options such as ``force=True``. A bare ``SpecDefConfig`` works as
+``quantization_config`` too, through the same registry and no ``from_pretrained`` patch: transformers looks the
+quantizer up by ``quantization_config.quant_method``, which the integration sets on the class
+(:data:`hf_specdef.integrations.PATCHES`), and :class:`SpecDefHfQuantizer` wraps it.
+
+:func:`register` / :func:`unregister` add and remove both registry entries (transformers' registries are dicts
+with no unregister function).
 """
 
 from __future__ import annotations
@@ -116,6 +121,7 @@ class SpecDefHfQuantizer(HfQuantizer):
         qc = self.quantization_config
         check_not_protected(model, qc.force)
         model_pairs(model, qc.specdef, ParamTensors(model))  # meta tensors: shapes only
+        self._flags = _quantized_flags(model)
         return model
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
@@ -126,10 +132,7 @@ class SpecDefHfQuantizer(HfQuantizer):
                                    restore_on_failure=False)
         finally:
             self.remove_quantization_config(model)
-            for module in model.modules():  # set by HfQuantizer.postprocess_model
-                cfg = getattr(module, "config", None)
-                if cfg is not None and hasattr(cfg, "_is_quantized"):
-                    cfg._is_quantized = False
+            _restore_quantized_flags(model, getattr(self, "_flags", {}))
         model.specdef_report = report
         return model
 
@@ -141,9 +144,51 @@ class SpecDefHfQuantizer(HfQuantizer):
         return True
 
 
+_FLAG = "_is_quantized"  # private: HfQuantizer.postprocess_model sets it on every config; transformers tests hasattr
+_MISSING: Any = object()
+
+
+def _quantized_flags(model: Any) -> dict[int, tuple[Any, Any]]:
+    """``id(config) -> (config, its own _is_quantized or a sentinel)`` for the configs of ``model``'s modules."""
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+    return {i: (c, vars(c).get(_FLAG, _MISSING)) for i, c in configs.items()}
+
+
+def _restore_quantized_flags(model: Any, before: dict[int, tuple[Any, Any]]) -> None:
+    """Put the ``_is_quantized`` flags back as they were before loading: absent on a plain model (a flag left at
+    ``False`` would still read as quantized to the ``hasattr`` checks of transformers' attention code)."""
+    for i, (config, _) in _quantized_flags(model).items():
+        old = before.get(i, (config, _MISSING))[1]
+        if old is not _MISSING:
+            setattr(config, _FLAG, old)
+        elif _FLAG in vars(config):
+            delattr(config, _FLAG)
+
+
+# (transformers registry, its register function, what hf-specdef registers there under QUANT_METHOD)
+_REGISTRIES = (
+    (AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config, SpecDefQuantizationConfig),
+    (AUTO_QUANTIZER_MAPPING, register_quantizer, SpecDefHfQuantizer),
+)
+
+
 def register() -> None:
-    """Register the config and the quantizer under ``"specdef"`` (idempotent)."""
-    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
-        register_quantization_config(QUANT_METHOD)(SpecDefQuantizationConfig)
-    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
-        register_quantizer(QUANT_METHOD)(SpecDefHfQuantizer)
+    """Register the config and the quantizer under ``"specdef"`` with transformers' own ``register_quantization_config``
+    and ``register_quantizer`` (idempotent)."""
+    for mapping, register_with, cls in _REGISTRIES:
+        if QUANT_METHOD not in mapping:
+            register_with(QUANT_METHOD)(cls)
+
+
+def unregister() -> list[str]:
+    """Remove what :func:`register` put in transformers' registries (an entry of this module, also one registered by
+    an earlier copy of it); the entries removed, for the log. transformers has no unregister function: the
+    registries are plain dicts."""
+    removed = []
+    for mapping, _, cls in _REGISTRIES:
+        entry = mapping.get(QUANT_METHOD)
+        if entry is not None and getattr(entry, "__module__", None) == __name__:
+            del mapping[QUANT_METHOD]
+            removed.append(f"transformers registry entry {QUANT_METHOD!r} -> {cls.__name__}")
+            logger.info("hf-specdef: removed %s", removed[-1])
+    return removed
