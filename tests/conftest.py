@@ -46,6 +46,19 @@ def tiny_clip_text(seed: int = 0):
                                         bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
 
 
+def tiny_unet_plain(seed: int = 0):
+    """A tiny two-level cross-attention UNet (the one the import-order tests save)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=(2, 8),
+        norm_num_groups=8,
+    )
+
+
 TINY_MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert, "clip_text": tiny_clip_text}
 
 

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import tiny_unet_plain
 
 from hf_specdef.integrations import import_hooks
 
@@ -134,9 +135,7 @@ def test_install_all_registers_each_hook_once():
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """A tiny Llama, its protected copy with a SpecUndo adapter, and a tiny UNet, saved."""
-    import torch
     from conftest import tiny_llama
-    from diffusers import UNet2DConditionModel
     from peft import get_peft_model
 
     from hf_specdef import SpecDefConfig, SpecUndoConfig, protect
@@ -147,13 +146,7 @@ def folders(tmp_path_factory):
     protect(model, SpecDefConfig(record="full"), progress=False)
     model.save_pretrained(root / "protected")
     get_peft_model(model, SpecUndoConfig(r=4, knowledge="blind")).save_pretrained(root / "specundo")
-    torch.manual_seed(0)
-    UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=(2, 8),
-        norm_num_groups=8,
-    ).save_pretrained(root / "unet")
+    tiny_unet_plain(seed=0).save_pretrained(root / "unet")
     return root
 
 

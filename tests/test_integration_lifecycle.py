@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import tiny_unet_plain
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,9 +28,7 @@ def run_python(code: str, *args: str, cwd: Path, timeout: int = 300) -> str:
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """A tiny Llama, its protected copy and a tiny UNet, saved."""
-    import torch
     from conftest import tiny_llama
-    from diffusers import UNet2DConditionModel
 
     from hf_specdef import SpecDefConfig, protect
 
@@ -38,13 +37,7 @@ def folders(tmp_path_factory):
     model.save_pretrained(root / "llama")
     protect(model, SpecDefConfig(record="full", sites=("attn.vo",)), progress=False)
     model.save_pretrained(root / "protected")
-    torch.manual_seed(0)
-    UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=(2, 8),
-        norm_num_groups=8,
-    ).save_pretrained(root / "unet")
+    tiny_unet_plain(seed=0).save_pretrained(root / "unet")
     return root
 
 
