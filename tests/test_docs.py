@@ -1,0 +1,265 @@
+"""The documentation: ``mkdocs build --strict`` passes, and every ```python block of README.md and docs/*.md runs.
+
+Each block runs in this process, in a namespace of its own and a fresh temporary working directory, on tiny local
+models instead of the Hub models and folders it names: every string literal in ``SUBSTITUTIONS`` (quotes included)
+is replaced by the path of the tiny local folder built for it. Write blocks so that they run that way (with their
+imports, small settings); a block that cannot (the Hub, a GPU, minutes of work) gets an HTML comment on the line
+right before it, ``<!-- not-run: reason -->``, and is skipped with that reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+DOC_FILES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+
+# literal in a block (with its quotes) -> the tiny local folder (built by ``_build``) that replaces it
+SUBSTITUTIONS = {
+    '"meta-llama/Llama-3.2-1B"': "llama",                  # a Hub causal LM, bfloat16 as released, with its tokenizer
+    '"Llama-3.1-8B"': "llama",                             # a local checkpoint folder (streaming)
+    '"./my-model"': "small_llama",                         # a local folder with its tokenizer (publish, red team)
+    '"me/Llama-3.2-1B-specdef"': "protected_llama",        # a protected release, as an attacker downloads it
+    '"stable-diffusion-v1-5/stable-diffusion-v1-5"': "sd_pipeline",  # a diffusers pipeline
+}
+
+NOT_RUN = re.compile(r"<!--\s*not-run:\s*(?P<reason>.*?)\s*-->")
+
+
+@dataclass(frozen=True)
+class Block:
+    file: Path
+    line: int  # 1-based line of the opening fence
+    code: str
+    not_run: str | None
+
+    @property
+    def id(self) -> str:
+        return f"{self.file.relative_to(ROOT)}:{self.line}"
+
+
+def _blocks() -> list[Block]:
+    found = []
+    for path in DOC_FILES:
+        lines = path.read_text().splitlines()
+        i = 0
+        while i < len(lines):
+            marker = NOT_RUN.fullmatch(lines[i].strip())
+            if lines[i].strip() == "```python":
+                end = next(j for j in range(i + 1, len(lines)) if lines[j].strip() == "```")
+                before = lines[i - 1].strip() if i else ""
+                reason = NOT_RUN.fullmatch(before)
+                found.append(Block(path, i + 1, textwrap.dedent("\n".join(lines[i + 1:end])),
+                                   reason.group("reason") if reason else None))
+                i = end
+            elif marker and not (i + 1 < len(lines) and lines[i + 1].strip() == "```python"):
+                raise AssertionError(f"{path.relative_to(ROOT)}:{i + 1}: a not-run marker must be right before a "
+                                     f"```python block")
+            i += 1
+    return found
+
+
+BLOCKS = _blocks()
+
+
+# ------------------------------------------------------------------------------------------------- tiny local models
+def _byte_tokenizer():
+    """A byte-level tokenizer (256 byte symbols + <eos>): any text, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+def _llama(out: Path, hidden: int, intermediate: int, dtype: torch.dtype) -> Path:
+    """A 2-layer Llama (4 heads, 2 kv heads) as ``tests/conftest.py::tiny_llama``, with the tokenizer's vocabulary;
+    hidden 256 fits whole 128-wide quantization groups, so the quantization-safe examples have pairs to deform."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = _byte_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
+    with torch.no_grad():  # trained norms are not all ones
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    model.to(dtype).eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def _sd_pipeline(out: Path) -> Path:
+    """A tiny SD-1.x-style pipeline (CLIP text encoder and tokenizer, UNet, VAE, DDIM), saved as a pipeline folder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tok_dir = out.parent / "clip-tokenizer"
+    tok_dir.mkdir()
+    chars = list(_bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": len(chars) + i for i, c in enumerate(chars)}
+    for t in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[t] = len(vocab)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"])).eval()
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+        cross_attention_dim=32, attention_head_dim=(2, 8), norm_num_groups=8).eval()
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=16).eval()
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder,
+                                   tokenizer=CLIPTokenizer.from_pretrained(tok_dir, model_max_length=16), unet=unet,
+                                   scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return out
+
+
+def _build(key: str, root: Path, get) -> Path:
+    out = root / key
+    if key == "llama":
+        return _llama(out, 256, 384, torch.bfloat16)
+    if key == "small_llama":
+        return _llama(out, 32, 64, torch.float32)
+    if key == "protected_llama":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from hf_specdef import SpecDefConfig, protect
+
+        model = AutoModelForCausalLM.from_pretrained(get("llama"))
+        protect(model, SpecDefConfig(), progress=False)
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(get("llama")).save_pretrained(out)
+        return out
+    if key == "sd_pipeline":
+        (root / "sd").mkdir()
+        return _sd_pipeline(root / "sd" / "pipeline")
+    raise KeyError(key)
+
+
+@pytest.fixture(scope="module")
+def local_models(tmp_path_factory):
+    """key -> tiny local folder, each built once, on first use."""
+    root, built = tmp_path_factory.mktemp("doc_models"), {}
+
+    def get(key: str) -> Path:
+        if key not in built:
+            built[key] = _build(key, root, get)
+        return built[key]
+
+    return get
+
+
+# ---------------------------------------------------------------------------------------------------------- the tests
+def test_mkdocs_build_strict(tmp_path):
+    pytest.importorskip("mkdocs", reason="mkdocs is not installed (pip install -e '.[docs]'): the site is not built")
+    pytest.importorskip("mkdocstrings_handlers.python",
+                        reason="mkdocstrings-python is not installed (pip install -e '.[docs]'): the site is not built")
+    result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"),
+                             "--site-dir", str(tmp_path / "site")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "site" / "api" / "index.html").is_file()
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
+def test_python_block_runs(block, local_models, tmp_path, monkeypatch):
+    if block.not_run:
+        pytest.skip(f"not-run: {block.not_run}")
+    code = block.code
+    for literal, key in SUBSTITUTIONS.items():
+        if literal in code:
+            code = code.replace(literal, repr(str(local_models(key))))
+    monkeypatch.chdir(tmp_path)
+    # padded so that a traceback points at the line of the markdown file
+    exec(compile("\n" * block.line + code, str(block.file), "exec"), {"__name__": "__main__"})
+
+
+def test_the_docs_have_python_blocks_and_few_are_not_run():
+    assert any(b.file.name == "README.md" for b in BLOCKS) and len({b.file for b in BLOCKS}) >= 5
+    assert sum(b.not_run is not None for b in BLOCKS) <= 3, [b.id for b in BLOCKS if b.not_run]
+
+
+def test_api_reference_documents_every_public_object():
+    import hf_specdef
+
+    def resolve(dotted: str):
+        parts = dotted.split(".")
+        for i in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+            return obj
+        raise ImportError(dotted)
+
+    documented = re.findall(r"^::: *(\S+)", "\n".join(p.read_text() for p in DOCS.glob("*.md")), flags=re.M)
+    objects = [resolve(d) for d in documented]
+    missing = [n for n in hf_specdef.__all__ if n != "__version__" and not any(o is getattr(hf_specdef, n) for o in objects)]
+    assert not missing, f"not in the API reference: {missing}"
+    assert "hf_specdef.__version__" in documented and "hf_specdef.tuners.specundo.SpecUndoConfig" in documented
+
+
+def test_nav_lists_every_page():
+    nav = set(re.findall(r"^\s*- [^:\n]+: (\S+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(), flags=re.M))
+    assert nav == {p.name for p in DOCS.glob("*.md")}
+
+
+def test_readme_is_short_and_shows_code_early():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 220
+    assert lines.index("```python") < 60
+    assert all(len(line) <= 200 for line in lines), "a README line over 200 characters"
+
+
+def test_readme_links_resolve():
+    text = (ROOT / "README.md").read_text()
+    targets = [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in t]
+    assert targets and all((ROOT / t).exists() for t in targets), [t for t in targets if not (ROOT / t).exists()]
+
+
+def test_no_internal_references():
+    pattern = re.compile(r"SPEC\s*§|§\s*\d|\bissue\s*(#|no\.?\s*)?\d+|the issue's", flags=re.I)
+    hits = [f"{p.relative_to(ROOT)}:{n}" for p in DOC_FILES for n, line in enumerate(p.read_text().splitlines(), 1)
+            if pattern.search(line)]
+    assert not hits
