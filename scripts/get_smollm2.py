@@ -56,6 +56,7 @@ def convert(gguf: Path, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    tmp.chmod(0o755)  # mkdtemp makes it 0700: the checkpoint folder is meant to be shared like any other
     tmp.rename(out)
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
@@ -72,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     if (args.out / "config.json").is_file():
         print(f"{args.out} already holds the checkpoint")
         return 0
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:  # before the 98 MB download, not after it
+        print("get_smollm2 needs the gguf package to read the model: pip install 'hf-specdef[quantization]' (or gguf)",
+              file=sys.stderr)
+        return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         convert(args.gguf or fetch_gguf(Path(work)), args.out)
