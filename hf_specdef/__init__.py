@@ -1,6 +1,6 @@
 """hf-specdef: SpecDef spectral deformation for Hugging Face models, and the attacker's undo.
 
-Public API (SPEC §4)::
+Public API (see docs/api.md)::
 
     from hf_specdef import SpecDefConfig, protect, verify, inspect_model, protect_checkpoint, SpecUndoConfig
 """
@@ -35,6 +35,12 @@ _LAZY = {
     "save_protected": "protection.saving",
     "publish": "publishing.publish",
     "PublishError": "publishing.errors",
+    "DowncastError": "analysis.downcast",
+    "detect_deformations": "undo.detection",
+    "undo_in_place": "undo.merge",
+    "export_lora": "tuners.specundo",
+    "SpecDefQuantizationConfig": "integrations.transformers.quantizer",
+    "register_architecture": "sites",
     "SpecUndoConfig": "tuners.specundo",
     "SpecUndoModel": "tuners.specundo",
 }

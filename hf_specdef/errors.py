@@ -12,19 +12,46 @@ from __future__ import annotations
 class SpecDefError(Exception):
     """Base class of all hf-specdef errors.
 
-    Example::
+    Every error the library raises for a user to act on derives from it and from the built-in type it has always
+    been (``ValueError`` for a bad value or file, ``ImportError`` for a missing dependency or integration), so
+    ``except SpecDefError`` catches them all and ``except ValueError`` code keeps working. The message names the
+    file, tensor or field, the value and the fix, on one line. It is never raised itself, only its subclasses:
+    :class:`MissingExtraError`, :class:`~hf_specdef.CheckpointError`, :class:`~hf_specdef.VerificationError`,
+    :class:`~hf_specdef.PrecisionBudgetError`, :class:`~hf_specdef.AlreadyProtectedError`,
+    :class:`~hf_specdef.IntegrationMissingError`, :class:`~hf_specdef.NoSitesError`,
+    :class:`~hf_specdef.PublishError` and others.
 
-        from hf_specdef import SpecDefError, protect_checkpoint
+    Example:
 
-        try:
-            protect_checkpoint("src", "dst")
-        except SpecDefError as e:
-            print(f"not protected: {e}")
+    ```python
+    from hf_specdef import SpecDefError, protect_checkpoint
+
+    try:
+        protect_checkpoint("no-such-folder", "protected")
+    except SpecDefError as e:  # here a CheckpointError: the source folder does not exist
+        print(f"not protected: {e}")
+    ```
     """
 
 
 class MissingExtraError(SpecDefError, ImportError):
-    """A feature needs an optional dependency that is not installed; the message names the extra that installs it."""
+    """A feature needs an optional dependency that is not installed; the message names the extra that installs it.
+
+    Raised when an object or function that needs an optional library is used without it: ``SpecUndoConfig`` and
+    ``SpecUndoModel`` imported from ``hf_specdef`` without PEFT (``pip install 'hf-specdef[peft]'``), or
+    :func:`~hf_specdef.publish` without Jinja2 (``pip install 'hf-specdef[publish]'``). Also an ``ImportError``.
+
+    Example:
+
+    ```python
+    from hf_specdef import MissingExtraError
+
+    try:
+        from hf_specdef import SpecUndoConfig
+    except MissingExtraError as e:  # PEFT is not installed
+        print(e)  # ... pip install 'hf-specdef[peft]'
+    ```
+    """
 
 
 def require_extra(library: str, extra: str, feature: str) -> None:

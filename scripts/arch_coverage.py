@@ -1,4 +1,4 @@
-"""Coverage of the default protection on the layer sizes of real releases (issue 19), from shapes only.
+"""Coverage of the default protection on the layer sizes of real releases (see docs/architectures.md), from shapes only.
 
 Each model is built on the meta device from a config with the published sizes (no download, no weights), its
 pairs are found by the site registry as ``protect`` would, and the share of parameters in deformed matrices and in

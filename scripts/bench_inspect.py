@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""``hf-specdef inspect`` against ``hf-specdef protect`` of the same checkpoint (SPEC §6: inspect no slower).
+"""``hf-specdef inspect`` against ``hf-specdef protect`` of the same checkpoint (docs/performance.md: inspect no slower).
 
 Each run is a fresh process (wall time, start-up included); the two kinds alternate, their order rotated
 every round. ``--reference OLD.json`` (an earlier ``hf-specdef inspect --json`` of the same folder) also

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Load-time overhead of SpecDef (SPEC §6): plain ``from_pretrained`` vs ``from_pretrained(specdef_config=...)``.
+"""Load-time overhead of SpecDef (see docs/performance.md): plain ``from_pretrained`` vs ``from_pretrained(specdef_config=...)``.
 
 Builds a ~100M-parameter Llama-style model from a config (no download), saves it in a temporary
 directory, then interleaves ``--runs`` loads of each kind and reports median wall times, their

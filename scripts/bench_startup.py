@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Start-up time (SPEC §6): ``import hf_specdef`` and ``hf-specdef --help`` against ``import torch``.
+"""Start-up time (see docs/performance.md): ``import hf_specdef`` and ``hf-specdef --help`` against ``import torch``.
 
 Each measurement is a fresh Python process (wall time of the whole process, interpreter start included);
 the kinds are interleaved and their order rotated every round, so they see the same machine load.

@@ -1,4 +1,4 @@
-"""Benchmark: streaming ``protect_checkpoint`` vs a plain shard-by-shard safetensors load + save (SPEC §6).
+"""Benchmark: streaming ``protect_checkpoint`` vs a plain shard-by-shard safetensors load + save (see docs/performance.md).
 
 A Llama checkpoint of a few hundred MB is built from a config (random weights) and saved in shards
 with ``max_shard_size``. Then, interleaved (the order rotated every round, so that no kind always runs

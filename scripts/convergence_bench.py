@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convergence benchmark (SPEC §6): steps-to-target of unprotected / protected / SpecUndo / bypass attacks.
+"""Convergence benchmark (see docs/redteam.md): steps-to-target of unprotected / protected / SpecUndo / bypass attacks.
 
     python scripts/convergence_bench.py --quick --out bench_out
     python scripts/convergence_bench.py --scenario digits --out bench_digits

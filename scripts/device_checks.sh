@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one prepared run on a machine with a CUDA device (16 cores there):
 #   1. the test suite with CUDA present (the CUDA-only tests run; protect_checkpoint and the load hook pick cuda);
-#   2. load-time overhead on cuda (SPEC §6: protected from_pretrained <= 1.05 x plain), with a cost breakdown;
+#   2. load-time overhead on cuda (docs/performance.md: protected from_pretrained <= 1.05 x plain), with a cost breakdown;
 #   3. in-memory protect on cuda;
 #   4. streaming protect_checkpoint vs a plain shard-by-shard copy, deforming on cuda and on the CPU;
 #   5. kernel launches, memcpys and syncs of in-memory deformation on cuda (scripts/profile_deform.py).

@@ -1,4 +1,4 @@
-"""Measure release safety per dtype on a real checkpoint (issue 17): what ``precision="auto"`` chooses, whether the
+"""Measure release safety per dtype on a real checkpoint (see docs/precision.md): what ``precision="auto"`` chooses, whether the
 result is bit-exact in the dtype it ships in, and what a float32-only release turns into when it is downcast.
 
 Usage::

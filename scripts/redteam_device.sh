@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The red team's full suite on a GPU machine (SPEC §6), as one prepared run:
+# The red team's full suite on a GPU machine (see docs/redteam.md), as one prepared run:
 #   every attack of hf_specdef.research.redteam.attacks.SUITE, each at its best learning rate, 3 seeds, on the real
 #   SmolLM2-135M-Instruct, for the protection variants in $VARIANTS (default: the library default only, which fits
 #   one 10-minute device call on an H200; add spectral-a1000,axis-a1024,axis-a65536,quant-safe,spectral-a100,spectral-a10 over

@@ -1,4 +1,4 @@
-"""The architectures of issue 19 (SPEC §5), each from a tiny config: exact function (float32 spectral <= 1e-4, the
+"""The registered architectures (docs/architectures.md), each from a tiny config: exact function (float32 spectral <= 1e-4, the
 bfloat16 axis path bit-exact), sigma inflated by alpha on every claimed pair, stock reload in a fresh process,
 streaming equal to in-memory protection, blind detection of every pair, and inspect coverage. The decoder LLMs and
 the diffusers MMDiT denoisers (SD3, SD3.5, Flux; streamed from a pipeline folder, also protected at load and save

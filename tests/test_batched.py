@@ -1,4 +1,4 @@
-"""Batched deformation engine (issue 18): the same result as the pair-by-pair engine, in fewer, larger operations.
+"""Batched deformation engine: the same result as the pair-by-pair engine, in fewer, larger operations.
 
 One deformation engine: the pair-by-pair, the batched and the streaming paths run the same variants
 (:mod:`hf_specdef.deformation.variants`) and the same step kernels, so their tensors agree bit for bit."""

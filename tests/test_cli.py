@@ -1,4 +1,4 @@
-"""The ``hf-specdef`` command line: protect / inspect / verify end to end on a tiny checkpoint (issue 4)."""
+"""The ``hf-specdef`` command line: protect / inspect / verify end to end on a tiny checkpoint."""
 
 from __future__ import annotations
 

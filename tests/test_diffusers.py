@@ -1,4 +1,4 @@
-"""diffusers: denoiser sites, pipeline protection, load/save hooks, stock-loadable output (issue 8)."""
+"""diffusers: denoiser sites, pipeline protection, load/save hooks, stock-loadable output."""
 
 from __future__ import annotations
 
@@ -344,7 +344,7 @@ def test_hooks_installed_once():
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC §7: no "protected" model whose claimed sites are not deformed
+# docs/releases.md: no "protected" model whose claimed sites are not deformed
 # --------------------------------------------------------------------------------------------
 
 

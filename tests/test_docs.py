@@ -263,3 +263,43 @@ def test_no_internal_references():
     hits = [f"{p.relative_to(ROOT)}:{n}" for p in DOC_FILES for n, line in enumerate(p.read_text().splitlines(), 1)
             if pattern.search(line)]
     assert not hits
+
+
+def test_every_exported_object_has_a_google_style_docstring():
+    import inspect
+
+    import hf_specdef
+    from hf_specdef.errors import MissingExtraError
+
+    def takes_arguments(cls) -> bool:  # an __init__ not from a built-in (a dataclass's too) with parameters
+        if not any("__init__" in vars(c) for c in cls.__mro__ if c.__module__ != "builtins"):
+            return False
+        return any(p.name != "self" for p in inspect.signature(cls.__init__).parameters.values())
+
+    names = [n for n in hf_specdef.__all__ if n != "__version__"]
+    objects = []
+    for name in names:
+        try:
+            objects.append((name, getattr(hf_specdef, name)))
+        except MissingExtraError:  # SpecUndo without PEFT
+            continue
+    try:
+        from hf_specdef.tuners.specundo import SpecUndoConfig
+        objects.append(("tuners.specundo.SpecUndoConfig", SpecUndoConfig))
+    except ImportError:
+        pass
+    problems = []
+    for name, obj in objects:
+        doc = inspect.getdoc(obj) or ""
+        if obj.__doc__ is None or "__doc__" not in vars(obj) and not inspect.isfunction(obj):
+            problems.append(f"{name}: no docstring of its own")
+            continue
+        need = ["Example"]
+        if inspect.isfunction(obj):
+            need += ["Args:", "Returns:"]
+        elif inspect.isclass(obj) and takes_arguments(obj) and "Attributes:" not in doc:
+            need.append("Args:")
+        problems += [f"{name}: no {section!r}" for section in need if section not in doc]
+        if re.search(r"SPEC\s*§|§\s*\d|\bissue\s*(#|no\.?\s*)?\d+", doc, flags=re.I):
+            problems.append(f"{name}: an internal reference")
+    assert not problems, problems

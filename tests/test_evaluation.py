@@ -98,7 +98,7 @@ def test_never_reached_counts_budget_plus_one(setup):
 
 
 def test_bypass_trains_identically_on_protected_model(setup):
-    """SPEC §2: the function is unchanged, so the undeformed parameters train exactly as before."""
+    """docs/design.md: the function is unchanged, so the undeformed parameters train exactly as before."""
     model, protected, data, names = setup
     ac = AttackConfig(train="bypass", optimizer="adam", lr=1e-2, steps=8, site_names=names, smoothing=0.0)
     a = run_attack(model, _loss, lambda s: cycle(data, s), ac)

@@ -1,4 +1,4 @@
-"""Light import (issue 18): ``import hf_specdef`` imports no ML library; the integrations install themselves when
+"""Light import: ``import hf_specdef`` imports no ML library; the integrations install themselves when
 transformers / diffusers / PEFT are imported, before or after hf_specdef (fresh subprocesses)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fast ``inspect`` (issue 18): float32 top-k singular values where their error estimate allows, float64 otherwise;
+"""Fast ``inspect``: float32 top-k singular values where their error estimate allows, float64 otherwise;
 one read per tensor, several tensors at a time; the report agrees with the float64 computation it replaced."""
 
 from __future__ import annotations

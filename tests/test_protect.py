@@ -1,4 +1,4 @@
-"""In-memory protect / verify / inspect on tiny models of every registered architecture (issue 2)."""
+"""In-memory protect / verify / inspect on tiny models of every registered architecture."""
 
 import copy
 from types import SimpleNamespace

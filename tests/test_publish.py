@@ -1,4 +1,4 @@
-"""Hub publication (issue 7): dry runs write a stock-loadable folder with a model card; the push goes through HfApi."""
+"""Hub publication: dry runs write a stock-loadable folder with a model card; the push goes through HfApi."""
 
 from __future__ import annotations
 
@@ -218,7 +218,7 @@ def test_refuses_when_verification_fails(llama_src, tmp_path, monkeypatch):
 
 
 def test_refuses_claimed_but_not_deformed(llama_src, tmp_path, monkeypatch):
-    """SPEC §7: a folder whose record claims a protection its weights do not show is never published."""
+    """docs/releases.md: a folder whose record claims a protection its weights do not show is never published."""
     import shutil
 
     import hf_specdef.publishing.publish as pub

@@ -1,4 +1,4 @@
-"""Release-safe protection (issue 17): ``precision="auto"`` per storage dtype, the downcast guard, ``verify --dtype``."""
+"""Release-safe protection (docs/precision.md): ``precision="auto"`` per storage dtype, the downcast guard, ``verify --dtype``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SpecUndo (SPEC §3): blind detection, merge undo, the PEFT tuner, LoRA export, and the attack's speed-up."""
+"""SpecUndo (docs/integrations.md): blind detection, merge undo, the PEFT tuner, LoRA export, and the attack's speed-up."""
 
 from __future__ import annotations
 
@@ -318,7 +318,7 @@ def test_attaches_to_a_diffusers_unet() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The attack: steps to a target loss (SPEC §3 / §6)
+# The attack: steps to a target loss (docs/threat-model.md)
 # --------------------------------------------------------------------------------------------
 
 VOCAB, SEQ, BATCH = 128, 16, 16

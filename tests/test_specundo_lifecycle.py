@@ -1,4 +1,4 @@
-"""SpecUndo through PEFT's own adapter lifecycle (SPEC §3), in the style of PEFT's ``test_custom_models.py`` matrix.
+"""SpecUndo through PEFT's own adapter lifecycle, in the style of PEFT's ``test_custom_models.py`` matrix.
 
 Matrix: tiny protected models {Llama (RoPE/GQA/SwiGLU, nn.Linear), GPT-2 (fused Conv1D)} x knowledge {"recipe"
 (protected with ``record="full"``), "blind" (protected with the default minimal record: the attacker has only the

@@ -1,4 +1,4 @@
-"""Streaming protection of safetensors checkpoints (issue 4; SPEC §4, §6, §7)."""
+"""Streaming protection of safetensors checkpoints (docs/releases.md)."""
 
 from __future__ import annotations
 

@@ -105,7 +105,7 @@ STOCK_LOADER = textwrap.dedent(
     assert "hf_specdef" not in type(model).__module__
     with torch.no_grad():
         torch.save(model(input_ids=torch.load(ids_path)).logits, out_path)
-    # without the hook, stock transformers rejects the keyword (SPEC §4): the hook is what makes it work
+    # without the hook, stock transformers rejects the keyword: the hook is what makes it work
     try:
         AutoModelForCausalLM.from_pretrained(src, specdef_config=object())
     except TypeError as e:

@@ -1,4 +1,4 @@
-"""Tiny models of the architectures of issue 19, built from configs (no Hub downloads), as transformers' own tests do.
+"""Tiny models of the registered architectures, built from configs (no Hub downloads), as transformers' own tests do.
 
 Norm weights and biases are randomised (as after training) so that norm folds are not trivial.
 """

@@ -1,4 +1,5 @@
-"""The downcast guard: a protection exact only in float32 is never loaded in bfloat16/float16 without a word (SPEC §7).
+"""The downcast guard: a protection exact only in float32 is never loaded in bfloat16/float16 without a word
+(see docs/precision.md).
 
 No Hugging Face imports: the integrations (:mod:`.integrations.transformers`, :mod:`.integrations.diffusers`)
 read the checkpoint's config and call :func:`resolve_dtype` before loading and :func:`check_loaded` after.
@@ -44,7 +45,21 @@ _SCOPE: contextvars.ContextVar[str | None] = contextvars.ContextVar("specdef_dow
 
 
 class DowncastError(SpecDefError, ValueError):
-    """Loading a float32-only protected checkpoint in a 16-bit dtype would silently break it."""
+    """Loading a float32-only protected checkpoint in a 16-bit dtype would silently break it.
+
+    Raised by ``from_pretrained`` (with hf_specdef imported) when a release whose record says it is exact only in
+    float32 (spectral mode) is loaded in ``bfloat16``/``float16``; see docs/precision.md.
+
+    Example:
+        ```python
+        from hf_specdef import DowncastError
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained("org/spectral-release", dtype=torch.bfloat16)
+        except DowncastError as e:
+            print(e)  # names the measured deviation and the fix (load it in float32)
+        ```
+    """
 
 
 def env_allows() -> bool:

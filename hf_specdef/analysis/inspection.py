@@ -1,4 +1,4 @@
-"""``inspect_model``: per-weight spectral report, deformation flags and coverage (SPEC §1 inspector).
+"""``inspect_model``: per-weight spectral report, deformation flags and coverage.
 
 Two kinds of evidence:
 
@@ -20,7 +20,7 @@ the largest **matrix-level** statistic (``top_gap``: largest ratio of consecutiv
 ``row_high`` / ``row_low`` / ``col_high`` / ``col_low``: max/median and median/min row / column norms). The
 report prints, per matrix, the deciding value and which statistic it is. Coverage is the share of trainable
 parameters in flagged matrices, and the share in *hot* matrices (consumers of an inflated activation), the
-ones that actually slow fine-tuning (SPEC §2).
+ones that actually slow fine-tuning.
 """
 
 from __future__ import annotations
@@ -281,12 +281,37 @@ def inspect_tensors(
 def inspect_model(model_or_path: Any, threshold: float = DEFAULT_THRESHOLD) -> InspectionReport:
     """Spectral report and coverage of a model (``torch.nn.Module``) or a checkpoint folder (path).
 
-    Files are memory-mapped and read shard by shard, several tensors at a time, each once (zero-copy; its
-    pages are let go once its evidence is computed), never the whole model at once.
+    Per weight matrix: the top of its spectrum, the evidence statistics and a verdict (deformed or not); overall,
+    the share of trainable parameters in flagged matrices and in *hot* ones (consumers of an inflated activation,
+    the ones that slow fine-tuning). For an architecture the site registry knows the verdict uses per-block
+    statistics of the site blocks a matrix belongs to, otherwise matrix-level statistics (``report.rule`` says
+    which). Files are memory-mapped and read shard by shard, several tensors at a time, each once, never the whole
+    model at once. The model is only read.
 
-    ``threshold``: the ratio the deciding evidence of a matrix must reach for it to count as deformed (see
-    :data:`RULE`: per-block statistics of its site blocks for a registered architecture, matrix-level statistics
-    otherwise); a finite number > 1, else :class:`InspectionError`.
+    Args:
+        model_or_path (`torch.nn.Module`, `str` or `os.PathLike`):
+            A model in memory, or a checkpoint folder (or ``.safetensors`` file) on disk.
+        threshold (`float`, *optional*, defaults to `20.0`):
+            The ratio the deciding evidence of a matrix must reach for it to count as deformed; a finite number
+            > 1 (a protection at alpha >= 100 gives ratios around alpha).
+
+    Returns:
+        `InspectionReport`: ``findings`` (one per weight matrix: name, shape, top singular values, evidence, score,
+        criterion, role, deformed), ``deformed`` (names), ``coverage``, ``hot_coverage``, ``rule``; printable as a
+        table, and ``to_json()``.
+
+    Raises:
+        InspectionError: ``threshold`` is not a finite number > 1 (also a ``ValueError``).
+        CheckpointError: the path does not exist or its files cannot be read.
+
+    Example:
+
+    ```python
+    from hf_specdef import inspect_model
+
+    report = inspect_model("me/Llama-3.2-1B-specdef")  # a local protected folder
+    print(f"{len(report.deformed)} deformed matrices, hot coverage {report.hot_coverage:.1%}")
+    ```
     """
     threshold = check_threshold(threshold)
     if isinstance(model_or_path, torch.nn.Module):

@@ -44,7 +44,34 @@ def missing_message(library: str, what: str) -> str:
 
 
 class IntegrationMissingError(SpecDefError, ImportError):
-    """An object needs the integration of its library, which is not installed in this process."""
+    """An object needs the integration of its library, which is not installed in this process.
+
+    Raised by :func:`~hf_specdef.protect` of a diffusers pipeline and by :func:`~hf_specdef.save_protected` when
+    the hf_specdef integration of the object's library (transformers or diffusers) did not install, e.g. because
+    importing it failed (a warning said so then). The message names the integration and how to see the error. Also
+    an ``ImportError``.
+
+    Args:
+        library (`str`):
+            The library whose integration is missing (``"transformers"`` or ``"diffusers"``).
+        what (`str`):
+            What needs it, for the message (e.g. ``"save_protected() of a diffusers object (UNet2DConditionModel)"``).
+
+    Attributes:
+        library (`str`):
+            The library whose integration is missing.
+
+    Example:
+
+    ```python
+    from hf_specdef import IntegrationMissingError, save_protected
+
+    try:
+        save_protected(pipe, "protected-pipeline")  # a diffusers pipeline
+    except IntegrationMissingError as e:
+        print(e.library, e)  # "diffusers", and how to see why its integration did not install
+    ```
+    """
 
     def __init__(self, library: str, what: str) -> None:
         super().__init__(missing_message(library, what))

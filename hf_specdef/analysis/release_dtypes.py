@@ -1,4 +1,4 @@
-"""What a protected release keeps in each dtype a downstream user may load it in (SPEC §7), for ``publish``.
+"""What a protected release keeps in each dtype a downstream user may load it in (see docs/precision.md), for ``publish``.
 
 Without hf-specdef nothing can stop a downcast (vLLM's ``--dtype auto`` serves a float32 checkpoint in
 float16), so the publisher measures at publish time -- the stock model loaded in bfloat16 and in float16, each

@@ -64,10 +64,42 @@ def verify(
     inputs: dict[str, Any] | None = None,
     tolerance: float | None = None,
 ) -> VerifyResult:
-    """Compare ``protected`` with ``reference`` on ``inputs`` (a probe batch from the config if None).
+    """Compare ``protected`` with ``reference`` on a probe batch: is the function unchanged?
 
-    ``ok`` is True when the max relative deviation ``max|out - ref| / max|ref|`` is within
-    ``tolerance`` (default: :class:`SpecDefConfig`'s) and outputs are finite.
+    Both models are run on the same inputs (moved to the protected model's device); the result holds the max
+    relative deviation ``max|out - ref| / max|ref|``, the storage dtype of ``protected`` and the precision budget
+    its protection record implies in that dtype. Nothing is raised for a deviation: check ``result.ok``.
+
+    Args:
+        reference (`torch.nn.Module`):
+            The original, unprotected model.
+        protected (`torch.nn.Module`):
+            The protected model (e.g. after :func:`~hf_specdef.protect`, or loaded from a protected folder).
+        inputs (`dict[str, Any]`, *optional*, defaults to `None`):
+            The probe batch (model keyword arguments); ``None`` builds one from the reference model's config.
+        tolerance (`float`, *optional*, defaults to `None`):
+            The largest accepted max relative deviation; ``None`` means ``SpecDefConfig().tolerance`` (1e-3).
+
+    Returns:
+        `VerifyResult`: ``max_relative_deviation``, ``tolerance``, ``dtype`` (storage dtype of ``protected``),
+        ``budget`` (expected relative error of its recorded protection, ``None`` without a record), ``ok``
+        (deviation within tolerance; False for NaN/inf outputs) and ``compared``; printable, and ``to_dict()``.
+
+    Example:
+
+    ```python
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef import protect, verify
+
+    original = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.2-1B")
+    protected = copy.deepcopy(original)
+    protect(protected)
+    result = verify(original, protected)
+    assert result.ok, result
+    ```
     """
     tolerance = SpecDefConfig().tolerance if tolerance is None else tolerance
     inputs = inputs if inputs is not None else probe.probe_inputs(reference)
@@ -77,7 +109,7 @@ def verify(
 
 
 class DeformationCheckError(SpecDefError, ValueError):
-    """The weights about to be written do not show the deformation the record claims (SPEC §7)."""
+    """The weights about to be written do not show the deformation the record claims."""
 
 
 def check_deformation(results: list[PairResult], tensors: Any, rel: float = 1e-2) -> None:

@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+# the plain-text description of `hf-specdef --help` (the module docstring is reST)
+DESCRIPTION = "The hf-specdef command line: protect, inspect, verify, publish, bench, demo, redteam."
 # the commands of this package: name -> help
 COMMANDS: dict[str, str] = {
     "protect": "Protect a checkpoint folder (streaming, shard by shard).",
@@ -40,7 +42,7 @@ def _command_modules() -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-specdef", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="hf-specdef", description=DESCRIPTION)
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
     modules = _command_modules()

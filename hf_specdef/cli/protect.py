@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="checkpoint folder (safetensors, sharded or not) or diffusers pipeline folder")
     parser.add_argument("dst", metavar="DST", help="output folder (must not exist unless --overwrite)")
     add_config_arguments(parser)
-    parser.add_argument("--device", help="device for the deformation math (default: cpu, which streams faster than cuda: "
-                                         "see the README)")
+    parser.add_argument("--device", help="device for the deformation math (default: cpu, which streams faster than cuda; "
+                                         "see docs/performance.md)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DST (only after success)")
     parser.add_argument("--force", action="store_true", help="protect even if SRC already carries a protection record")
     parser.add_argument("--no-verify", dest="verify", action="store_false",

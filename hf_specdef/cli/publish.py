@@ -48,11 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="protect even if the source is already protected")
     parser.add_argument("--measure", action="store_true", help="also measure resistance (evaluation harness) for the card")
     parser.add_argument("--redteam", metavar="RESULTS_JSON", default=None,
-                        help="put the worst case of `hf-specdef redteam` (its results.json, same configuration) on the card")
+                        help="put the worst case of hf-specdef redteam (its results.json, same configuration) on the card")
     parser.add_argument("--commit-message",
                         help="commit message of the upload (default names the mode, factors, sites and deviation)")
     parser.add_argument("--template", help="custom Jinja model-card template (default: the packaged one)")
-    parser.add_argument("--device", help="device for the protection math (default: the best available)")
+    parser.add_argument("--device", help="device for the protection math (default: cpu, which streams faster "
+                                                                 "than cuda; see docs/performance.md)")
     quant = parser.add_mutually_exclusive_group()
     quant.add_argument("--quantize", type=parse_formats, default=None, metavar="FORMATS",
                        help="quantization formats to measure on the release for the card (transformers models; "

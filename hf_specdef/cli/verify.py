@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("original", metavar="ORIGINAL", help="the unprotected checkpoint folder")
     parser.add_argument("protected", metavar="PROTECTED", help="the protected checkpoint folder")
     parser.add_argument("--tolerance", type=float, default=None,
-                        help="max relative output deviation accepted (default: SpecDefConfig's tolerance)")
+                        help="max relative output deviation accepted (default: SpecDefConfig's tolerance, 1e-3)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="load both in this dtype (default float32); bfloat16/float16 measure what a user who "
                              "downcasts the release sees")

@@ -1,4 +1,4 @@
-"""Precision policies: fitting a deformation into the storage dtype, and what a release is exact in (SPEC §2, §7).
+"""Precision policies: fitting a deformation into the storage dtype, and what a release is exact in (docs/precision.md).
 
 No Hugging Face imports. :func:`resolve` applies ``SpecDefConfig.precision`` to one planned pair (a table of
 policies); :func:`summary` says what was requested and what was used; :func:`release_safety` reads, from a
@@ -37,7 +37,28 @@ USED_LABELS = {
 
 
 class PrecisionBudgetError(SpecDefError, ValueError):
-    """The storage dtype cannot hold the deformation within the tolerance (SPEC §2)."""
+    """The storage dtype cannot hold the deformation within the tolerance.
+
+    Raised before any weight is changed when the precision policy cannot fit the requested protection into the
+    dtype the weights are stored in: with ``precision="refuse"`` when the expected error exceeds ``cfg.tolerance``,
+    or when every selected pair is left out by the policy (e.g. only ``attn.qk`` asked for, in float16). See the
+    Precision page of the docs (docs/precision.md). Also a ``ValueError``.
+
+    Example:
+
+    ```python
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef import PrecisionBudgetError, SpecDefConfig, protect
+
+    model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.2-1B", torch_dtype=torch.bfloat16)
+    try:
+        protect(model, SpecDefConfig(precision="refuse"))  # spectral alpha=1000 does not fit bfloat16
+    except PrecisionBudgetError as e:
+        print(e)  # use precision="auto" (axis mode, alpha 1024) or protect in float32
+    ```
+    """
 
 
 class NothingExactError(PrecisionBudgetError):

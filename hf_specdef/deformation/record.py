@@ -14,7 +14,28 @@ RECORD_FORMAT = "hf-specdef/1"
 
 
 class AlreadyProtectedError(SpecDefError, ValueError):
-    """The model already carries a protection record."""
+    """The model already carries a protection record.
+
+    Raised by :func:`~hf_specdef.protect`, :func:`~hf_specdef.save_protected`,
+    :func:`~hf_specdef.protect_checkpoint` and :func:`~hf_specdef.publish` when the model or checkpoint has a
+    protection record in its config and ``force`` is False: protecting twice compounds the deformation and the
+    precision error. Pass ``force=True`` (CLI: ``--force``) to protect again anyway. Also a ``ValueError``.
+
+    Example:
+
+    ```python
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef import AlreadyProtectedError, protect
+
+    model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.2-1B")
+    protect(model)
+    try:
+        protect(model)
+    except AlreadyProtectedError as e:
+        print(e)  # ... pass force=True (CLI: --force) if you really mean it
+    ```
+    """
 
 
 def make_record(cfg: SpecDefConfig, results: Sequence[Any], deviation: float | None) -> dict[str, Any] | None:

@@ -19,7 +19,40 @@ class ProtectionReport:
 
     The header states what was *used*: the mode(s), the factor(s) actually applied (with the requested alpha
     when it was rounded, e.g. ``requested alpha 1000 -> factor 1024``), the precision policy and storage dtype, and
-    the output deviation as measured or why it was not (:meth:`deviation_text`).
+    the output deviation as measured or why it was not (:meth:`deviation_text`). Returned by
+    :func:`~hf_specdef.protect` and :func:`~hf_specdef.save_protected`; :func:`~hf_specdef.protect_checkpoint`
+    returns a subclass with what it read and wrote. Printable as a table, and as JSON (:meth:`to_json`).
+
+    Attributes:
+        config (`SpecDefConfig`): the protection requested.
+        results (`list[PairResult]`): one per deformed pair: the pair (site, layer, producers, consumers), its mode,
+            deformation (factor, k) and sigma_1 before and after.
+        deviation (`float` or `None`): the max relative output deviation measured on a probe batch; ``None`` when
+            it was not measured (:meth:`deviation_text` says why).
+        skipped (`list[str]`): the sites and pairs left out, each with the reason.
+        notes (`list[str]`): what else the run decided or noted (precision changes, upcasts, checks).
+        seconds (`float`): wall time of the protection.
+        quantization (`dict[str, float]`): for ``cfg.quantization_safe``, per format the deviation of the quantized
+            protected model from the quantized original.
+        hot_modules (`list[str]`): modules that read an inflated activation (the ones that slow fine-tuning).
+        cold_modules (`list[str]`): the other deformed modules.
+        sites (`dict[str, int]`): deformed pairs per site type.
+        modes (`list[str]`): the modes actually used.
+        factors (`list[float]`): the factors actually applied (alpha may have been rounded, e.g. 1000 -> 1024).
+        precision (`dict`): requested and used precision policy, and the dtypes the result is exact in.
+
+    Example:
+
+    ```python
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef import protect
+
+    model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.2-1B")
+    report = protect(model)
+    print(report.sites, report.modes, report.factors, report.deviation_text())
+    summary = report.to_dict()  # or report.to_json(full=True) for every pair in full
+    ```
     """
 
     config: SpecDefConfig

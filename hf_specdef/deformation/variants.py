@@ -122,7 +122,7 @@ class VariantBase:
 
 
 class SpectralVariant(VariantBase):
-    """Spectral mode (SPEC §2): ``M = I + (factor - 1) U_k U_k^T`` from the top-k left singular vectors of the
+    """Spectral mode (see docs/design.md): ``M = I + (factor - 1) U_k U_k^T`` from the top-k left singular vectors of the
     producer block; sigma_1 after is ``factor`` x before (exact in real arithmetic)."""
 
     name = "spectral"
@@ -172,7 +172,7 @@ def _top_rows(a: torch.Tensor, k: int, rotary: str) -> torch.Tensor | None:
 
 
 class AxisVariant(VariantBase):
-    """Axis mode (SPEC §2): ``M`` diagonal, the ``k`` rows (rotary pairs) of largest norm scaled by the factor;
+    """Axis mode (see docs/design.md): ``M`` diagonal, the ``k`` rows (rotary pairs) of largest norm scaled by the factor;
     sigma_1 measured (small blocks exactly, large ones by power iterations). float16-exact pairs
     (``plan.policy == "axis-float16"``) read every producer and consumer block to pick channels and factor."""
 

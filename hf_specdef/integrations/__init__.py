@@ -54,7 +54,7 @@ PATCHES: tuple[Patch, ...] = (
     # (LegacyModelMixin.from_pretrained calls ModelMixin's; a pipeline calls its components')
     Patch("diffusers.models.modeling_utils:ModelMixin", "from_pretrained", _DIFFUSERS, "from_pretrained"),
     Patch("diffusers.pipelines.pipeline_utils:DiffusionPipeline", "from_pretrained", _DIFFUSERS, "from_pretrained"),
-    # save_pretrained(..., specdef_config=cfg) (save-time protection) and the SPEC §7 claims check of every save
+    # save_pretrained(..., specdef_config=cfg) (save-time protection) and the claims check of every save
     Patch("diffusers.models.modeling_utils:ModelMixin", "save_pretrained", _DIFFUSERS, "save_pretrained"),
     Patch("diffusers.pipelines.pipeline_utils:DiffusionPipeline", "save_pretrained", _DIFFUSERS, "save_pretrained"),
 )

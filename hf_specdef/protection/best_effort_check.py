@@ -1,5 +1,5 @@
 """Protecting a model the site registry does not know: best-effort Llama-style sites, each site type kept only
-after a numerical check (issue 19).
+after a numerical check (see docs/architectures.md).
 
 For each site type the guessed pairs are deformed on their own, the probe batch is run, and every change is
 restored exactly; a site type whose outputs move beyond the tolerance (or that cannot be planned) is dropped with

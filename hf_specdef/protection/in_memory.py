@@ -1,4 +1,4 @@
-"""In-memory protection of a model: ``protect(model, cfg)`` (SPEC §4)."""
+"""In-memory protection of a model: ``protect(model, cfg)``."""
 
 from __future__ import annotations
 
@@ -28,7 +28,27 @@ logger = logging.getLogger("hf_specdef")
 
 
 class VerificationError(SpecDefError, ValueError):
-    """The protected model's outputs deviate beyond the tolerance; nothing was changed."""
+    """The protected model's outputs deviate beyond the tolerance; nothing was changed.
+
+    Raised by :func:`~hf_specdef.protect`, :func:`~hf_specdef.save_protected` and
+    :func:`~hf_specdef.protect_checkpoint` when, with verification on, the max relative output deviation on a probe
+    batch exceeds ``cfg.tolerance`` (every change is restored exactly first), or when a decided deformation does not
+    inflate its block's top singular value. Also a ``ValueError``.
+
+    Example:
+
+    ```python
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef import SpecDefConfig, VerificationError, protect
+
+    model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.2-1B")
+    try:
+        protect(model, SpecDefConfig(tolerance=1e-5))
+    except VerificationError as e:  # the model is exactly as it was
+        print(e)  # lower alpha, use mode="axis" with a power-of-two alpha, or protect in float32
+    ```
+    """
 
 
 def require_inflated(key: str, sigma_before: float, sigma_after: float) -> None:
@@ -256,7 +276,7 @@ def deform_verified(
     """Deform ``plans`` in place with an exact backup of every changed row/column; verify; return the backup.
 
     ``run()`` computes the output(s) to preserve (called before and after; the deviation is the max over
-    outputs) and ``check(results, tensors)`` may veto the result (SPEC §7 claims). On any failure every
+    outputs) and ``check(results, tensors)`` may veto the result (the claimed deformation). On any failure every
     change is restored exactly and the error propagates (:class:`VerificationError` for a deviation above
     ``cfg.tolerance``). Returns ``(results, backup, deviation)``; ``backup.restore(tensors)`` undoes it. With
     ``keep_backup=False`` nothing is copied and nothing restored (the returned backup is empty): for tensors that are
@@ -308,12 +328,61 @@ def protect(
     progress: bool = True,
     **kwargs: Any,
 ) -> Any:
-    """Deform a model (or a diffusers pipeline) in place and return a :class:`ProtectionReport`.
+    """Deform a model (or a diffusers pipeline) in place and return a :class:`~hf_specdef.ProtectionReport`.
 
-    The model's function is kept: with ``verify=True`` (default) outputs on a probe batch are
-    compared before and after, and if they deviate beyond ``cfg.tolerance`` the model is restored
-    exactly and :class:`VerificationError` is raised. The protection record is written to the
-    model config (``cfg.record``), so ``save_pretrained`` carries it into config.json.
+    The model's function is kept: with ``verify=True`` (default) outputs on a probe batch are compared before and
+    after, and if they deviate beyond ``cfg.tolerance`` the model is restored exactly and
+    :class:`VerificationError` is raised. The protection record is written to the model config (``cfg.record``), so
+    ``save_pretrained`` carries it into config.json. A diffusers pipeline (an object with ``components``) is handed
+    to the diffusers integration, which protects its denoiser (and, on request, its text encoder).
+
+    Args:
+        model_or_pipeline (`torch.nn.Module` or a diffusers pipeline):
+            A transformers or diffusers model with materialized weights (not offloaded to the meta device), or a
+            diffusers pipeline.
+        cfg (`SpecDefConfig`, *optional*, defaults to `None`):
+            The protection; ``None`` means ``SpecDefConfig()``.
+        verify (`bool`, *optional*, defaults to `True`):
+            Compare outputs on a probe batch before and after, and restore the model if they deviate beyond
+            ``cfg.tolerance``. Without it the report's deviation is ``None`` (not measured).
+        inputs (`dict[str, Any]`, *optional*, defaults to `None`):
+            The probe batch (model keyword arguments); ``None`` builds one from the model config.
+        force (`bool`, *optional*, defaults to `False`):
+            Protect a model that already carries a protection record.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show a progress bar.
+        **kwargs:
+            For a pipeline only, passed to the diffusers integration: ``text_encoder`` (`bool`, defaults to `False`:
+            also protect the text encoder's own sites) and ``pipeline_norm`` (`bool` or `None`, defaults to `None`:
+            fold the text encoder's final norm into every cross-attention ``to_k``/``to_v`` where it applies;
+            ``True`` requires it, ``False`` skips it).
+
+    Returns:
+        `ProtectionReport`: per pair the site, layer, mode, factor and sigma_1 before/after, the measured deviation,
+        what was skipped and why, and the precision actually used.
+
+    Raises:
+        AlreadyProtectedError: the model carries a protection record and ``force`` is False.
+        NoSitesError: no pair of the model matches the config (unknown architecture, or every pair skipped).
+        PrecisionBudgetError: the storage dtype cannot hold the deformation within ``cfg.tolerance``.
+        VerificationError: the protected outputs deviate beyond ``cfg.tolerance`` (the model is restored exactly).
+        IntegrationMissingError: a pipeline is passed and the diffusers integration is not installed.
+        ValueError: some parameters are offloaded to the meta device (protect the files with
+            :func:`~hf_specdef.protect_checkpoint` instead).
+        TypeError: keyword arguments other than the ones above are passed for a model.
+
+    Example:
+
+    ```python
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef import SpecDefConfig, protect
+
+    model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.2-1B")
+    report = protect(model, SpecDefConfig(alpha=1000.0))
+    print(report)  # bfloat16 weights: axis mode, factor 1024, deviation measured on a probe batch
+    model.save_pretrained("llama-specdef")  # config.json carries the protection record
+    ```
     """
     cfg = cfg or SpecDefConfig()
     if is_pipeline(model_or_pipeline):  # the diffusers integration registers the pipeline protector (handlers)

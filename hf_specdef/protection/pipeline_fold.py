@@ -1,4 +1,4 @@
-"""The pipeline-level ``norm`` site of a diffusers pipeline folder, decided from its files (SPEC §2, §4).
+"""The pipeline-level ``norm`` site of a diffusers pipeline folder, decided from its files (see docs/design.md).
 
 In a Stable-Diffusion-style pipeline the text encoder's final layer norm feeds every cross-attention
 ``to_k``/``to_v`` of the denoiser. Folding a scale into that norm (``M``) and its inverse into those

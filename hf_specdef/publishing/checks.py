@@ -1,4 +1,4 @@
-"""Step 2 of publishing: the checks a protected folder must pass before anything is published (SPEC §7).
+"""Step 2 of publishing: the checks a protected folder must pass before anything is published (see docs/releases.md).
 
 * **function**: the original and the protected checkpoint loaded with *stock* transformers / diffusers give the
   same outputs on probe inputs, within the tolerance (:func:`verify_folder`; a pipeline also end to end,
@@ -327,6 +327,6 @@ def _refuse_if_bad(checks: list[ComponentCheck]) -> None:
                 f"{where}: the protection claims {len(c.claimed) or 'some'} deformed matrices but the spectral inspector "
                 f"finds no deformation (outlier ratio >= {c.threshold or 20:g}) in {c.not_deformed[:3]}"
                 f"{'...' if len(c.not_deformed) > 3 else ''}; refusing to publish a model that would be labelled "
-                "protected without being protected (SPEC §7). If the protection was applied, alpha may be too small to "
-                "be told apart from the weights' own spectrum."
+                "protected without being protected (see docs/releases.md). If the protection was applied, alpha may be "
+                "too small to be told apart from the weights' own spectrum."
             )

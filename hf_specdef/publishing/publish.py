@@ -1,4 +1,4 @@
-"""Publish a SpecDef-protected model to the Hugging Face Hub with a generated model card (SPEC §1, §4, §7).
+"""Publish a SpecDef-protected model to the Hugging Face Hub with a generated model card.
 
 ``publish(model, repo_id, cfg)`` runs the publisher's whole path:
 
@@ -6,7 +6,7 @@
    directory next to the destination (:mod:`.publishing.protected_folder`);
 2. **verify**: load the original and the protected checkpoint with *stock* transformers / diffusers and compare
    them on probe inputs (max relative deviation, storage dtype), then check with :func:`hf_specdef.inspect_model`
-   that every matrix the protection claims to have deformed is visibly deformed (SPEC §7: a publisher who forgot
+   that every matrix the protection claims to have deformed is visibly deformed (a publisher who forgot
    to protect must not ship an "unprotected protected" model). Nothing is published if either check fails
    (:mod:`.publishing.checks`);
    The verified deviation is written into each protected component's record, and the release is measured
@@ -77,6 +77,40 @@ class PublishResult:
     ``config`` is the protection *requested*; ``modes``, ``factors`` and ``sites`` are what the records say was *applied*
     (``alpha=1000`` on a bfloat16 checkpoint: axis mode, factor 1024). Both are empty at record level ``none``.
     ``quantization`` holds the rows measured quantized (:func:`~hf_specdef.publishing.checks.quantization_checks`).
+
+    Attributes:
+        repo_id (`str`): the destination Hub repository (``owner/name``; derived from the source for a dry run
+            without one).
+        folder (`str` or `None`): the published folder kept on disk (``None`` when a push used a temporary one).
+        dry_run (`bool`): whether only the folder was written.
+        pushed (`bool`): whether the folder was pushed to the Hub.
+        base_model (`str`): the source, as named on the card.
+        library_name (`str`): ``"transformers"`` or ``"diffusers"``.
+        config (`dict`): the protection requested (``SpecDefConfig.to_dict()``).
+        checks (`list[ComponentCheck]`): per protected component, the verified deviation, dtype and deformation
+            coverage.
+        pipeline_check (`ComponentCheck` or `None`): the check of a pipeline's composed function.
+        measure (`dict` or `None`): the resistance measured (quick measurement or red-team results), if any.
+        downcast (`dict[str, float]`): per 16-bit dtype, the deviation of the release loaded in it.
+        commit_message (`str` or `None`): the upload's commit message.
+        url (`str` or `None`): the commit URL when pushed.
+        notes (`list[str]`): what the protection skipped or noted.
+        modes (`list[str]`): the modes applied (from the records).
+        factors (`list[float]`): the factors applied (from the records).
+        sites (`list[str]`): the site types deformed (from the records).
+        quantization (`list[dict]`): per format measured quantized: its deviation and whether the release stays
+            intact.
+        max_relative_deviation (`float`): the largest verified deviation over the checks.
+
+    Example:
+
+    ```python
+    from hf_specdef import publish
+
+    result = publish("./my-model", None, dry_run=True)
+    print(result.protection_text(), result.max_relative_deviation)
+    print(result.to_json())
+    ```
     """
 
     repo_id: str
@@ -245,7 +279,10 @@ def publish(
             local folder, escaped, and carries no ``base_model`` metadata.
         overwrite: replace an existing ``output_dir``.
         force: protect even if the source already carries a protection record.
+        revision: the revision of a Hub source to download (default: the main branch).
         template: a custom Jinja card template (default: the packaged ``specdef_model_card.md``).
+        device: where the protection's deformations are computed (default ``None``: the CPU).
+        progress: show progress bars (default True).
         quantize: quantization formats to measure on the release for the card (transformers models): ``None``
             (default) measures :data:`~hf_specdef.publishing.checks.DEFAULT_QUANTIZE` (``q8_0``, ``q4_0``: what
             GGUF users convert to), a sequence measures those, ``()`` none. A measured format that breaks the release
@@ -257,21 +294,22 @@ def publish(
         figures, the commit message and URL when pushed.
 
     Raises:
-        ValueError: an invalid ``repo_id`` / ``base_model`` (not a Hub id), an unknown quantization format, or an
-            ``output_dir`` overlapping the source.
+        ValueError: an invalid ``repo_id`` / ``base_model`` (not a Hub id), an unknown quantization format, no
+            ``repo_id`` for a push, or an ``output_dir`` overlapping the source.
+        MissingExtraError: Jinja2 is not installed (``pip install 'hf-specdef[publish]'``).
+        AlreadyProtectedError: the source carries a protection record and ``force`` is False.
         PublishError: verification failed, the claimed sites are not deformed, a promised quantization breaks, no
             token, or the push failed. Nothing is pushed and no partial ``output_dir`` is left.
 
     Example:
 
     ```python
-    >>> from hf_specdef import SpecDefConfig
-    >>> from hf_specdef.publishing.publish import publish
-    >>> result = publish("./SmolLM2-135M-Instruct", None, SpecDefConfig(), dry_run=True,
-    ...                  base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
-    >>> result.modes, result.factors  # bfloat16 checkpoint: axis mode, alpha 1000 rounded to 1024
-    (['axis'], [1024.0])
-    >>> print(result.folder)  # README.md (the card), config.json (the record), model.safetensors
+    from hf_specdef import SpecDefConfig, publish
+
+    result = publish("./SmolLM2-135M-Instruct", None, SpecDefConfig(), dry_run=True,
+                     base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    print(result.modes, result.factors)  # bfloat16 checkpoint: ['axis'] [1024.0] (alpha 1000 rounded to 1024)
+    print(result.folder)  # README.md (the card), config.json (the record), model.safetensors
     ```
     """
     require_extra("jinja2", "publish", "publish (the model card template)")

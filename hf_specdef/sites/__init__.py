@@ -1,4 +1,4 @@
-"""Site discovery: which (producer, consumer) pairs a model has (SPEC §2)."""
+"""Site discovery: which (producer, consumer) pairs a model has (docs/design.md, docs/architectures.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from hf_specdef.config import SpecDefConfig
 from hf_specdef.errors import SpecDefError
-from hf_specdef.sites import decoders, mmdit, moe  # noqa: F401  (register the decoder, MMDiT and MoE families of issue 19)
+from hf_specdef.sites import decoders, mmdit, moe  # noqa: F401  (register the decoder, MMDiT and MoE families)
 from hf_specdef.sites.base import AXIS_ONLY_SITES, ModelConfigError, Pair, TensorBlock, TensorShapeError
 from hf_specdef.sites.config_checks import cfg_get
 from hf_specdef.sites.registry import (
@@ -32,7 +32,27 @@ __all__ = [
 
 
 class NoSitesError(SpecDefError, ValueError):
-    """The model has no pairs the registry knows, or the config's selection matches none."""
+    """The model has no pairs the registry knows, or the config's selection matches none.
+
+    Raised before any weight is changed when the site registry does not know the architecture (and no
+    ``site_map`` is given, and no pair can be found and verified otherwise), when ``cfg.sites`` / ``cfg.layers``
+    select no pair of the model, or when every selected pair had to be skipped (tied weights, not exact in the
+    storage dtype, not quantization-safe). See the Architectures page of the docs (docs/architectures.md). Also a
+    ``ValueError``.
+
+    Example:
+
+    ```python
+    import torch
+
+    from hf_specdef import NoSitesError, protect
+
+    try:
+        protect(torch.nn.Sequential(torch.nn.Linear(8, 8)))  # no architecture the registry knows, no pair found
+    except NoSitesError as e:
+        print(e)  # names the known architectures and how to pass SpecDefConfig(site_map=...)
+    ```
+    """
 
 
 SITE_MAP_HELP = (

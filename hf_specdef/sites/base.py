@@ -1,4 +1,4 @@
-"""Pairs: the (producer, consumer) tensor blocks one deformation ``M`` acts on (SPEC §2).
+"""Pairs: the (producer, consumer) tensor blocks one deformation ``M`` acts on (see docs/design.md).
 
 Pairs are described by tensor *names* and axes, not modules, so the same pair list drives
 in-memory protection (names of ``named_parameters``) and streaming over checkpoint files
@@ -12,7 +12,7 @@ from typing import Any
 
 from hf_specdef.errors import SpecDefError
 
-# Site types whose map must be diagonal (SPEC §2 table).
+# Site types whose map must be diagonal (the table in docs/architectures.md).
 AXIS_ONLY_SITES = frozenset({"mlp", "norm"})
 # How rotary embeddings pair the dims of a head: "half" rotates (i, i + d/2) together (Llama's ``rotate_half``),
 # "adjacent" rotates (2i, 2i + 1) together (Flux, GPT-J's interleaved layout). "" means no rotary constraint.

@@ -1,4 +1,5 @@
-"""Best-effort sites for a model the registry does not know but whose names follow Llama's conventions (issue 19).
+"""Best-effort sites for a model the registry does not know but whose names follow Llama's conventions
+(see docs/architectures.md).
 
 ``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, ``input_layernorm`` / ``post_attention_layernorm``
 inside ``...layers.N``, heads from ``num_attention_heads`` / ``num_key_value_heads`` / ``head_dim``. ``attn.qk``

@@ -1,4 +1,4 @@
-"""Site registry entries for the decoder LLM families released today (SPEC §5; issue 19).
+"""Site registry entries for the decoder LLM families released today (see docs/architectures.md).
 
 Each entry says where its pairs are and, in its comment, which sites it cannot have and why:
 

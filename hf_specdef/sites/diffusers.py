@@ -1,4 +1,4 @@
-"""Site registry entries for diffusers denoisers (SPEC §2, §5).
+"""Site registry entries for diffusers denoisers (see docs/architectures.md).
 
 Covered classes (keyed by ``class_names``, i.e. the diffusers ``_class_name``):
 

@@ -1,5 +1,5 @@
 """Site registry entries for MMDiT denoisers: diffusers ``SD3Transformer2DModel`` and ``FluxTransformer2DModel``
-(SPEC §2, §5; issue 19). Layout as in diffusers 0.42.
+(see docs/architectures.md). Layout as in diffusers 0.42.
 
 **Joint attention.** An MMDiT block projects the image tokens (``to_q/to_k/to_v``) and the text tokens
 (``add_q_proj/add_k_proj/add_v_proj``) separately, concatenates them along the sequence and runs one softmax

@@ -1,4 +1,4 @@
-"""Site registry entries for mixture-of-experts decoders (SPEC §5; issue 19): Mixtral, Qwen2-MoE, Qwen3-MoE.
+"""Site registry entries for mixture-of-experts decoders (see docs/architectures.md): Mixtral, Qwen2-MoE, Qwen3-MoE.
 
 transformers 5 holds the experts of a layer as two 3-D parameters, ``mlp.experts.gate_up_proj``
 ``(experts, 2 x inner, hidden)`` (``gate, up = chunk(2)``: the second half is linear) and

@@ -1,4 +1,4 @@
-"""The site registry: a table from architecture to where its pairs are (SPEC §2, §5).
+"""The site registry: a table from architecture to where its pairs are (see docs/architectures.md).
 
 Each :class:`ArchSpec` names, relative to a repeated block (a decoder layer, a transformer
 block), the attention projections, the gated-MLP projections and the pre-norms with their
@@ -109,7 +109,7 @@ class GatedMLP:
 
 @dataclass(frozen=True)
 class PreNorm:
-    """A pre-norm whose output feeds only ``readers`` (SPEC §2 ``norm`` site).
+    """A pre-norm whose output feeds only ``readers`` (the ``norm`` site of docs/design.md).
 
     ``offset``: the norm computes ``x_hat * (offset + w)`` (Gemma's RMSNorm: 1); the channel scale then acts
     on ``offset + w``. Readers that are absent from a model are left out (alternative layouts may be listed);
@@ -359,7 +359,23 @@ REGISTRY: list[ArchSpec] = [LLAMA, GPT2, BERT, CLIP_TEXT]
 
 
 def register_architecture(spec: ArchSpec) -> None:
-    """Add (or replace, by ``name``) an architecture in the registry."""
+    """Add (or replace, by ``name``) an architecture in the registry.
+
+    Args:
+        spec: the architecture's :class:`~hf_specdef.sites.registry.ArchSpec` (its module names per block and the
+            site types it supports; see docs/architectures.md).
+
+    Returns:
+        None.
+
+    Example:
+        ```python
+        from hf_specdef import register_architecture
+        from hf_specdef.sites.registry import LLAMA
+
+        register_architecture(LLAMA)  # replaces the entry of the same name
+        ```
+    """
     REGISTRY[:] = [s for s in REGISTRY if s.name != spec.name] + [spec]
 
 

@@ -62,7 +62,25 @@ INDEX_FIX = "re-download the index or re-save the checkpoint with save_pretraine
 
 
 class CheckpointError(SpecDefError, ValueError):
-    """A checkpoint folder or file is missing, truncated, corrupted or inconsistent with its index."""
+    """A checkpoint folder or file is missing, truncated, corrupted or inconsistent with its index.
+
+    Raised by :func:`~hf_specdef.protect_checkpoint`, :func:`~hf_specdef.inspect_model` (on a path) and
+    :func:`~hf_specdef.publish` when the source folder does not exist or is a file, a ``.safetensors`` header or
+    shard index cannot be read or parsed, a shard is truncated or missing, a tensor has a dtype torch cannot read or
+    NaN/inf values, or the destination cannot be written. The message names the file and the fix. Also a
+    ``ValueError``.
+
+    Example:
+
+    ```python
+    from hf_specdef import CheckpointError, inspect_model
+
+    try:
+        inspect_model("no-such-folder")
+    except CheckpointError as e:
+        print(e)  # names the folder or file and what is wrong with it
+    ```
+    """
 
 
 class HeaderEntry(NamedTuple):

@@ -298,7 +298,7 @@ def apply_consumer(t: torch.Tensor, axis: int, start: int, stop: int, m: Deforma
 
 
 def spectral_budget(mode_is_axis: bool, alpha: float, dtype: torch.dtype) -> float:
-    """Expected relative output error of storing a deformation in ``dtype`` (SPEC §2).
+    """Expected relative output error of storing a deformation in ``dtype`` (see docs/design.md).
 
     Spectral: ~ alpha * u (rounding of the consumer's other directions is amplified by alpha).
     Axis with a power-of-two alpha: 0 (exact) in formats with a wide exponent range (bf16, fp32, fp64).

@@ -1,1 +1,1 @@
-"""PEFT tuners shipped by hf-specdef (SPEC §3): ``specundo``, the attacker's undo adapter."""
+"""PEFT tuners shipped by hf-specdef (see docs/integrations.md): ``specundo``, the attacker's undo adapter."""

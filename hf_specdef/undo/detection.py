@@ -1,4 +1,4 @@
-"""Blind detection of SpecDef deformations from the weights alone (SPEC §3, attacker side).
+"""Blind detection of SpecDef deformations from the weights alone (attacker side; see docs/design.md).
 
 Pure torch plus the site registry: the attacker knows the architecture (hence the candidate
 pairs, per kv-head / rotary pair / channel block, from :func:`hf_specdef.sites.pairs_for`) but not
@@ -273,8 +273,33 @@ def detect_deformations(
 ) -> DetectionReport:
     """Blindly find the deformed sites of a model (or of a ``name -> tensor`` mapping with ``pairs``).
 
-    Returns a :class:`DetectionReport` whose ``sites`` are in *protection order* (apply their
-    inverses last-first to undo). The model is not modified: estimates are made on copies.
+    The attacker's side, with only the weights: outlier singular values (or row/column norms) of each pair's
+    blocks give the deformed directions and an estimate of each factor. The model is not modified: estimates are
+    made on copies.
+
+    Args:
+        model: the (protected) model; or None with ``tensors`` and ``pairs``.
+        tensors: ``name -> weight`` instead of a model.
+        pairs: the pairs to examine (default: the site registry's pairs of ``model``).
+        site_map: explicit pairs for an architecture the registry does not know.
+        threshold: outlier ratio above which a block counts as deformed (finite, > 1).
+        max_k: the most directions per block considered.
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`~hf_specdef.undo.detection.DetectionReport` whose ``sites`` are in *protection order* (apply
+        their inverses last-first to undo).
+
+    Raises:
+        ValueError: a threshold that is not a finite number > 1.
+
+    Example:
+        ```python
+        from hf_specdef import detect_deformations
+
+        report = detect_deformations(protected_model)
+        print(len(report.sites), "deformed sites found from the weights alone")
+        ```
     """
     if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold > 1):
         raise DetectionError(f"threshold={threshold!r} must be a finite number > 1 (a balance score of 1 means "

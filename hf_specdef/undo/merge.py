@@ -1,4 +1,4 @@
-"""The attacker's knowledge of a deformation, and the "merge" undo that rewrites weights in place (SPEC §3).
+"""The attacker's knowledge of a deformation, and the "merge" undo that rewrites weights in place (see docs/design.md).
 
 ``knowledge="recipe"``: the exact protection record (``record="full"``: pairs + directions), read
 from the model config, a record dict, a JSON file (a record, or a ``config.json`` carrying one) or
@@ -112,7 +112,30 @@ def undo_in_place(
     """Rewrite ``model``'s weights back to the undeformed geometry, in place (``undo="merge"``).
 
     The function is kept (up to rounding); the deformed spectra are restored (exactly with a recipe,
-    up to the factor estimate when blind). Returns the sites undone.
+    up to the factor estimate when blind). No parameters are added.
+
+    Args:
+        model: the protected model (modified in place).
+        knowledge: ``"blind"`` (estimate the deformation from the weights) or ``"recipe"`` (use the protection
+            record: in the model's config, or ``recipe``).
+        recipe: a protection record (dict, or the path of a ``config.json`` holding one) for ``"recipe"``.
+        threshold: outlier ratio of blind detection.
+        max_k: the most directions per block blind detection considers.
+        site_map: explicit pairs for an architecture the registry does not know.
+        progress: show a progress bar.
+
+    Returns:
+        An ``UndoResult`` naming the sites undone.
+
+    Raises:
+        ValueError: an unknown ``knowledge``, or ``"recipe"`` without a full record.
+
+    Example:
+        ```python
+        from hf_specdef import undo_in_place
+
+        result = undo_in_place(protected_model, knowledge="blind")
+        ```
     """
     sites, report = resolve_sites(model, knowledge, recipe, threshold=threshold, max_k=max_k, site_map=site_map,
                                   progress=progress)

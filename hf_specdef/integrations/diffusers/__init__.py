@@ -1,4 +1,4 @@
-"""diffusers integration: protect pipelines and denoisers at load, in memory and at save (SPEC §2, §4, §5, §7).
+"""diffusers integration: protect pipelines and denoisers at load, in memory and at save (see docs/integrations.md).
 
 This module is imported once ``hf_specdef`` and diffusers' ``ModelMixin`` or ``DiffusionPipeline`` both are
 (post-import hook, see :mod:`hf_specdef.integrations`), and then, once (idempotent):
@@ -17,7 +17,7 @@ This module is imported once ``hf_specdef`` and diffusers' ``ModelMixin`` or ``D
   - ``ModelMixin.save_pretrained`` and ``DiffusionPipeline.save_pretrained`` (:func:`save_pretrained`):
     ``specdef_config=cfg`` writes protected files while the in-memory object stays unchanged
     (:func:`save_protected`), and any save of a model that carries a protection record first checks that the
-    weights show the claimed deformation (SPEC §7, :mod:`.claims`) and refuses to write otherwise
+    weights show the claimed deformation (:mod:`.claims`) and refuses to write otherwise
     (:class:`DeformationCheckError`).
 
 :func:`uninstall` (run by :func:`hf_specdef.integrations.uninstall`) restores the four methods (the identical
@@ -27,7 +27,7 @@ objects); the registrations with hf-specdef's core stay.
 ``UNet2DConditionModel.from_pretrained(path, specdef_config=cfg)`` returns an *unprotected* model and says
 nothing. The keywords work only while the integration is installed.
 
-Pipeline-level ``norm`` site (SPEC §2): in a Stable-Diffusion-style pipeline the text encoder's
+Pipeline-level ``norm`` site (see docs/design.md): in a Stable-Diffusion-style pipeline the text encoder's
 ``final_layer_norm`` feeds (as ``encoder_hidden_states``) only the cross-attention ``to_k``/``to_v`` of every
 denoiser block. Folding a channel scale there makes every cross-attention ``to_k``/``to_v`` a hot side — the
 one way to heat ``to_v``. It is on by default (``pipeline_norm=None``: applied when ``"norm"`` is among the
@@ -143,7 +143,7 @@ def from_pretrained(stock: Any, cls: type, *args: Any, specdef_config: Any = Non
 def save_pretrained(stock: Any, self: Any, save_directory: str | os.PathLike, *args: Any, specdef_config: Any = None,
                     **kwargs: Any) -> Any:
     """``specdef_config=SpecDefConfig(...)`` writes protected files while the object in memory stays unchanged;
-    a model or pipeline whose protection record claims more than its weights show is refused (SPEC §7).
+    a model or pipeline whose protection record claims more than its weights show is refused.
 
     The replacement of ``ModelMixin.save_pretrained`` and ``DiffusionPipeline.save_pretrained``
     (:data:`hf_specdef.integrations.PATCHES`); its first paragraph is appended to the stock docstrings.

@@ -1,4 +1,4 @@
-"""SPEC §7 for diffusers: before anything is written, the weights must show the deformation the record claims.
+"""The claims check for diffusers: before anything is written, the weights must show the deformation the record claims.
 
 :func:`check_claims` checks one model (in-process results, else the record's pairs, else a spectral inspection);
 :func:`_check_pipeline_claims` also checks the pipeline-level pairs, which span two components. The
@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hf_specdef.analysis.verification import DeformationCheckError, check_deformation  # one SPEC §7 check for both libraries
+from hf_specdef.analysis.verification import DeformationCheckError, check_deformation  # one claims check for both libraries
 from hf_specdef.deformation.record import get_record
 from hf_specdef.integrations.diffusers.pipeline import _CLAIMS, _PIPELINE_CLAIMS, ComponentTensors
 from hf_specdef.protection.in_memory import ParamTensors
@@ -33,7 +33,9 @@ def _check_results(results: list[Any], tensors: Any, where: str) -> None:
     try:
         check_deformation(results, tensors)
     except DeformationCheckError as e:
-        raise DeformationCheckError(f"{where}: {e} (SPEC §7: never write a 'protected' model that is not)") from None
+        raise DeformationCheckError(
+            f"{where}: {e} (never write a 'protected' model that is not; see docs/integrations.md)"
+        ) from None
 
 
 def _results_from_record(rec: dict[str, Any], key: str = "pairs") -> list[Any]:
@@ -87,8 +89,8 @@ def _check_by_inspection(model: torch.nn.Module, rec: dict[str, Any], where: str
     if missing:
         raise DeformationCheckError(
             f"{where}: the protection record claims {len(hot)} hot modules but {len(missing)} show no deformation "
-            f"(e.g. {missing[:3]}); refusing to write a 'protected' model that is not (SPEC §7). Re-protect it with "
-            "hf_specdef.protect(model, cfg, force=True) or remove the '_specdef' record from its config."
+            f"(e.g. {missing[:3]}); refusing to write a 'protected' model that is not (see docs/integrations.md). "
+            "Re-protect it with hf_specdef.protect(model, cfg, force=True) or remove the '_specdef' record from its config."
         )
 
 

@@ -1,4 +1,5 @@
-"""The downcast guard for diffusers ``from_pretrained(..., torch_dtype=...)`` (SPEC §7; see :mod:`hf_specdef.analysis.downcast`).
+"""The downcast guard for diffusers ``from_pretrained(..., torch_dtype=...)`` (see docs/precision.md
+and :mod:`hf_specdef.analysis.downcast`).
 
 A model or pipeline component whose protection record says it is exact only in float32 is refused in
 ``torch_dtype=torch.bfloat16 | torch.float16`` (``dtype=`` too; a dict of per-component dtypes is checked

@@ -1,4 +1,4 @@
-"""Protection of a diffusers pipeline (or one denoiser) in place, with an exact backup (SPEC §2, §4).
+"""Protection of a diffusers pipeline (or one denoiser) in place, with an exact backup (see docs/integrations.md).
 
 :func:`protect_pipeline` (what :func:`hf_specdef.protect` does with a pipeline, registered with
 :mod:`hf_specdef.analysis.integration_registry` by the diffusers integration) and :func:`_apply`, shared by load-time
@@ -6,7 +6,7 @@ and save-time
 protection: it deforms the components in place, verified on the composed function, writes each component's
 record and returns what changed (:class:`_Applied`), so that a save-time protection can put it all back.
 
-Pipeline-level ``norm`` site (SPEC §2): see :mod:`hf_specdef.integrations.diffusers`.
+Pipeline-level ``norm`` site: see :mod:`hf_specdef.integrations.diffusers`.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def save_protected(
 
     The weights are deformed in place while :class:`~hf_specdef.protection.in_memory.Backup` keeps exact copies of the
     changed rows/columns only (never a full copy of the denoiser); the function is verified, the claimed
-    deformation re-checked (SPEC §7), ``save_pretrained`` writes into a temporary directory beside
+    deformation re-checked, ``save_pretrained`` writes into a temporary directory beside
     ``save_directory`` which is then renamed into place, and every tensor and config is restored bit for bit
     (also on error). ``pipe.save_pretrained(out, specdef_config=cfg)`` and ``model.save_pretrained(out,
     specdef_config=cfg)`` call this. Options as in :func:`protect_pipeline`; ``save_kwargs`` go to
@@ -105,7 +105,7 @@ def save_protected(
 
 
 def _stock_save(obj: Any, directory: Path, **kwargs: Any) -> None:
-    """``save_pretrained`` of ``obj`` after the SPEC §7 claims check (the original, unwrapped method)."""
+    """``save_pretrained`` of ``obj`` after the claims check (the original, unwrapped method)."""
     if isinstance(obj, DiffusionPipeline):
         _check_pipeline_claims(obj)
         with _checked():

@@ -1,4 +1,4 @@
-"""transformers integration: ``from_pretrained(..., specdef_config=cfg)`` and ``save_protected`` (SPEC §1, §4, §7).
+"""transformers integration: ``from_pretrained(..., specdef_config=cfg)`` and ``save_protected`` (see docs/integrations.md).
 
 This module is imported once ``hf_specdef`` and ``transformers.modeling_utils`` both are (post-import hook, see
 :mod:`hf_specdef.integrations`; a process that only imported an Auto class gets it when the first
@@ -193,7 +193,7 @@ def uninstall() -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Deformation check (SPEC §7) and save-time protection
+# Deformation check and save-time protection
 # --------------------------------------------------------------------------------------------
 
 
@@ -201,7 +201,7 @@ def _protect_with_backup(
     model: PreTrainedModel, cfg: SpecDefConfig, inputs: dict[str, Any] | None, verify: bool, progress: bool,
     notes: list[str],
 ) -> tuple[list[PairResult], Backup, float | None, list[str], Any]:
-    """Deform ``model`` in place, verified and checked (SPEC §7), keeping the exact backup (restored on failure);
+    """Deform ``model`` in place, verified and checked, keeping the exact backup (restored on failure);
     with ``cfg.quantization_safe`` also the quantized check (returned last; ``None`` otherwise)."""
     tensors = ParamTensors(model)
     pairs, skipped = model_pairs(model, cfg, tensors)
@@ -241,7 +241,7 @@ def save_protected(
 
     The model is deformed in place while an exact backup of the changed rows/columns is kept (only
     those: k channels per axis pair, the head blocks of spectral pairs — never a full copy), outputs
-    are verified on a probe batch, the claimed deformation is checked on the spectra (SPEC §7), then
+    are verified on a probe batch, the claimed deformation is checked on the spectra, then
     ``save_pretrained`` writes to a temporary directory beside ``save_directory`` that is renamed into
     place, and the model is restored bit for bit (also on any error). The saved config.json carries
     the protection record under ``"specdef"`` and loads with stock transformers.

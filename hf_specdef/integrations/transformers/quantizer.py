@@ -1,4 +1,4 @@
-"""SpecDef as a transformers quantizer: ``from_pretrained(path, quantization_config=cfg)`` (SPEC §4).
+"""SpecDef as a transformers quantizer: ``from_pretrained(path, quantization_config=cfg)`` (see docs/integrations.md).
 
 SpecDef is not a quantization, but the quantizer registry is transformers' one hook that runs on
 the loaded model inside ``from_pretrained``. :class:`SpecDefHfQuantizer` deforms the weights once
@@ -52,6 +52,14 @@ class SpecDefQuantizationConfig(QuantizationConfigMixin):
             and :class:`~hf_specdef.protection.in_memory.VerificationError` raised if they deviate beyond the tolerance).
         progress: show a progress bar over the pairs.
         **fields: ``SpecDefConfig`` fields, when built from a flat dict (``from_dict``).
+
+    Example:
+        ```python
+        from hf_specdef import SpecDefConfig, SpecDefQuantizationConfig
+
+        qc = SpecDefQuantizationConfig(SpecDefConfig(alpha=1000.0), verify=True)
+        model = AutoModelForCausalLM.from_pretrained("path/to/model", quantization_config=qc)
+        ```
     """
 
     def __init__(

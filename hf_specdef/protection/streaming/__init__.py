@@ -1,4 +1,4 @@
-"""``protect_checkpoint``: SpecDef protection of safetensors checkpoint files, shard by shard (SPEC §4, §6, §7).
+"""``protect_checkpoint``: SpecDef protection of safetensors checkpoint files, shard by shard.
 
 The pairs come from the same site registry and engine as in-memory :func:`hf_specdef.protect`
 (``pairs_for`` on the header shapes, ``engine.plan_pairs`` / ``engine.build_deformation``), and the
@@ -21,7 +21,7 @@ waits for that decision. In a diffusers pipeline folder the pipeline-level ``nor
 ``to_k``/``to_v`` before the denoiser's own pairs; the text encoder is then streamed with its final norm's
 steps, and small pipelines get a forward check of text encoder and denoiser together.
 
-Reliability (SPEC §7): everything is written to a temporary folder next to the destination and
+Reliability: everything is written to a temporary folder next to the destination and
 renamed into place only after verification. Each deformed tensor is verified right after it is
 written, while its bytes are still in cache: the written file is parsed again (and, once complete,
 opened with ``safetensors``), and the recorded
@@ -177,6 +177,11 @@ def protect_checkpoint(
 ) -> CheckpointReport:
     """Protect a safetensors checkpoint folder into ``dst_dir``, streaming shard by shard.
 
+    Only a chunk of a tensor is held in memory at a time, whatever the model size; the source is only ever read.
+    Everything is written to a temporary folder next to the destination, checked, and renamed into place only after
+    verification; any failure removes the temporary folder and raises one error naming the file or tensor. See the
+    Performance page of the docs (docs/performance.md).
+
     Args:
         src_dir: a transformers/diffusers model folder (single ``*.safetensors`` or shards with an
             index), or a diffusers pipeline folder (``model_index.json``), whose denoiser component
@@ -199,13 +204,29 @@ def protect_checkpoint(
     the CPU.
 
     Returns:
-        A :class:`CheckpointReport` (per pair: site, layer, sigma_1 before/after; the tensor-check
-        error; the forward-check deviation for small models).
+        `CheckpointReport`: a :class:`~hf_specdef.ProtectionReport` (per pair: site, layer, sigma_1 before/after)
+        plus the source, destination, shards and bytes written, the tensor-check error and, for small models, the
+        forward-check deviation (or why it was not measured).
 
     Raises:
-        CheckpointError: missing/truncated/corrupted shards, NaN/inf weights, unwritable destination.
-        FileExistsError: ``dst_dir`` exists and ``overwrite`` is False.
-        AlreadyProtectedError, NoSitesError, PrecisionBudgetError, VerificationError.
+        CheckpointError: the source is missing or a file, shards are missing, truncated or corrupted, weights are
+            NaN/inf, or the destination cannot be written.
+        FileExistsError: ``dst_dir`` exists and ``overwrite`` is False (or it is a symbolic link, or not a folder).
+        ValueError: ``dst_dir`` is inside the source folder or contains it.
+        AlreadyProtectedError: the checkpoint carries a protection record and ``force`` is False.
+        NoSitesError: no pair of the checkpoint matches the config.
+        PrecisionBudgetError: the storage dtype cannot hold the deformation within ``cfg.tolerance``.
+        VerificationError: a written tensor or the forward check deviates beyond the tolerance (nothing is left
+            at ``dst_dir``).
+
+    Example:
+
+    ```python
+    from hf_specdef import SpecDefConfig, protect_checkpoint
+
+    report = protect_checkpoint("Llama-3.1-8B", "Llama-3.1-8B-specdef", SpecDefConfig(), progress=False)
+    print(report)  # pairs, shards and MiB written, tensor-check error
+    ```
     """
     start = time.perf_counter()
     cfg = cfg or SpecDefConfig()

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``scripts/convergence_bench.py``."""
-    parser = argparse.ArgumentParser(prog="convergence_bench.py", description=__doc__)
+    parser = argparse.ArgumentParser(prog="convergence_bench.py", description=HELP)
     parser.add_argument("--debug", action="store_true", help="debug logs")
     add_arguments(parser)
     args = parser.parse_args(argv)

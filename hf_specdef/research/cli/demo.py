@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
               "(protection does not slow it down; its speed is that of those parameters).")
     print(f"\nplots: {', '.join(results['plots'])}\nresults: {os.path.join(args.out, 'results.json')}  "
           f"(took {time.perf_counter() - start:.0f} s)")
-    print("This is a toy. On a real model (SmolLM2-135M-Instruct, README: 'The defence on a real model') the worst case "
+    print("This is a toy. On a real model (SmolLM2-135M-Instruct; see docs/redteam.md) the worst case "
           "measured is 1.00x: full fine-tuning with multiplicative Adam, which no protection exact in bfloat16 can slow "
           "(it only rescales weights); measure your own release with hf-specdef redteam.")
     print("For the full benchmark (alpha 10/100/1000, SGD and Adam, >= 6 learning rates): hf-specdef bench --quick")

@@ -23,14 +23,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help=f"attacks {', '.join(QUICK_ATTACKS)} (and their unprotected baselines), 1 seed, default "
-                           "protection: about 15 min for SmolLM2-135M on 2 CPU cores")
+                           "protection: about 15 min for SmolLM2-135M on 2 CPU cores; the default")
     size.add_argument("--full", action="store_true",
                       help="every attack, 6 protection variants, 3 seeds (meant for a GPU)")
     size.add_argument("--tiny", action="store_true", help="a smoke test of seconds on tiny models")
     p.add_argument("--attacks", type=_names, default=None,
                    help=f"comma-separated attack names, of: {', '.join(SUITE)}; default: the preset's")
     p.add_argument("--variants", type=_names, default=None,
-                   help=f"protection variants: {', '.join(VARIANTS)}, custom")
+                   help=f"protection variants: {', '.join(VARIANTS)}, custom (default: default; --full: six variants)")
     p.add_argument("--protection", default=None,
                    help="JSON of SpecDefConfig fields for the 'custom' variant, e.g. '{\"alpha\": 100}'")
     p.add_argument("--protected", action="append", default=[], metavar="NAME=PATH",
@@ -40,13 +40,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reuse-runs", action="append", default=[], metavar="RESULTS_JSON",
                    help="take the runs of an earlier red team on the same model, data and settings (seeds aside) "
                         "instead of training them again, e.g. to add seeds or attacks to it (repeatable)")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1); the headline is their median")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1); the headline is their median "
+                                                                  "(default 1; --full: 3)")
     p.add_argument("--data", default=None, help="attack data: a .txt or .jsonl file (default: the shipped corpus)")
     p.add_argument("--text-field", default="text", help="field of the .jsonl records holding the text")
-    p.add_argument("--reference-steps", type=int, default=None, help="steps in which the unprotected model sets the target")
-    p.add_argument("--budget-factor", type=int, default=None, help="budget = reference steps x this")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch size")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per training window")
+    p.add_argument("--reference-steps", type=int, default=None, help="steps in which the unprotected model sets the target "
+                                                                            "(default 8; --full: 20; --tiny: 4)")
+    p.add_argument("--budget-factor", type=int, default=None, help="budget = reference steps x this (default 10; --tiny: 4)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size (default 4)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per training window (default 64; --tiny: 16)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted red team with the same --out and options: its finished runs "
                         "(kept in OUT.runs.jsonl as they finish) are not run again")

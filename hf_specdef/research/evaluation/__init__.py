@@ -1,4 +1,4 @@
-"""Evaluation: the attack runner, real-data scenarios and the convergence benchmark (SPEC §3, §6).
+"""Evaluation: the attack runner, real-data scenarios and the convergence benchmark (see docs/redteam.md).
 
 * :mod:`~hf_specdef.research.evaluation.runner`: fine-tune a copy of a model (deformed sites, everything, the bypass,
   LoRA or SpecUndo) with SGD/Adam over a learning-rate sweep and count steps to a target loss.

@@ -1,4 +1,4 @@
-"""The convergence benchmark: steps-to-target of unprotected, protected, undone and bypassing attacks (SPEC §6).
+"""The convergence benchmark: steps-to-target of unprotected, protected, undone and bypassing attacks (see docs/redteam.md).
 
 For a scenario (a model pretrained on one task, fine-tuned by the attacker on another), every *variant*
 is attacked with SGD and Adam over a learning-rate grid and the best learning rate is kept:

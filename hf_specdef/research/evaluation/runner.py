@@ -4,7 +4,7 @@ An *attack* trains one parameterization of a model (``train``):
 
 * ``"sites"``: the parameters the protection deforms (producers and consumers of every selected pair);
 * ``"all"``: every parameter;
-* ``"bypass"``: every parameter *except* the deformed ones (SPEC §2: the function is unchanged, so these
+* ``"bypass"``: every parameter *except* the deformed ones (the function is unchanged, so these
   train exactly as in the unprotected model);
 * ``"lora"``: a PEFT LoRA adapter on ``target_modules``;
 * ``"specundo"``: the SpecUndo adapter (:mod:`hf_specdef.tuners.specundo`), LoRA in the undeformed geometry.

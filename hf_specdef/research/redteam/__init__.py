@@ -1,4 +1,4 @@
-"""The red team (SPEC §6): fine-tune a real model, unprotected and protected, with a suite of attacks on
+"""The red team (see docs/redteam.md): fine-tune a real model, unprotected and protected, with a suite of attacks on
 ``transformers.Trainer`` / PEFT, each at its best learning rate, and report the worst case.
 
 * :mod:`~hf_specdef.research.redteam.attacks`: the suite (uninformed and informed attacks);

@@ -1,7 +1,7 @@
-"""The red-team suite: what an attacker trains, with which optimizer and schedule (SPEC §6).
+"""The red-team suite: what an attacker trains, with which optimizer and schedule (see docs/redteam.md).
 
 An :class:`Attack` is one fine-tuning recipe. *Uninformed* attacks are what a user of ``transformers.Trainer`` and
-PEFT does without knowing about SpecDef; *informed* ones know the protection and work around it (SPEC §3):
+PEFT does without knowing about SpecDef; *informed* ones know the protection and work around it (see docs/threat-model.md):
 the SpecUndo adapter (blind or with the recipe), the blind in-place undo followed by full fine-tuning, and the
 bypass (train only what protection leaves alone). Each informed attack is compared with the unprotected model
 under its ``baseline`` uninformed attack.

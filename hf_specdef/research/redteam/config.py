@@ -37,8 +37,10 @@ class RedTeamConfig:
         protection: ``SpecDefConfig`` fields of the ``"custom"`` variant.
         seeds: seeds (data order, adapter initialisation); the learning rates are searched with the first, the
             others run at the best learning rate found. The headline is the median over seeds.
-        seq_len / batch_size / eval_windows: attack data shape (batch_size is the global batch).
-        reference_steps: the unprotected model sets each attack's target loss in this many steps (see README).
+        seq_len: attack sequence length (tokens).
+        batch_size: attack batch size (the global batch).
+        eval_windows: held-out windows of ``seq_len`` tokens.
+        reference_steps: the unprotected model sets each attack's target loss in this many steps (see docs/redteam.md).
         budget_factor: step budget = reference_steps x budget_factor (also the schedules' horizon); a protected
             run that never reaches the target proves a slowdown >= budget / unprotected steps.
         fraction: target = L0 - fraction x (L0 - best unprotected loss after reference_steps); with the default 1.0
@@ -48,7 +50,8 @@ class RedTeamConfig:
         per_decade: learning-rate grid density around the optimum.
         eval_every: held-out evaluation interval in optimizer steps (steps to target are counted on it).
         max_runs: cap on runs of one learning-rate search.
-        data / text_field: attack data (None: the shipped corpus; a .txt/.jsonl path; a ``datasets.Dataset``).
+        data: attack data (None: the shipped corpus; a .txt/.jsonl path; a ``datasets.Dataset``).
+        text_field: the text field of a .jsonl file or a dataset.
     """
 
     attacks: tuple[str, ...] | None = None

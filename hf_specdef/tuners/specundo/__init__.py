@@ -1,4 +1,4 @@
-"""SpecUndo: the attacker's undo of a SpecDef deformation as a PEFT tuner (SPEC §3).
+"""SpecUndo: the attacker's undo of a SpecDef deformation as a PEFT tuner (see docs/integrations.md).
 
 Importing this module (``hf_specdef`` does once ``peft`` is imported) registers the method with PEFT
 (:func:`install`): ``SPECUNDO`` is added to ``peft.utils.PeftType`` (PEFT's ``register_peft_method`` only accepts

@@ -1,4 +1,4 @@
-"""``SpecUndoConfig``: the PEFT config of the SpecUndo adapter (SPEC §3)."""
+"""``SpecUndoConfig``: the PEFT config of the SpecUndo adapter."""
 
 from __future__ import annotations
 
@@ -51,26 +51,51 @@ class SpecUndoConfig(PeftConfig):
     for a producer ``P' = M P`` it is ``ΔP' = M̂ B A``. ``M̂`` is stored compactly (directions and
     factors, O(k·d) buffers per deformed matrix, not trainable).
 
+    Passed to ``peft.get_peft_model(model, SpecUndoConfig(...))``; importing it from ``hf_specdef`` needs PEFT
+    (``pip install 'hf-specdef[peft]'``). See the Integrations page of the docs (docs/integrations.md).
+
     Args:
-        r: LoRA rank.
-        lora_alpha: LoRA scaling numerator (``scaling = lora_alpha / r``).
-        lora_dropout: dropout on the adapter input.
+        r (`int`, defaults to `8`): LoRA rank (a positive integer).
+        lora_alpha (`int`, defaults to `8`): LoRA scaling numerator (``scaling = lora_alpha / r``).
+        lora_dropout (`float`, defaults to `0.0`): dropout on the adapter input.
         target_modules: modules to adapt (names, suffixes or a regex, as in LoRA). ``None``: every
             linear module that is a side of a deformed pair (exact module names).
         exclude_modules: modules not to adapt.
         fan_in_fan_out: the targets store weights as (in, out) (GPT-2 ``Conv1D``; set automatically).
         bias: ``"none"`` (only ``"none"`` is supported).
-        knowledge: ``"recipe"`` (the protection record, exact) or ``"blind"`` (estimated from weights).
+        modules_to_save: extra modules to train and save in full, as in LoRA.
+        knowledge (`str`, defaults to `"blind"`): ``"recipe"`` (the protection record, exact) or ``"blind"``
+            (estimated from the weights).
         recipe: the record to use with ``knowledge="recipe"`` instead of the model config's: a record
             dict, a JSON file (record or config.json) or a model directory.
         undo: ``"adapter"`` (frozen ``M̂`` inside the adapter layers) or ``"merge"`` (rewrite the base
             weights back in place first, then train a plain low-rank adapter on top).
-        threshold: blind detection threshold on the balance score (``~1`` undeformed, ``~alpha`` deformed).
-        max_k: most deformed directions looked for per pair.
+        threshold (`float`, defaults to `10.0`): blind detection threshold on the balance score (``~1`` undeformed,
+            ``~alpha`` deformed); must be > 1.
+        max_k (`int`, defaults to `4`): most deformed directions looked for per pair.
         site_map: explicit pairs for architectures the registry does not know (as ``SpecDefConfig.site_map``).
-        init_weights: initialise ``B`` to zero (the adapter starts as the identity).
+        init_weights (`bool`, defaults to `True`): initialise ``B`` to zero (the adapter starts as the identity).
+        layers_to_transform: layer indices to adapt, as in LoRA.
+        layers_pattern: the name of the layer list, with ``layers_to_transform``, as in LoRA.
         undo_plan: filled in automatically when the adapter is created: per module, the structure of
             ``M̂`` (side, block, kind, k); saved with the adapter so loading needs no detection.
+
+    Raises:
+        ValueError: ``r`` or ``max_k`` is not a positive integer, ``knowledge`` / ``undo`` / ``bias`` is not an
+            allowed value, ``threshold <= 1``, or ``recipe`` is given without ``knowledge="recipe"``.
+
+    Example:
+
+    ```python
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef import SpecUndoConfig
+
+    model = AutoModelForCausalLM.from_pretrained("me/Llama-3.2-1B-specdef")
+    peft_model = get_peft_model(model, SpecUndoConfig(r=8, knowledge="recipe"))
+    peft_model.print_trainable_parameters()  # then train as with LoRA
+    ```
     """
 
     r: int = field(default=8, metadata={"help": "LoRA rank"})

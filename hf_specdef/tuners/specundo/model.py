@@ -1,4 +1,4 @@
-"""``SpecUndoModel``: the PEFT tuner that undoes a SpecDef deformation while fine-tuning (SPEC §3)."""
+"""``SpecUndoModel``: the PEFT tuner that undoes a SpecDef deformation while fine-tuning."""
 
 from __future__ import annotations
 
@@ -80,6 +80,36 @@ class SpecUndoModel(BaseTuner):
     stored in ``config.undo_plan`` (structure) and the layers' buffers (values), so a saved adapter
     reloads without detection. With ``undo="merge"`` the base weights are rewritten back first and
     the adapter carries no ``M̂``. ``detection_report`` holds what blind detection found.
+
+    Args:
+        model (`torch.nn.Module`): the (protected) model to adapt.
+        config (`SpecUndoConfig`, or a dict of them by adapter name): the adapter's configuration.
+        adapter_name (`str`, defaults to `"default"`): the adapter's name.
+        low_cpu_mem_usage (`bool`, defaults to `False`): create the adapter weights on the meta device, as in PEFT.
+        state_dict (`dict[str, torch.Tensor]`, *optional*): a saved adapter state dict, used by PEFT when loading.
+
+    Attributes:
+        detection_report (`dict[str, DetectionReport | None]`): per adapter, what blind detection (or the recipe)
+            found; ``None`` for an adapter loaded from its saved ``undo_plan``.
+        prefix (`str`): ``"specundo_"``, the prefix of the adapter's parameter names.
+
+    Raises:
+        ValueError: no deformed linear module was found and ``target_modules`` is not given, a target is not a
+            ``torch.nn.Linear`` / ``Conv1D``, or ``target_parameters`` is set.
+
+    Example:
+
+    ```python
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hf_specdef import SpecUndoConfig, SpecUndoModel
+
+    model = AutoModelForCausalLM.from_pretrained("me/Llama-3.2-1B-specdef")
+    peft_model = get_peft_model(model, SpecUndoConfig(knowledge="recipe"))
+    assert isinstance(peft_model.base_model, SpecUndoModel)
+    print(peft_model.base_model.undo_overhead())  # the cost of the undo maps
+    ```
     """
 
     prefix: str = "specundo_"
@@ -174,7 +204,22 @@ def export_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_name:
     """Write a trained SpecUndo adapter as a standard LoRA adapter (``A' = A R̂``, ``B' = L̂ B``).
 
     Stock PEFT loads the result with no hf-specdef installed (``PeftModel.from_pretrained`` on the
-    same protected base model) and computes exactly the same update. Returns ``out_dir``.
+    same protected base model) and computes exactly the same update.
+
+    Args:
+        peft_model: a ``PeftModel`` with a SpecUndo adapter.
+        out_dir: the folder to write the LoRA adapter to.
+        adapter_name: which adapter to export.
+
+    Returns:
+        ``out_dir``, as a string.
+
+    Example:
+        ```python
+        from hf_specdef import export_lora
+
+        export_lora(peft_model, "lora-adapter")  # then PeftModel.from_pretrained(base, "lora-adapter") in stock PEFT
+        ```
     """
     from peft import LoraConfig
     from safetensors.torch import save_file
