@@ -59,8 +59,8 @@ class SpecDefConfig:
             rotary embeddings) always use axis scaling.
         tolerance (`float`, *optional*, defaults to `1e-3`):
             Largest max relative output deviation accepted by verification (finite, > 0). Spectral mode at
-            alpha=1000 in float32 costs about alpha x unit roundoff (measured 6e-5 to 1.03e-4 on Llama models of 2 to
-            24 layers), so ``tolerance=1e-4`` sits at float32's edge. The precision budget is checked against it.
+            alpha=1000 in float32 costs about alpha x unit roundoff (about 1e-4; docs/precision.md), so
+            ``tolerance=1e-4`` sits at float32's edge. The precision budget is checked against it.
         precision (`str`, *optional*, defaults to `"auto"`):
             How to fit the deformation into the storage dtype (see the Precision page of the docs,
             docs/precision.md). ``"auto"``: the strongest protection exact in the dtype each weight is stored in --

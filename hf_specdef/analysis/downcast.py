@@ -5,8 +5,8 @@ No Hugging Face imports: the integrations (:mod:`.integrations.transformers`, :m
 read the checkpoint's config and call :func:`resolve_dtype` before loading and :func:`check_loaded` after.
 
 A spectral protection stored in float32 adds a relative output error of about alpha x unit roundoff when its
-weights are rounded to a 16-bit format (measured on SmolLM2-135M at alpha=1000: 0.68 max relative logit
-deviation in bfloat16, NaN in float16). So, with hf-specdef imported:
+weights are rounded to a 16-bit format (docs/precision.md has the figures measured on a real model). So, with
+hf-specdef imported:
 
 * ``dtype=torch.bfloat16 | torch.float16`` (``torch_dtype=`` in diffusers) of such a checkpoint raises
   :class:`DowncastError`, naming the record, the measured (or expected) breakage and the fix;
@@ -15,8 +15,7 @@ deviation in bfloat16, NaN in float16). So, with hf-specdef imported:
   ``HF_SPECDEF_ALLOW_DOWNCAST=1`` loads anyway, with a warning that names the deviation.
 
 The same holds for any 16-bit dtype a release is not exact in: a power-of-two axis release exact in bfloat16
-is refused in float16 (its compensated weights turn subnormal and its inflated activations can overflow: SmolLM2
-protected in bfloat16 with alpha=1024 gives non-finite logits in float16).
+is refused in float16 (its compensated weights turn subnormal and its inflated activations can overflow).
 """
 
 from __future__ import annotations
@@ -109,15 +108,16 @@ def _requested(dtype: Any) -> list[str]:
 def _record_text(record: Mapping[str, Any], info: Mapping[str, Any], where: str) -> str:
     conf = record.get("config") or {}
     return (f"{where} carries a SpecDef protection record (in config.json: modes {record.get('modes')}, "
-            f"alpha={conf.get('alpha')}, precision requested {info.get('requested')} -> used {info.get('used')}) "
+            f"{_factors(record, conf)}, precision requested {info.get('requested')} -> used {info.get('used')}) "
             f"that is exact only in {', '.join(info.get('exact_dtypes') or ['float32'])}")
 
 
-# measured on SmolLM2-135M (scripts/measure_release_dtypes.py): what each kind of release turns into when downcast
-_SMOLLM2 = {("spectral", "bfloat16"): "0.68 (2 of 3 greedy answers changed)",
-            ("spectral", "float16"): "non-finite logits, empty generations",
-            ("axis", "float16"): "non-finite logits (axis alpha=1024 from bfloat16: activations scaled by alpha overflow "
-                                 "float16's range, 65504)"}
+def _factors(record: Mapping[str, Any], conf: Mapping[str, Any]) -> str:
+    """The factors the record says were applied (older records: the requested alpha, named as such)."""
+    factors = record.get("factors")
+    if factors:
+        return "factors " + ", ".join(f"{f:g}" for f in factors)
+    return f"requested alpha {conf.get('alpha')}"
 
 
 def breakage(info: Mapping[str, Any], dtype: str) -> str:
@@ -129,10 +129,7 @@ def breakage(info: Mapping[str, Any], dtype: str) -> str:
     text = f"expected max relative output deviation up to about {format_deviation(expected)} (precision budget)"
     if dtype == "float16":
         text += " or overflow to inf/NaN"
-    kind = "spectral" if info.get("used") in ("spectral", "float32") else "axis"
-    if (kind, dtype) in _SMOLLM2:
-        text += f"; measured on SmolLM2-135M: {_SMOLLM2[kind, dtype]}"
-    return text
+    return text + " (what such releases do on a real model: docs/precision.md)"
 
 
 def message(record: Mapping[str, Any], dtype: str, where: str) -> str:
