@@ -20,7 +20,7 @@ _LAZY = {
     "RedTeamConfig": "config", "VARIANTS": "config",
     "AttackData": "data", "AttackDataError": "data", "build_attack_data": "data",
     "RedTeamError": "errors", "run_redteam": "suite",
-    "JournalError": "journal", "RunJournal": "journal",
+    "JournalError": "journal", "RunJournal": "journal", "MultiplicativeAdam": "optimizers",
 }
 
 __all__ = sorted(_LAZY)
