@@ -33,6 +33,15 @@ class SpecDefError(Exception):
     ```
     """
 
+    #: the documentation page that explains this kind of error and its fixes (appended to the message)
+    docs_page: str | None = None
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.docs_page and self.docs_page not in text:
+            text += f" (see {self.docs_page})"
+        return text
+
 
 class MissingExtraError(SpecDefError, ImportError):
     """A feature needs an optional dependency that is not installed; the message names the extra that installs it.
@@ -52,6 +61,8 @@ class MissingExtraError(SpecDefError, ImportError):
         print(e)  # ... pip install 'hf-specdef[peft]'
     ```
     """
+
+    docs_page = "docs/index.md"
 
 
 def require_extra(library: str, extra: str, feature: str) -> None:

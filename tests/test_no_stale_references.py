@@ -49,3 +49,35 @@ def test_help_is_plain_text() -> None:
     bad = [name for name, parser in _parsers() if "``" in parser.format_help() or STALE.search(parser.format_help())]
     assert len(_parsers()) > 1
     assert not bad, f"--help shows reST markup or a stale reference: {bad}"
+
+
+def test_every_library_error_links_the_docs_page_that_explains_it():
+    """Each SpecDefError subclass names an existing docs page, and its message ends with it."""
+    import importlib
+    import pkgutil
+
+    import hf_specdef
+    from hf_specdef.errors import SpecDefError
+
+    for info in pkgutil.walk_packages(hf_specdef.__path__, "hf_specdef."):
+        if info.name.endswith("__main__"):
+            continue
+        try:
+            importlib.import_module(info.name)
+        except ImportError:  # an optional dependency this install lacks
+            continue
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    errors = {c for c in subclasses(SpecDefError) if c.__module__.startswith("hf_specdef")}
+    assert len(errors) >= 15
+    missing = sorted(c.__qualname__ for c in errors if not c.docs_page)
+    assert not missing, f"errors without a docs page: {missing}"
+    for cls in errors:
+        assert (ROOT / cls.docs_page).is_file(), (cls, cls.docs_page)
+    e = SpecDefError("x")
+    e.docs_page = "docs/precision.md"
+    assert str(e) == "x (see docs/precision.md)"

@@ -60,6 +60,8 @@ class DowncastError(SpecDefError, ValueError):
         ```
     """
 
+    docs_page = "docs/precision.md"
+
 
 def env_allows() -> bool:
     return os.environ.get(ENV_ALLOW, "").strip().lower() not in ("", "0", "false", "no")

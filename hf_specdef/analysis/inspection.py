@@ -66,6 +66,8 @@ RULE = {
 class InspectionError(SpecDefError, ValueError):
     """A bad argument to :func:`inspect_model` (e.g. a threshold that is not a finite ratio > 1)."""
 
+    docs_page = "docs/releases.md"
+
 
 def check_threshold(threshold: Any, name: str = "threshold") -> float:
     """``threshold`` as a float, or :class:`InspectionError`: it must be a finite ratio > 1 (the evidence of an

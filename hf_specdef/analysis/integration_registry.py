@@ -73,6 +73,8 @@ class IntegrationMissingError(SpecDefError, ImportError):
     ```
     """
 
+    docs_page = "docs/integrations.md"
+
     def __init__(self, library: str, what: str) -> None:
         super().__init__(missing_message(library, what))
         self.library = library

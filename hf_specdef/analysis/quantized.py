@@ -110,6 +110,8 @@ def compare_quantized(
 class QuantizedVerificationError(SpecDefError, ValueError):
     """The quantized protected model deviates from the quantized original beyond the tolerance."""
 
+    docs_page = "docs/quantization.md"
+
 
 class QuantizedCheck:
     """Protection's second check: the probe outputs of the model with every linear weight quantized, per format,

@@ -111,6 +111,8 @@ def verify(
 class DeformationCheckError(SpecDefError, ValueError):
     """The weights about to be written do not show the deformation the record claims."""
 
+    docs_page = "docs/releases.md"
+
 
 def check_deformation(results: list[PairResult], tensors: Any, rel: float = 1e-2) -> None:
     """Check that ``tensors`` show the deformation ``results`` claim; raise :class:`DeformationCheckError` if not.

@@ -37,6 +37,8 @@ class DeformationError(SpecDefError, ValueError):
     """A pair could not be deformed from its weights: a value so large that deciding the pair overflows (a
     non-finite intermediate), or a decision (sigma_1) that is not finite. The message names the tensor."""
 
+    docs_page = "docs/releases.md"
+
 
 _F32_MAX = float(torch.finfo(torch.float32).max)
 

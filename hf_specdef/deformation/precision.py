@@ -60,6 +60,8 @@ class PrecisionBudgetError(SpecDefError, ValueError):
     ```
     """
 
+    docs_page = "docs/precision.md"
+
 
 class NothingExactError(PrecisionBudgetError):
     """Every selected pair was left out by the precision policy (e.g. only ``attn.qk`` asked for, in float16)."""

@@ -60,6 +60,8 @@ and neither the inspector (outlier ratio 20) nor a publisher's claim check could
 class QuantizationSafetyError(SpecDefError, ValueError):
     """A deformation that was decided to be quantization-safe is not exact after all; nothing is kept."""
 
+    docs_page = "docs/quantization.md"
+
 
 def along_input(pair: Pair, block: TensorBlock) -> bool:
     """Whether ``block`` runs along its tensor's input dimension: the consumers of every site but ``attn.qk`` (whose

@@ -37,6 +37,8 @@ class AlreadyProtectedError(SpecDefError, ValueError):
     ```
     """
 
+    docs_page = "docs/releases.md"
+
 
 def make_record(cfg: SpecDefConfig, results: Sequence[Any], deviation: float | None) -> dict[str, Any] | None:
     """Record of a protection at ``cfg.record`` detail (``None`` for ``record="none"``)."""

@@ -50,6 +50,8 @@ class VerificationError(SpecDefError, ValueError):
     ```
     """
 
+    docs_page = "docs/releases.md"
+
 
 def require_inflated(key: str, sigma_before: float, sigma_after: float) -> None:
     """Refuse a decided deformation that does not inflate sigma_1 of its block (also refuses NaN)."""

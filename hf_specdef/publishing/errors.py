@@ -25,3 +25,5 @@ class PublishError(SpecDefError, ValueError):
         print(f"not published: {e}")
     ```
     """
+
+    docs_page = "docs/releases.md"

@@ -23,6 +23,8 @@ _COMPARED = ("alpha", "mode", "sites", "top_k", "layers")
 class ResistanceError(SpecDefError, ValueError):
     """The resistance figures cannot be produced or do not belong to this release."""
 
+    docs_page = "docs/redteam.md"
+
 
 @dataclass
 class MeasureConfig:

@@ -29,6 +29,8 @@ F16_MAX = 65504.0
 class UnsupportedShapeError(SpecDefError, ValueError):
     """A tensor's row width does not fit a format's blocks (GGUF needs a multiple of the block size)."""
 
+    docs_page = "docs/quantization.md"
+
 
 @dataclass(frozen=True)
 class QuantFormat:

@@ -54,6 +54,8 @@ class NoSitesError(SpecDefError, ValueError):
     ```
     """
 
+    docs_page = "docs/architectures.md"
+
 
 SITE_MAP_HELP = (
     "Pass an explicit site map: SpecDefConfig(site_map=[{'site': 'attn.vo', 'layer': 0, "

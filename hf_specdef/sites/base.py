@@ -23,6 +23,8 @@ class ModelConfigError(SpecDefError, ValueError):
     """The model's config (``config.json``) has a field the site registry cannot use: missing, not a positive
     integer, or inconsistent with another field. The message names the file, the field, the value and the fix."""
 
+    docs_page = "docs/architectures.md"
+
     def __init__(self, detail: str, source: str = "config.json") -> None:
         self.detail, self.source = detail, source
         super().__init__(f"{source}: {detail}")
@@ -35,6 +37,8 @@ class ModelConfigError(SpecDefError, ValueError):
 class TensorShapeError(SpecDefError, ValueError):
     """A tensor a pair touches has another shape than its site (and the config) implies, e.g. a weight stored
     transposed. The message names the tensor, its shape, the expected shape and the fix."""
+
+    docs_page = "docs/architectures.md"
 
     def __init__(self, tensor: str, detail: str, source: str = "") -> None:
         self.tensor, self.detail, self.source = tensor, detail, source

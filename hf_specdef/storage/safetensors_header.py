@@ -82,6 +82,8 @@ class CheckpointError(SpecDefError, ValueError):
     ```
     """
 
+    docs_page = "docs/releases.md"
+
 
 class HeaderEntry(NamedTuple):
     """One tensor of a safetensors header: ``[begin, end)`` is relative to the data buffer (after the header)."""

@@ -35,6 +35,8 @@ OLD_TAG = "specdef-old"
 class StagingError(SpecDefError, OSError):
     """A staging folder cannot be created, renamed into place or removed."""
 
+    docs_page = "docs/releases.md"
+
 
 def _pattern(dst: Path, tag: str) -> re.Pattern[str]:
     return re.compile(rf"^\.{re.escape(dst.name)}\.{tag}-(\d+)-[0-9a-f]+$")

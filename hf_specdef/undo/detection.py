@@ -48,6 +48,8 @@ DEFAULT_THRESHOLD = 10.0
 class DetectionError(SpecDefError, ValueError):
     """A bad argument to :func:`detect_deformations` (e.g. a threshold that is not a finite number > 1)."""
 
+    docs_page = "docs/integrations.md"
+
 
 @dataclass
 class SiteEstimate:

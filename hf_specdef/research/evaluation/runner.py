@@ -44,6 +44,8 @@ BatchFn = Callable[[int], Iterator[Any]]
 class UndoUnavailableError(SpecDefError, RuntimeError):
     """The SpecUndo tuner is not installed in this build (the ``specundo`` attack is skipped)."""
 
+    docs_page = "docs/integrations.md"
+
 
 @dataclass
 class AttackConfig:

@@ -31,6 +31,8 @@ DEFAULT_CORPUS = "license_corpus.txt"
 class AttackDataError(SpecDefError, ValueError):
     """The attack data cannot be built (missing file, too little text, ...)."""
 
+    docs_page = "docs/redteam.md"
+
 
 def default_corpus() -> str:
     """The corpus shipped with the package."""

@@ -7,3 +7,5 @@ from hf_specdef.errors import SpecDefError
 
 class RedTeamError(SpecDefError, ValueError):
     """The red team cannot run or cannot prove anything with these inputs."""
+
+    docs_page = "docs/redteam.md"

@@ -25,6 +25,8 @@ logger = logging.getLogger("hf_specdef")
 class JournalError(SpecDefError, ValueError):
     """The journal cannot be used (it exists without --resume, or it records a different red team)."""
 
+    docs_page = "docs/redteam.md"
+
 
 def journal_path(out: str | os.PathLike) -> Path:
     """Where the journal of a red team writing to ``out`` lives (beside it: ``out`` is created only when done)."""
