@@ -46,6 +46,31 @@ def tiny_clip_text(seed: int = 0):
                                         bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
 
 
+def byte_tokenizer(pad_token: str | None = None):
+    """A byte-level tokenizer made here (256 byte symbols + <eos>; ``pad_token`` as given), no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token=pad_token)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (for a CLIP tokenizer's vocab.json written here)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
 def tiny_unet_plain(seed: int = 0):
     """A tiny two-level cross-attention UNet (the one the import-order tests save)."""
     from diffusers import UNet2DConditionModel

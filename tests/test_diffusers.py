@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import bytes_to_unicode
 
 pytest.importorskip("diffusers")
 
@@ -53,15 +54,7 @@ def tiny_unet(seed: int = 0, cross_dim: int = 32) -> UNet2DConditionModel:
     ).eval()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
 
 
 def tiny_pipeline(tmp: Path, seed: int = 0) -> StableDiffusionPipeline:
@@ -70,7 +63,7 @@ def tiny_pipeline(tmp: Path, seed: int = 0) -> StableDiffusionPipeline:
 
     tok_dir = tmp / "tokenizer_src"
     tok_dir.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     for t in ("ca", "<|startoftext|>", "<|endoftext|>"):

@@ -10,7 +10,6 @@ right before it, ``<!-- not-run: reason -->``, and is skipped with that reason.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import re
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import byte_tokenizer
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -77,17 +77,7 @@ BLOCKS = _blocks()
 
 
 # ------------------------------------------------------------------------------------------------- tiny local models
-def _byte_tokenizer():
-    """A byte-level tokenizer (256 byte symbols + <eos>): any text, no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
 
 
 def _llama(out: Path, hidden: int, intermediate: int, dtype: torch.dtype) -> Path:
@@ -95,7 +85,7 @@ def _llama(out: Path, hidden: int, intermediate: int, dtype: torch.dtype) -> Pat
     hidden 256 fits whole 128-wide quantization groups, so the quantization-safe examples have pairs to deform."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = _byte_tokenizer()
+    tok = byte_tokenizer(pad_token="<eos>")
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
@@ -110,47 +100,14 @@ def _llama(out: Path, hidden: int, intermediate: int, dtype: torch.dtype) -> Pat
     return out
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
 
 
 def _sd_pipeline(out: Path) -> Path:
-    """A tiny SD-1.x-style pipeline (CLIP text encoder and tokenizer, UNet, VAE, DDIM), saved as a pipeline folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    """The tiny SD-1.x-style pipeline of the diffusers tests, saved as a pipeline folder."""
+    from test_diffusers import tiny_pipeline
 
-    tok_dir = out.parent / "clip-tokenizer"
-    tok_dir.mkdir()
-    chars = list(_bytes_to_unicode().values())
-    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": len(chars) + i for i, c in enumerate(chars)}
-    for t in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[t] = len(vocab)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"])).eval()
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
-        cross_attention_dim=32, attention_head_dim=(2, 8), norm_num_groups=8).eval()
-    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        sample_size=16).eval()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder,
-                                   tokenizer=CLIPTokenizer.from_pretrained(tok_dir, model_max_length=16), unet=unet,
-                                   scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(out)
+    tiny_pipeline(out.parent).save_pretrained(out)
     return out
 
 

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import byte_tokenizer
 
 from hf_specdef.research.redteam import attacks as atk
 from hf_specdef.research.redteam.config import RedTeamConfig
@@ -18,19 +19,6 @@ from hf_specdef.research.redteam.data import AttackDataError, build_attack_data,
 from hf_specdef.research.redteam.search import grid_lr, loss_at_key, search_lr, steps_key
 from hf_specdef.research.redteam.suite import RedTeamError, median_slowdown, run_redteam, slowdown
 from hf_specdef.research.redteam.training import Run
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer made here (256 byte symbols + <eos>), no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
 @pytest.fixture(scope="module")
