@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from hf_specdef.deformation.precision import format_deviation, release_safety
+from hf_specdef.deformation.record import factors_text
 from hf_specdef.errors import SpecDefError
 
 logger = logging.getLogger("hf_specdef")
@@ -108,18 +109,9 @@ def _requested(dtype: Any) -> list[str]:
 
 
 def _record_text(record: Mapping[str, Any], info: Mapping[str, Any], where: str) -> str:
-    conf = record.get("config") or {}
     return (f"{where} carries a SpecDef protection record (in config.json: modes {record.get('modes')}, "
-            f"{_factors(record, conf)}, precision requested {info.get('requested')} -> used {info.get('used')}) "
+            f"{factors_text(record)}, precision requested {info.get('requested')} -> used {info.get('used')}) "
             f"that is exact only in {', '.join(info.get('exact_dtypes') or ['float32'])}")
-
-
-def _factors(record: Mapping[str, Any], conf: Mapping[str, Any]) -> str:
-    """The factors the record says were applied (older records: the requested alpha, named as such)."""
-    factors = record.get("factors")
-    if factors:
-        return "factors " + ", ".join(f"{f:g}" for f in factors)
-    return f"requested alpha {conf.get('alpha')}"
 
 
 def breakage(info: Mapping[str, Any], dtype: str) -> str:

@@ -122,7 +122,7 @@ def set_record(model: Any, record: dict[str, Any] | None) -> None:
         setattr(model.config, CONFIG_KEY, record)
 
 
-def _factors_text(rec: Mapping[str, Any]) -> str:
+def factors_text(rec: Mapping[str, Any]) -> str:
     """The factors a record says were applied (older records: the requested alpha, named as such)."""
     factors = rec.get("factors")
     if factors:
@@ -135,6 +135,6 @@ def check_not_protected(model: Any, force: bool) -> None:
     if rec and not force:
         raise AlreadyProtectedError(
             f"this model is already protected (record {rec.get('format')}: sites={rec.get('sites')}, "
-            f"{_factors_text(rec)}). Protecting twice compounds the deformation and the "
+            f"{factors_text(rec)}). Protecting twice compounds the deformation and the "
             "precision error; pass force=True (CLI: --force) if you really mean it."
         )
